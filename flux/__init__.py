@@ -1,0 +1,24 @@
+"""FLUX.1 image generation engine behind predict.py (plain Python; no cog here).
+
+Importing this package first sets the environment that the libraries below it
+read at import time:
+  - PRUNA_METRICS_ENABLED=false: pruna's telemetry is on by default; this container never phones home.
+  - HF_HUB_DISABLE_TELEMETRY=1: likewise for huggingface_hub; HF_HUB_DISABLE_PROGRESS_BARS=1 keeps logs readable.
+  - LOCAL_KERNELS for bitsandbytes' CPU kernel: diffusers imports bitsandbytes, whose CPU backend would
+    otherwise ask huggingface.co (at import time) whether a kernel publisher is trusted. We use no 4-bit
+    CPU kernels, so it is pointed at a local path that does not exist and makes no network call.
+Values already set in the environment win.
+"""
+
+import logging as _logging
+import os as _os
+
+_os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")
+_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars garble prediction logs
+_os.environ.setdefault("LOCAL_KERNELS", "kernels-community/quantization-bitsandbytes=/nonexistent/no-hub-kernels")
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+
+from .errors import UserError  # noqa: E402
+
+__all__ = ["UserError"]

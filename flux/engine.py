@@ -1,0 +1,210 @@
+"""The engine: loads FLUX once, then turns a Request into images. It knows nothing of cog.
+
+One set of components (text encoders, VAE, transformer) serves text-to-image,
+img2img and inpainting: diffusers' three Flux pipelines built on the same module objects.
+FLUX.1-schnell loads on first use and shares the text encoders and VAE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import images as image_io
+from . import weights
+from .errors import UserError
+from .request import Request
+from .safety import SafetyChecker
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    seeds: list[int]
+    flagged: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 is FLUX's native precision on GPUs; CPUs run fp32 (bf16 matmuls there are slow and rarely exact).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Engine:
+    def __init__(
+        self,
+        pipe,
+        safety: SafetyChecker | None,
+        schnell_source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.device = device
+        self.dtype = dtype
+        self.safety = safety
+        self.schnell_source = schnell_source
+        self._base = {"dev": pipe}
+        self._pipes: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+        pipe.set_progress_bar_config(disable=True)
+
+    # ----- setup -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, srcs: weights.Sources, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "Engine":
+        import diffusers
+        import transformers
+        from diffusers import FluxPipeline
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        if srcs.tiny:
+            log.warning(
+                "=" * 78 + "\nUSING THE TINY RANDOM-WEIGHT FLUX: its images are noise. Set FLUX_WEIGHTS (or run on a "
+                "GPU) for FLUX.1-dev.\n" + "=" * 78
+            )
+        path = weights.locate(srcs.dev, "dev")
+        started = time.monotonic()
+        pipe = FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+        log.info("setup: FLUX.1-dev pipeline loaded onto %s (%s) in %.2fs", device, dtype, time.monotonic() - started)
+        started = time.monotonic()
+        safety = SafetyChecker.load(weights.locate(srcs.safety, "safety"), device, dtype)
+        log.info("setup: safety checker loaded in %.2fs", time.monotonic() - started)
+        return cls(pipe, safety, srcs.schnell, device, dtype)
+
+    def _load_schnell(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+        started = time.monotonic()
+        path = weights.locate(self.schnell_source, "schnell")
+        dev = self._base["dev"]
+        transformer = FluxTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
+        ).to(self.device)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        pipe = FluxPipeline(
+            scheduler=scheduler, vae=dev.vae, text_encoder=dev.text_encoder, tokenizer=dev.tokenizer,
+            text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2, transformer=transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
+        return pipe
+
+    def pipeline(self, model: str, task: str):
+        """The diffusers pipeline for a model and task, built once, sharing components."""
+        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+        key = (model, task)
+        with self._lock:
+            if key not in self._pipes:
+                if model not in self._base:
+                    self._base[model] = self._load_schnell()  # a failure here caches nothing
+                base = self._base[model]
+                cls = {"txt2img": None, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}[task]
+                # The same module objects, no copy and no cast (from_pipe would .to() them, fp32 by default).
+                pipe = base if cls is None else cls(**base.components)
+                pipe.set_progress_bar_config(disable=True)
+                self._pipes[key] = pipe
+            return self._pipes[key]
+
+    # ----- one prediction ----------------------------------------------------------------------
+
+    def check_prompt(self, req: Request) -> None:
+        limit = MAX_SEQUENCE_LENGTH[req.model]
+        tokens = len(self._base["dev"].tokenizer_2(req.prompt, truncation=False).input_ids)
+        if tokens > limit:
+            raise UserError(
+                f"prompt is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the prompt."
+            )
+
+    def generate(self, req: Request) -> Result:
+        """Run the pipeline for a request: images in output order, before the safety check."""
+        self.check_prompt(req)
+        pipe = self.pipeline(req.model, req.task)
+        kwargs = dict(
+            prompt=req.prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            max_sequence_length=MAX_SEQUENCE_LENGTH[req.model],
+            output_type="pil",
+        )
+        if req.image is not None:
+            kwargs.update(image=req.image, strength=req.prompt_strength)
+        if req.mask is not None:
+            kwargs.update(mask_image=req.mask)
+        started = time.monotonic()
+        images = self._run(pipe, kwargs, req.seeds)
+        if req.mask is not None:  # unmasked pixels come back exactly as they were
+            images = [pipe.image_processor.apply_overlay(req.mask, req.image, img) for img in images]
+        return Result(images=images, seeds=req.seeds, timings={"generate": time.monotonic() - started})
+
+    def _run(self, pipe, kwargs: dict, seeds: list[int]) -> list[Image.Image]:
+        """All outputs in one batch through the transformer; one at a time if that runs out of memory."""
+        def call(batch_seeds: list[int]) -> list[Image.Image]:
+            # CPU generators: the same seed gives the same noise on any device.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+            with torch.inference_mode():
+                return pipe(num_images_per_prompt=len(batch_seeds), generator=generators, **kwargs).images
+
+        try:
+            return call(seeds)
+        except torch.OutOfMemoryError:
+            if len(seeds) == 1:
+                raise
+            log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
+            torch.cuda.empty_cache()
+            return [img for s in seeds for img in call([s])]
+
+    def check_safety(self, req: Request, result: Result) -> Result:
+        """Drop flagged images; fail if none is left."""
+        if req.disable_safety_checker or self.safety is None:
+            return result
+        started = time.monotonic()
+        flags = self.safety.flags(result.images)
+        kept = [(img, s) for img, s, flag in zip(result.images, result.seeds, flags) if not flag]
+        flagged = len(flags) - len(kept)
+        result.timings["safety"] = time.monotonic() - started
+        if flagged:
+            log.warning("safety checker: removed %d of %d outputs as NSFW", flagged, len(flags))
+        if not kept:
+            raise UserError(
+                f"All {len(flags)} generated images were flagged as NSFW by the safety checker. "
+                "Try a different prompt or seed."
+            )
+        return Result([i for i, _ in kept], [s for _, s in kept], flagged, result.timings)
+
+    def run(self, req: Request, out_dir: Path) -> list[Path]:
+        """Generate, check, write files: the whole prediction after validation."""
+        started = time.monotonic()
+        log.info("Using seed: %d", req.seed)
+        for note in req.notes:
+            log.info("note: %s", note)
+        result = self.check_safety(req, self.generate(req))
+        t = time.monotonic()
+        paths = image_io.save(result.images, out_dir, req.output_format, req.output_quality)
+        result.timings["encode"] = time.monotonic() - t
+        log.info(
+            "prediction: model=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
+            req.model, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,
+            " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), time.monotonic() - started,
+        )
+        return paths

@@ -1,0 +1,39 @@
+"""The CompVis Stable Diffusion safety checker, used to drop NSFW outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+# diffusers' checker says it returns black images; we drop flagged images instead and log that ourselves.
+logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").setLevel(logging.ERROR)
+
+
+class SafetyChecker:
+    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        model = StableDiffusionSafetyChecker.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls(model, CLIPImageProcessor.from_pretrained(path), device, dtype)
+
+    @torch.inference_mode()
+    def flags(self, images: list[Image.Image]) -> list[bool]:
+        """True for each image the checker flags."""
+        pixels = self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        # The checker blacks out flagged entries of `images` in place; it only needs their shapes.
+        placeholders = np.zeros((len(images), 1, 1, 3), dtype=np.float32)
+        _, has_nsfw = self.model(clip_input=pixels, images=placeholders)
+        return [bool(flag) for flag in has_nsfw]

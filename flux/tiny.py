@@ -1,0 +1,207 @@
+"""A tiny FLUX: the FLUX.1 architecture at toy width, random weights, built offline in about a second.
+
+Every component of the real pipeline is here (FluxTransformer2DModel, CLIP-L and
+T5 text encoders with their tokenizers, an 8x AutoencoderKL, the flow-matching
+scheduler) plus a tiny CompVis safety checker, so every code path of the
+predictor runs on any CPU with no download. The images are noise.
+
+The build is deterministic: the same code gives bit-identical weights, so
+tests can compare images across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Bump when the architecture below changes, so stale builds on disk are rebuilt.
+VERSION = "1"
+
+_SENTENCES = [
+    "a knitted purple prune on a wooden table",
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dawn, soft light",
+    "portrait of a cat wearing sunglasses, studio lighting, 85mm",
+    "an isometric city block at night with neon signs and rain",
+    "the quick brown fox jumps over the lazy dog",
+    "TOK style, a cozy cabin in the snowy mountains",
+]
+TEXT_DIM = 32
+CLIP_MAX_LENGTH = 77
+
+
+def _clip_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_SENTENCES, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _t5_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    unigram.train_from_iterator(_SENTENCES, trainer)
+    vocab = [tuple(v) for v in json.loads(unigram.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _scheduler(schnell: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if schnell:  # FLUX.1-schnell's published scheduler config
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def _transformer(schnell: bool, latent_channels: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(2 if schnell else 1)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(3)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _text_encoders(clip_vocab: int, t5_vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(4)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip_vocab, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=TEXT_DIM,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    torch.manual_seed(5)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1,
+    ))
+    return clip, t5
+
+
+def build_pipeline(schnell: bool = False):
+    """The tiny FluxPipeline in memory (fp32, CPU)."""
+    from diffusers import FluxPipeline
+
+    latent_channels = 4
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = _text_encoders(len(tokenizer), len(tokenizer_2))
+    return FluxPipeline(
+        scheduler=_scheduler(schnell),
+        vae=_vae(latent_channels),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=_transformer(schnell, latent_channels),
+    )
+
+
+def build_safety_checker():
+    """A tiny StableDiffusionSafetyChecker and its CLIP image processor."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(6)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH),
+        vision_config=dict(hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=224, patch_size=32),
+        projection_dim=TEXT_DIM,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return checker, processor
+
+
+def _save_atomically(dest: Path, write) -> Path:
+    """Write into a temporary sibling, then rename: a crash never leaves a half-built folder."""
+    marker = dest / ".tiny-version"
+    if marker.is_file() and marker.read_text() == VERSION:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
+        (tmp / ".tiny-version").write_text(VERSION)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ensure_pipeline(dest: Path, schnell: bool = False) -> Path:
+    """The tiny pipeline saved in diffusers format at dest (built once)."""
+    return _save_atomically(dest, lambda tmp: build_pipeline(schnell).save_pretrained(tmp, safe_serialization=True))
+
+
+def ensure_safety_checker(dest: Path) -> Path:
+    def write(tmp: Path) -> None:
+        checker, processor = build_safety_checker()
+        checker.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return _save_atomically(dest, write)

@@ -1,0 +1,221 @@
+"""Where the model weights come from, and getting them onto local disk under weights/.
+
+One setting per component names its source; the same forms work for each:
+  - `tiny`: the tiny random-weight FLUX built by flux.tiny (no download)
+  - a local folder holding the component in diffusers format
+  - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
+  - an https URL of a .tar of that folder, downloaded in parallel and extracted safely
+
+Settings (environment):
+  FLUX_WEIGHTS (or cog's COG_WEIGHTS)  FLUX.1-dev pipeline   default: the HF repo on a GPU, tiny without one
+  FLUX_SCHNELL_WEIGHTS                 FLUX.1-schnell        default: its HF repo, or tiny when dev is tiny
+  FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
+  FLUX_WEIGHTS_DIR                     where downloads land    default: weights/ beside predict.py
+
+Nothing already complete on disk is fetched again: a finished download leaves a
+`.complete` marker and is used as is on the next boot, with no network call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import download as dl
+from . import tiny
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_REPO = "black-forest-labs/FLUX.1-dev"
+SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
+SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
+TINY = "tiny"
+
+# Only what diffusers loads: FLUX repos also hold single-file checkpoints we never read.
+PIPELINE_FILES = [
+    "model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
+    "tokenizer/*", "tokenizer_2/*", "transformer/*", "vae/*",
+]
+SCHNELL_FILES = ["model_index.json", "scheduler/*", "transformer/*"]
+SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
+MAX_TAR_BYTES = 64 * 1024**3
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class WeightsError(UserError):
+    """The weights could not be found or fetched; the message says which setting to fix."""
+
+
+@dataclass(frozen=True)
+class Sources:
+    dev: str
+    schnell: str
+    safety: str
+
+    @property
+    def tiny(self) -> bool:
+        return self.dev == TINY
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("FLUX_WEIGHTS_DIR") or ROOT / "weights")
+
+
+def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
+    """The configured source of each component, defaults filled in."""
+    env = os.environ if env is None else env
+    dev = env.get("FLUX_WEIGHTS") or env.get("COG_WEIGHTS") or (DEV_REPO if has_cuda else TINY)
+    fallback_tiny = dev == TINY
+    return Sources(
+        dev=dev,
+        schnell=env.get("FLUX_SCHNELL_WEIGHTS") or (TINY if fallback_tiny else SCHNELL_REPO),
+        safety=env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO),
+    )
+
+
+def locate(source: str, kind: str) -> Path:
+    """A local folder holding the component named by source, fetching it if needed.
+
+    kind is "dev", "schnell" or "safety": it picks the tiny build and the files to fetch.
+    """
+    started = time.monotonic()
+    root = weights_dir()
+    if source == TINY:
+        path = _tiny(root, kind)
+    elif source.startswith(("https://", "http://")):
+        path = _from_tar_url(source, root / "url" / _url_folder(source), kind)
+    elif Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise WeightsError(f"{kind} weights: the folder {path} does not exist. Fix the setting or download them first.")
+    elif _REPO_ID.match(source):
+        path = _from_hub(source, root / "hf" / source.replace("/", "--"), kind)
+    else:
+        raise WeightsError(
+            f"{kind} weights: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
+        )
+    _check_layout(path, kind, source)
+    log.info("weights %s: %s ready in %.2fs", kind, _shown(source), time.monotonic() - started)
+    return path
+
+
+def _shown(source: str) -> str:
+    return dl.redact(source) if "://" in source else source
+
+
+def _tiny(root: Path, kind: str) -> Path:
+    if kind == "safety":
+        return tiny.ensure_safety_checker(root / "tiny" / "safety-checker")
+    return tiny.ensure_pipeline(root / "tiny" / f"FLUX.1-{kind}", schnell=kind == "schnell")
+
+
+def _check_layout(path: Path, kind: str, source: str) -> None:
+    needed = {"dev": ["model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2"],
+              "schnell": ["transformer"],
+              "safety": ["config.json"]}[kind]
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise WeightsError(
+            f"{kind} weights at {_shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
+        )
+
+
+def _url_folder(url: str) -> str:
+    name = Path(dl.redact(url)).name.removesuffix(".tar") or "weights"
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(dl.redact(url).encode()).hexdigest()[:12]}"
+
+
+def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
+    if (dest / ".complete").is_file():
+        return dest
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES}[kind]
+    token = os.environ.get("HF_TOKEN") or None
+    log.info("weights %s: downloading %s from Hugging Face into %s", kind, repo_id, dest)
+    try:
+        snapshot_download(
+            repo_id, local_dir=dest, allow_patterns=patterns, token=token, max_workers=16,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror can be set at run time
+        )
+    except GatedRepoError:
+        raise WeightsError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id} with your account, "
+            "then set HF_TOKEN to a token of that account."
+            + ("" if token else " HF_TOKEN is not set.")
+        ) from None
+    except RepositoryNotFoundError:
+        raise WeightsError(
+            f"{repo_id} was not found on Hugging Face (or is private and HF_TOKEN cannot read it). Check the setting."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise WeightsError(
+            f"Could not reach Hugging Face to download {repo_id}: check the network, or point the setting at a local folder."
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise WeightsError(f"Downloading {repo_id} from Hugging Face failed (HTTP {status}).") from None
+    (dest / ".complete").write_text(repo_id)
+    return dest
+
+
+def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
+    if (dest / ".complete").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
+        archive = dl.download(
+            url, Path(tmp) / "weights.tar", what=f"{kind} weights",
+            limits=dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=256 * dl.MiB, workers=16),
+        )
+        unpacked = Path(tmp) / "unpacked"
+        extract_tar(archive, unpacked, max_bytes=MAX_TAR_BYTES)
+        archive.unlink()
+        root = _single_root(unpacked)
+        (root / ".complete").write_text(dl.redact(url))
+        if dest.exists():
+            shutil.rmtree(dest)
+        root.rename(dest)
+    return dest
+
+
+def _single_root(folder: Path) -> Path:
+    """Archives often hold one top folder; use it when they do."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not (folder / "model_index.json").exists():
+        return entries[0]
+    return folder
+
+
+def extract_tar(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
+    """Extract regular files and folders only: no absolute paths, no '..', no links or devices, bounded size."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            total = 0
+            for member in members:
+                name = member.name
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise UserError(f"the archive holds an unsafe path ({name!r}); refusing to extract it.")
+                if not (member.isfile() or member.isdir()):
+                    raise UserError(f"the archive holds a link or special file ({name!r}); refusing to extract it.")
+                total += member.size
+                if total > max_bytes:
+                    raise UserError(f"the archive unpacks to more than {max_bytes / 1024**3:.0f} GiB; refusing to extract it.")
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise UserError(f"the archive is not a valid .tar ({exc}).") from None
+    return [dest / m.name for m in members if m.isfile()]

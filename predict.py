@@ -1,0 +1,140 @@
+"""Cog entry point for FLUX.1-dev on Replicate.
+
+This file only declares the inputs (with Replicate's FLUX.1-dev names, defaults
+and bounds) and hands a validated Request to the engine in flux/. The values in
+Input(...) are literals because cog's schema generator reads this file without
+running it; flux/request.py:SPEC holds the same values for the engine, and
+tests/test_schema.py fails if the two ever disagree.
+"""
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path as _Path
+from typing import List, Optional
+
+from cog import BasePredictor, Input, Path
+
+import flux  # noqa: F401  (sets library environment defaults before anything imports diffusers)
+from flux import logs, weights
+from flux.engine import Engine
+from flux.request import Request
+
+log = logging.getLogger("flux.predict")
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        logs.configure()
+        sources = weights.sources(has_cuda=_has_cuda())
+        self.engine = Engine.load(sources)
+        self._out_dir: Optional[_Path] = None
+
+    def predict(
+        self,
+        prompt: str = Input(description="Prompt for generated image"),
+        image: Optional[Path] = Input(
+            description="Input image for image to image or inpainting mode. The output keeps its aspect ratio "
+            "(each side within 256..1440, a multiple of 16); aspect_ratio, width, height and megapixels are ignored.",
+            default=None,
+        ),
+        mask: Optional[Path] = Input(
+            description="Image mask for inpainting mode (white = repaint, black = keep). Needs image; resized to it.",
+            default=None,
+        ),
+        aspect_ratio: str = Input(
+            description="Aspect ratio for the generated image. With custom, set width and height.",
+            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
+            default="1:1",
+        ),
+        width: Optional[int] = Input(
+            description="Width of generated image. Only works if `aspect_ratio` is set to custom. "
+            "Will be rounded to nearest multiple of 16.",
+            ge=256,
+            le=1440,
+            default=None,
+        ),
+        height: Optional[int] = Input(
+            description="Height of generated image. Only works if `aspect_ratio` is set to custom. "
+            "Will be rounded to nearest multiple of 16.",
+            ge=256,
+            le=1440,
+            default=None,
+        ),
+        megapixels: str = Input(
+            description="Approximate number of megapixels for generated image", choices=["1", "0.25"], default="1"
+        ),
+        prompt_strength: float = Input(
+            description="Prompt strength when using img2img or inpainting. 1.0 corresponds to full destruction of "
+            "information in image",
+            ge=0,
+            le=1,
+            default=0.8,
+        ),
+        model: str = Input(
+            description="Which model to run inference with. The dev model performs best with around 28 inference "
+            "steps but the schnell model only needs 4 steps (it runs at most 4, without guidance).",
+            choices=["dev", "schnell"],
+            default="dev",
+        ),
+        num_outputs: int = Input(description="Number of outputs to generate", ge=1, le=4, default=1),
+        num_inference_steps: int = Input(
+            description="Number of denoising steps. More steps can give more detailed images, but take longer.",
+            ge=1,
+            le=50,
+            default=28,
+        ),
+        guidance_scale: float = Input(
+            description="Guidance scale for the diffusion process. Lower values can give more realistic images. "
+            "Good values to try are 2, 2.5, 3 and 3.5",
+            ge=0,
+            le=10,
+            default=3,
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed. Set for reproducible generation; output i uses seed + i.", default=None
+        ),
+        output_format: str = Input(
+            description="Format of the output images", choices=["webp", "jpg", "png"], default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest "
+            "quality. Not relevant for .png outputs",
+            ge=0,
+            le=100,
+            default=80,
+        ),
+        disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+    ) -> List[Path]:
+        request = Request.build(
+            prompt=prompt,
+            image=image,
+            mask=mask,
+            aspect_ratio=aspect_ratio,
+            width=width,
+            height=height,
+            megapixels=megapixels,
+            prompt_strength=prompt_strength,
+            model=model,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+        )
+        return [Path(p) for p in self.engine.run(request, self._new_out_dir())]
+
+    def _new_out_dir(self) -> _Path:
+        """A fresh folder per prediction; the previous one (already sent by cog) is removed."""
+        if self._out_dir is not None:
+            shutil.rmtree(self._out_dir, ignore_errors=True)
+        self._out_dir = _Path(tempfile.mkdtemp(prefix="flux-out-"))
+        return self._out_dir
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,61 @@
+"""Test world: the tiny FLUX built in a temporary folder, no network beyond 127.0.0.1.
+
+Every test runs the real code on the tiny random-weight FLUX (flux/tiny.py).
+HF_ENDPOINT points at a closed loopback port so that nothing can reach
+huggingface.co; tests that need a hub start their own on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Before anything imports huggingface_hub / diffusers.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["FLUX_WEIGHTS"] = "tiny"
+os.environ.pop("COG_WEIGHTS", None)
+os.environ.pop("HF_TOKEN", None)
+for name in ("FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER"):
+    os.environ.pop(name, None)
+
+import pytest  # noqa: E402
+
+import flux  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights")
+    os.environ["FLUX_WEIGHTS_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def predictor(weights_dir):
+    """One Predictor, set up once on the tiny model, as cog would run it."""
+    from predict import Predictor
+
+    p = Predictor()
+    p.setup()
+    return p
+
+
+@pytest.fixture(scope="session")
+def engine(predictor):
+    return predictor.engine
+
+
+@pytest.fixture
+def predict(predictor):
+    """Call predict() with Replicate's defaults filled in, like cog does."""
+    from tests.helpers.inputs import defaults
+
+    def run(**inputs):
+        return predictor.predict(**{**defaults(), **inputs})
+
+    return run

@@ -1,0 +1,243 @@
+"""Local HTTP servers for tests, on 127.0.0.1 only: static files with misbehaviours, and a tiny Hugging Face hub.
+
+FileServer serves `files[path] = bytes` with byte ranges, and per path can:
+  no_ranges  ignore Range headers (always 200 with the whole body)
+  slow       sleep between chunks (seconds per 64 KiB)
+  truncate   announce the full length but close after this many bytes
+  hang       accept the request, then send nothing for this many seconds
+  extra      send this many bytes more than Content-Length announces
+  auth       require `Authorization: Bearer <auth>` (401 otherwise)
+  status     answer with this HTTP status
+  redirect   answer 302 to this location
+  content_type  the Content-Type header
+Every request is recorded in `requests` (method, path, headers) for assertions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Behaviour:
+    no_ranges: bool = False
+    slow: float = 0.0
+    truncate: int | None = None
+    hang: float = 0.0
+    extra: int = 0
+    auth: str | None = None
+    status: int | None = None
+    redirect: str | None = None
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self._serve(head=True)
+
+    def do_GET(self):
+        self._serve(head=False)
+
+    def _serve(self, head: bool):
+        owner = self.server.owner
+        owner.requests.append(Recorded(self.command, self.path, dict(self.headers)))
+        path = unquote(urlsplit(self.path).path)
+        route = owner.route(self, path, head)
+        if route is not None:
+            return
+        body = owner.files.get(path)
+        behaviour = owner.behaviours.get(path, Behaviour())
+        if behaviour.hang:
+            time.sleep(behaviour.hang)
+        if behaviour.redirect:
+            self.send_response(302)
+            self.send_header("Location", behaviour.redirect)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if behaviour.auth and self.headers.get("Authorization") != f"Bearer {behaviour.auth}":
+            return self._plain(401, b"unauthorized")
+        if behaviour.status:
+            return self._plain(behaviour.status, b"error")
+        if body is None:
+            return self._plain(404, b"not found")
+        start, end, status = 0, len(body) - 1, 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if match and not behaviour.no_ranges:
+            start = int(match.group(1))
+            end = min(int(match.group(2)) if match.group(2) else len(body) - 1, len(body) - 1)
+            if start >= len(body):
+                return self._plain(416, b"")
+            status = 206
+        chunk = body[start:end + 1]
+        self.send_response(status)
+        self.send_header("Content-Type", behaviour.content_type)
+        self.send_header("Content-Length", str(len(chunk)))
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        if not behaviour.no_ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+        self.end_headers()
+        if head:
+            return
+        payload = chunk + b"\0" * behaviour.extra
+        if behaviour.truncate is not None:
+            payload = payload[: max(0, behaviour.truncate - start)]
+        try:
+            for i in range(0, len(payload), 65536):
+                self.wfile.write(payload[i:i + 65536])
+                if behaviour.slow:
+                    time.sleep(behaviour.slow)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        if behaviour.truncate is not None or behaviour.extra:
+            self.close_connection = True
+
+    def _plain(self, status: int, body: bytes, headers: dict | None = None):
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def json(self, status: int, obj, headers: dict | None = None):
+        self._plain(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: "FileServer"
+
+
+class FileServer:
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.behaviours: dict[str, Behaviour] = {}
+        self.requests: list[Recorded] = []
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def add(self, path: str, body: bytes, **behaviour) -> str:
+        self.files[path] = body
+        self.behaviours[path] = Behaviour(**behaviour)
+        return self.url(path)
+
+    def route(self, handler: _Handler, path: str, head: bool):
+        """Override for dynamic routes; return None to fall through to static files."""
+        return None
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class Repo:
+    files: dict[str, bytes]
+    gated_token: str | None = None  # when set, every call needs this token
+    sha: str = field(default="")
+
+    def __post_init__(self):
+        if not self.sha:
+            digest = hashlib.sha1()
+            for name in sorted(self.files):
+                digest.update(name.encode() + hashlib.sha1(self.files[name]).digest())
+            self.sha = digest.hexdigest()
+
+
+class HubServer(FileServer):
+    """Enough of the Hugging Face Hub API for huggingface_hub's snapshot_download and hf_hub_download.
+
+    Point huggingface_hub at it with HF_ENDPOINT=hub.base (read at import: set it before importing).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.repos: dict[str, Repo] = {}
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], gated_token: str | None = None) -> Repo:
+        self.repos[repo_id] = repo = Repo(files, gated_token)
+        return repo
+
+    def _check(self, handler: _Handler, repo_id: str) -> Repo | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            handler.json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            return None
+        if repo.gated_token and handler.headers.get("Authorization") != f"Bearer {repo.gated_token}":
+            handler.json(401, {"error": "Access to this repo is restricted"}, {"X-Error-Code": "GatedRepo"})
+            return None
+        return repo
+
+    def route(self, handler: _Handler, path: str, head: bool):
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+        if m:
+            repo = self._check(handler, m.group(1))
+            if repo:
+                handler.json(200, {"id": m.group(1), "sha": repo.sha, "private": False,
+                                   "siblings": [{"rfilename": f} for f in sorted(repo.files)]})
+            return True
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)
+        if m:
+            repo = self._check(handler, m.group(1))
+            if repo:
+                handler.json(200, [
+                    {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for f, b in sorted(repo.files.items())
+                ])
+            return True
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            repo = self._check(handler, m.group(1))
+            if repo is None:
+                return True
+            body = repo.files.get(m.group(3))
+            if body is None:
+                handler.json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                return True
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            handler.send_header("X-Repo-Commit", repo.sha)
+            handler.end_headers()
+            if not head:
+                handler.wfile.write(body)
+            return True
+        return None

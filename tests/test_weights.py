@@ -1,0 +1,191 @@
+"""Finding and fetching weights: local folders, .tar URLs and Hugging Face repos, each from local servers."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flux import tiny, weights
+from flux.errors import UserError
+from tests.helpers.http import FileServer, HubServer
+
+
+@pytest.fixture(scope="module")
+def tiny_dev(tmp_path_factory) -> Path:
+    return tiny.ensure_pipeline(tmp_path_factory.mktemp("src") / "FLUX.1-dev")
+
+
+@pytest.fixture
+def weights_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
+    return tmp_path / "weights"
+
+
+def tar_of(folder: Path, prefix: str = "FLUX.1-dev") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(folder, arcname=prefix)
+    return buf.getvalue()
+
+
+def test_defaults(monkeypatch):
+    for name in ("FLUX_WEIGHTS", "COG_WEIGHTS", "FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER"):
+        monkeypatch.delenv(name, raising=False)
+    assert weights.sources(has_cuda=False) == weights.Sources("tiny", "tiny", "tiny")
+    assert weights.sources(has_cuda=True) == weights.Sources(weights.DEV_REPO, weights.SCHNELL_REPO, weights.SAFETY_REPO)
+    monkeypatch.setenv("COG_WEIGHTS", "/models/flux")
+    assert weights.sources(has_cuda=True).dev == "/models/flux"
+    monkeypatch.setenv("FLUX_WEIGHTS", "me/my-flux")
+    assert weights.sources(has_cuda=False).dev == "me/my-flux"
+
+
+def test_tiny_build_is_deterministic(tmp_path):
+    import hashlib
+
+    a = tiny.ensure_pipeline(tmp_path / "a")
+    b = tiny.ensure_pipeline(tmp_path / "b")
+
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*.safetensors"))}
+
+    assert digest(a) == digest(b) and len(digest(a)) == 4  # transformer, vae, two text encoders
+
+
+def test_local_folder(tiny_dev, weights_root):
+    assert weights.locate(str(tiny_dev), "dev") == tiny_dev
+
+
+def test_missing_local_folder(weights_root):
+    with pytest.raises(UserError, match="does not exist"):
+        weights.locate("/no/such/flux", "dev")
+
+
+def test_folder_without_the_pipeline(tmp_path, weights_root):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="missing model_index.json"):
+        weights.locate(str(tmp_path / "empty"), "dev")
+
+
+def test_unrecognised_source(weights_root):
+    with pytest.raises(UserError, match="not a folder, a Hugging Face repo id"):
+        weights.locate("ftp:/what", "dev")
+
+
+def test_tar_url_downloaded_in_parallel_and_extracted_once(tiny_dev, weights_root, monkeypatch):
+    from flux import download
+
+    monkeypatch.setattr(download.Limits, "__init__", _small_parts(download.Limits.__init__))
+    body = tar_of(tiny_dev)
+    with FileServer() as srv:
+        url = srv.add("/weights/flux-dev.tar", body) + "?signature=SECRET"
+        path = weights.locate(url, "dev")
+        assert (path / "model_index.json").is_file() and (path / "transformer").is_dir()
+        ranged = [r for r in srv.requests if r.headers.get("Range", "").startswith("bytes=") and r.headers["Range"] != "bytes=0-0"]
+        assert len(ranged) > 1, "expected parallel ranged requests"
+        count = len(srv.requests)
+        assert weights.locate(url, "dev") == path  # already on disk: no request at all
+        assert len(srv.requests) == count
+    assert "SECRET" not in str(path)
+
+
+def _small_parts(original_init):
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        object.__setattr__(self, "part_size", 64 * 1024)
+    return init
+
+
+def test_tar_url_server_without_ranges(tiny_dev, weights_root):
+    with FileServer() as srv:
+        url = srv.add("/w.tar", tar_of(tiny_dev), no_ranges=True)
+        path = weights.locate(url, "dev")
+        assert (path / "vae" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/etc/evil.txt"])
+def test_tar_with_unsafe_paths_is_refused(weights_root, member, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    with FileServer() as srv:
+        url = srv.add("/evil.tar", buf.getvalue())
+        with pytest.raises(UserError, match="unsafe path"):
+            weights.locate(url, "dev")
+    assert not (tmp_path / "evil.txt").exists()
+    assert not list((weights_root / "url").glob("*/model_index.json"))
+
+
+def test_tar_with_a_link_is_refused(weights_root):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("model_index.json")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="link or special file"):
+            weights.locate(srv.add("/link.tar", buf.getvalue()), "dev")
+
+
+def test_tar_url_404(weights_root):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="not found"):
+            weights.locate(srv.url("/missing.tar"), "dev")
+
+
+def test_truncated_tar_download_leaves_nothing(tiny_dev, weights_root):
+    body = tar_of(tiny_dev)
+    with FileServer() as srv:
+        url = srv.add("/cut.tar", body, no_ranges=True, truncate=len(body) // 2)
+        with pytest.raises(UserError, match="dropping the connection"):
+            weights.locate(url, "dev")
+    leftovers = [p for p in weights_root.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def hub_files(folder: Path) -> dict[str, bytes]:
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    files = {k: v for k, v in files.items() if not k.startswith(".")}
+    files["flux1-dev.safetensors"] = b"single-file checkpoint we must not download"
+    return files
+
+
+def test_hugging_face_repo(tiny_dev, weights_root, monkeypatch):
+    with HubServer() as hub:
+        hub.add_repo("black-forest-labs/FLUX.1-dev", hub_files(tiny_dev), gated_token="hf_secret")
+        monkeypatch.setenv("HF_ENDPOINT", hub.base)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        path = weights.locate("black-forest-labs/FLUX.1-dev", "dev")
+        assert (path / "transformer" / "config.json").is_file()
+        assert not (path / "flux1-dev.safetensors").exists()  # only what diffusers loads
+        count = len(hub.requests)
+        assert weights.locate("black-forest-labs/FLUX.1-dev", "dev") == path
+        assert len(hub.requests) == count  # complete on disk: no network call
+
+
+def test_gated_repo_without_token_says_what_to_do(tiny_dev, weights_root, monkeypatch):
+    with HubServer() as hub:
+        hub.add_repo("black-forest-labs/FLUX.1-dev", hub_files(tiny_dev), gated_token="hf_secret")
+        monkeypatch.setenv("HF_ENDPOINT", hub.base)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        with pytest.raises(UserError, match="gated: accept its license.*HF_TOKEN is not set"):
+            weights.locate("black-forest-labs/FLUX.1-dev", "dev")
+
+
+def test_unknown_repo(weights_root, monkeypatch):
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.base)
+        with pytest.raises(UserError, match="was not found on Hugging Face"):
+            weights.locate("nobody/nothing", "dev")
+
+
+def test_hub_unreachable_is_a_clear_error(weights_root, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="Could not reach Hugging Face"):
+        weights.locate("black-forest-labs/FLUX.1-dev", "dev")
