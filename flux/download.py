@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from . import netguard
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,13 @@ def download(
 ) -> Path:
     """Fetch url into dest atomically and return dest. Raises DownloadError with a user-facing message."""
     dest = Path(dest)
+    if not url.lower().startswith(("https://", "http://")):
+        raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     own_client = client is None
     if client is None:
-        client = httpx.Client(
-            follow_redirects=True,
-            timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout),
-        )
+        client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     deadline = _Deadline(limits.total_timeout)
     started = time.monotonic()
     try:
@@ -107,6 +107,8 @@ def download(
         raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
     except httpx.TransportError as exc:
         raise DownloadError(f"{what}: could not fetch {redact(url)} ({type(exc).__name__}); check the URL.") from None
+    except httpx.InvalidURL:
+        raise DownloadError(f"{what}: {redact(url)} is not a valid URL.") from None
     finally:
         part.unlink(missing_ok=True)
         if own_client:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import download as dl
-from . import tiny
+from . import netguard, tiny
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
 
     patterns = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES}[kind]
     token = os.environ.get("HF_TOKEN") or None
+    netguard.install_for_huggingface_hub()
     log.info("weights %s: downloading %s from Hugging Face into %s", kind, repo_id, dest)
     try:
         snapshot_download(
@@ -164,6 +165,8 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
         raise WeightsError(
             f"Could not reach Hugging Face to download {repo_id}: check the network, or point the setting at a local folder."
         ) from None
+    except netguard.PrivateAddressError:
+        raise
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise WeightsError(f"Downloading {repo_id} from Hugging Face failed (HTTP {status}).") from None

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
+os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
 os.environ.pop("COG_WEIGHTS", None)
 os.environ.pop("HF_TOKEN", None)
 for name in ("FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER"):
