@@ -10,6 +10,7 @@ tests/test_schema.py fails if the two ever disagree.
 import logging
 import shutil
 import tempfile
+import uuid
 from pathlib import Path as _Path
 from typing import List, Optional
 
@@ -127,10 +128,11 @@ class Predictor(BasePredictor):
         return [Path(p) for p in self.engine.run(request, self._new_out_dir())]
 
     def _new_out_dir(self) -> _Path:
-        """A fresh folder per prediction; the previous one (already sent by cog) is removed."""
+        """A fresh folder name per prediction, created only when outputs are written (a cancelled or failed
+        prediction leaves nothing); the previous prediction's folder, already sent by cog, is removed."""
         if self._out_dir is not None:
             shutil.rmtree(self._out_dir, ignore_errors=True)
-        self._out_dir = _Path(tempfile.mkdtemp(prefix="flux-out-"))
+        self._out_dir = _Path(tempfile.gettempdir()) / f"flux-out-{uuid.uuid4().hex}"
         return self._out_dir
 
 

@@ -7,6 +7,8 @@ FLUX.1-schnell loads on first use and shares the text encoders and VAE.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -33,6 +35,32 @@ class Result:
     seeds: list[int]
     flagged: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _free_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error, so the next prediction starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _release_host_memory() -> None:
+    """Return freed heap pages to the OS after a prediction (glibc keeps them otherwise), so the resident size
+    of a container that runs for days stays flat instead of wandering with the sizes it has seen."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def default_device() -> torch.device:
@@ -82,10 +110,13 @@ class Engine:
             )
         path = weights.locate(srcs.dev, "dev")
         started = time.monotonic()
-        pipe = FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+        with weights.loading("dev", path):
+            pipe = FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
         log.info("setup: FLUX.1-dev pipeline loaded onto %s (%s) in %.2fs", device, dtype, time.monotonic() - started)
         started = time.monotonic()
-        safety = SafetyChecker.load(weights.locate(srcs.safety, "safety"), device, dtype)
+        path = weights.locate(srcs.safety, "safety")
+        with weights.loading("safety", path):
+            safety = SafetyChecker.load(path, device, dtype)
         log.info("setup: safety checker loaded in %.2fs", time.monotonic() - started)
         return cls(pipe, safety, srcs.schnell, device, dtype)
 
@@ -95,10 +126,11 @@ class Engine:
         started = time.monotonic()
         path = weights.locate(self.schnell_source, "schnell")
         dev = self._base["dev"]
-        transformer = FluxTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
-        ).to(self.device)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        with weights.loading("schnell", path):
+            transformer = FluxTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
+            ).to(self.device)
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         pipe = FluxPipeline(
             scheduler=scheduler, vae=dev.vae, text_encoder=dev.text_encoder, tokenizer=dev.tokenizer,
             text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2, transformer=transformer,
@@ -166,13 +198,20 @@ class Engine:
                 return pipe(num_images_per_prompt=len(batch_seeds), generator=generators, **kwargs).images
 
         try:
-            return call(seeds)
+            try:
+                return call(seeds)
+            except torch.OutOfMemoryError:
+                if len(seeds) == 1:
+                    raise
+                _free_memory()
+                log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
+                return [img for s in seeds for img in call([s])]
         except torch.OutOfMemoryError:
-            if len(seeds) == 1:
-                raise
-            log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
-            torch.cuda.empty_cache()
-            return [img for s in seeds for img in call([s])]
+            _free_memory()
+            raise UserError(
+                f"Out of GPU memory generating {kwargs['width']}x{kwargs['height']}: try a smaller size "
+                "(megapixels 0.25) or fewer outputs, or run again."
+            ) from None
 
     def check_safety(self, req: Request, result: Result) -> Result:
         """Drop flagged images; fail if none is left."""
@@ -198,10 +237,13 @@ class Engine:
         log.info("Using seed: %d", req.seed)
         for note in req.notes:
             log.info("note: %s", note)
-        result = self.check_safety(req, self.generate(req))
-        t = time.monotonic()
-        paths = image_io.save(result.images, out_dir, req.output_format, req.output_quality)
-        result.timings["encode"] = time.monotonic() - t
+        try:
+            result = self.check_safety(req, self.generate(req))
+            t = time.monotonic()
+            paths = image_io.save(result.images, out_dir, req.output_format, req.output_quality)
+            result.timings["encode"] = time.monotonic() - t
+        finally:
+            _release_host_memory()
         log.info(
             "prediction: model=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
             req.model, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,

@@ -40,6 +40,8 @@ def _open(path: Path, name: str) -> Image.Image:
         raise UserError(
             f"{name} is {size}; the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP: downscale it before sending."
         ) from None
+    except FileNotFoundError:
+        raise UserError(f"{name} could not be read: send an uploaded file, a data: URI or an http(s) URL.") from None
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image file PIL can read: send a PNG, JPEG or WebP.") from None
     except (OSError, SyntaxError, ValueError) as exc:

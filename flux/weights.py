@@ -18,6 +18,7 @@ Nothing already complete on disk is fetched again: a finished download leaves a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -108,6 +109,22 @@ def locate(source: str, kind: str) -> Path:
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, _shown(source), time.monotonic() - started)
     return path
+
+
+@contextlib.contextmanager
+def loading(kind: str, path: Path):
+    """Turn a failure to load weights from disk (corrupt, truncated, wrong format) into a WeightsError."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors, diffusers and transformers raise many types for a bad file
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise WeightsError(
+            f"{kind} weights in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
+            f"corrupt or not FLUX in diffusers format: download them again (delete the folder if it is a download "
+            f"under {weights_dir()}) or fix the setting."
+        ) from exc
 
 
 def _shown(source: str) -> str:

@@ -91,7 +91,7 @@ class CogServer:
             self._log.close()
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 300):
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
         req = urllib.request.Request(
             self.base + path, data=data, method=method,
             headers={"Content-Type": "application/json", **(headers or {})},
@@ -100,10 +100,90 @@ class CogServer:
             with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw or b"null")
+            except ValueError:
+                return exc.code, {"raw": raw.decode(errors="replace")}
 
     def get(self, path: str):
         return self.request("GET", path, timeout=5)
 
     def predict(self, inputs: dict, **kwargs):
-        return self.request("POST", "/predictions", {"input": inputs}, **kwargs)
+        """A sync prediction. coglet answers 409 "at capacity" for a moment after a prediction ends while its
+        slot is released; a client (like Replicate's) waits and tries again."""
+        for _ in range(100):
+            status, body = self.request("POST", "/predictions", {"input": inputs}, **kwargs)
+            if status != 409:
+                return status, body
+            time.sleep(0.05)
+        return status, body
+
+
+class WebhookReceiver:
+    """Records the JSON bodies POSTed to it (cog's webhooks), on 127.0.0.1."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._cond:
+                    receiver.events.append(json.loads(body or b"null"))
+                    receiver._cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/hook" % self._server.server_address[1]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, predicate, timeout: float = 60) -> list[dict]:
+        """Block until predicate(events) is true; return the events."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"webhook condition not met; got {[e.get('status') for e in self.events]}")
+                self._cond.wait(left)
+            return list(self.events)
+
+
+def worker_pid(server_pid: int) -> int:
+    """The coglet worker (the Python process running predict()) under the server process."""
+    children = [c for task in Path(f"/proc/{server_pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    for child in children:
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"python" in cmdline:
+            return int(child)
+    raise RuntimeError(f"no worker under {server_pid}: {children}")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")

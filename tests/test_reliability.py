@@ -1,0 +1,357 @@
+"""Hardening, against the real cog HTTP server on 127.0.0.1: bad input, faults, cancellation, webhooks,
+idempotency, a soak, and setup failures. docs/reliability.md lists these cases with their results."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import images
+from tests.helpers.http import FileServer
+from tests.helpers.server import CogServer, WebhookReceiver, decode_image, rss_bytes, worker_pid
+
+pytestmark = pytest.mark.server
+
+FAULTS = "tests/helpers/fault_predictor.py:FaultPredictor"
+REFERENCE = {"prompt": "a knitted purple prune", "megapixels": "0.25", "num_inference_steps": 2, "seed": 1234,
+             "output_format": "png"}
+
+
+def uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def encoded(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    return encoded(images.gradient(width, height, seed))
+
+
+def bomb_png() -> bytes:
+    return encoded(Image.new("1", (20000, 20000)), optimize=True)
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory, weights_dir):
+    def make(**extra) -> tuple[dict, Path]:
+        tmp = tmp_path_factory.mktemp("server-tmp")
+        env = {"FLUX_WEIGHTS": "tiny", "FLUX_WEIGHTS_DIR": str(weights_dir), "TMPDIR": str(tmp), **extra}
+        return env, tmp
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def server(server_env, tmp_path_factory):
+    env, _ = server_env()
+    with CogServer(tmp_path_factory.mktemp("log") / "cog.log", env=env) as srv:
+        srv.wait_status()
+        yield srv
+
+
+def reference_output(srv: CogServer) -> str:
+    status, body = srv.predict(REFERENCE)
+    assert body["status"] == "succeeded", body
+    return body["output"][0]
+
+
+# ----- bad input: 422 or a failed prediction that says what to change -----------------------------
+
+BAD_422 = [
+    ("missing prompt", {"num_outputs": 1}, "prompt"),
+    ("prompt not a string", {"prompt": 123}, "prompt"),
+    ("num_outputs 0", {"num_outputs": 0}, "num_outputs"),
+    ("num_outputs 5", {"num_outputs": 5}, "num_outputs"),
+    ("steps 0", {"num_inference_steps": 0}, "num_inference_steps"),
+    ("steps 51", {"num_inference_steps": 51}, "num_inference_steps"),
+    ("guidance -1", {"guidance_scale": -1}, "guidance_scale"),
+    ("guidance 11", {"guidance_scale": 11}, "guidance_scale"),
+    ("strength -0.1", {"prompt_strength": -0.1}, "prompt_strength"),
+    ("strength 1.1", {"prompt_strength": 1.1}, "prompt_strength"),
+    ("quality -1", {"output_quality": -1}, "output_quality"),
+    ("quality 101", {"output_quality": 101}, "output_quality"),
+    ("width 100", {"aspect_ratio": "custom", "width": 100, "height": 512}, "width"),
+    ("height 2000", {"aspect_ratio": "custom", "width": 512, "height": 2000}, "height"),
+    ("unknown aspect ratio", {"aspect_ratio": "7:5"}, "aspect_ratio"),
+    ("unknown megapixels", {"megapixels": "2"}, "megapixels"),
+    ("unknown format", {"output_format": "gif"}, "output_format"),
+    ("unknown model", {"model": "pro"}, "model"),
+    ("num_outputs wrong type", {"num_outputs": "two"}, "num_outputs"),
+    ("seed wrong type", {"seed": "abc"}, "seed"),
+    ("guidance wrong type", {"guidance_scale": "high"}, "guidance_scale"),
+    ("bool wrong type", {"disable_safety_checker": "maybe"}, "disable_safety_checker"),
+    ("float for an int", {"num_inference_steps": 2.5}, "num_inference_steps"),
+]
+
+BAD_FAILED = [
+    ("not an image", lambda: {"image": uri(b"hello, I am text")}, "not an image file"),
+    ("empty file", lambda: {"image": uri(b"")}, "not an image file"),
+    ("truncated image", lambda: {"image": uri(png(512, 512)[:3000])}, "truncated or corrupt"),
+    ("1x1 image", lambda: {"image": uri(png(1, 1))}, "at least 64"),
+    ("20000x20000 header", lambda: {"image": uri(bomb_png())}, "400 MP; the limit is 64 MP"),
+    ("aspect too extreme", lambda: {"image": uri(png(2000, 128))}, "crop the image closer to square"),
+    ("mask not an image", lambda: {"image": uri(png(512, 512)), "mask": uri(b"GIF89a nonsense")}, "mask is not an image"),
+    ("mask without image", lambda: {"mask": uri(png(512, 512))}, "mask was given without image"),
+    ("image not a URL", lambda: {"image": "not-a-url"}, "send an uploaded file, a data: URI"),
+    ("custom without size", lambda: {"aspect_ratio": "custom"}, "give both width and height"),
+    ("custom without height", lambda: {"aspect_ratio": "custom", "width": 512}, "give both width and height"),
+    ("no denoising step", lambda: {"image": uri(png(512, 512)), "prompt_strength": 0.01, "num_inference_steps": 4},
+     "raise prompt_strength or num_inference_steps"),
+    ("empty prompt", lambda: {"prompt": ""}, "prompt is empty"),
+    ("blank prompt", lambda: {"prompt": "   \n  "}, "prompt is empty"),
+    ("10,000-character prompt", lambda: {"prompt": "a purple prune, " * 625}, "Shorten the prompt"),
+    ("seed out of range", lambda: {"seed": 2**63}, "seed must be between"),
+]
+
+
+def test_bad_input_then_bit_identical_to_a_fresh_server(server, server_env, tmp_path_factory):
+    """Every bad request is refused with a clear message; afterwards the server is READY and a valid
+    prediction is bit-identical to the same prediction on a fresh server."""
+    problems = []
+    for name, inputs, field in BAD_422:
+        status, body = server.predict({"prompt": "p", **inputs} if "prompt" not in inputs and name != "missing prompt" else inputs)
+        if status != 422 or not any(field in d["loc"] for d in body.get("detail", [])):
+            problems.append((name, status, body))
+    for name, make, message in BAD_FAILED:
+        status, body = server.predict({"prompt": "p", "num_inference_steps": 1, **make()})
+        error = body.get("error") or ""
+        if body.get("status") != "failed" or message not in error or "Traceback" in error:
+            problems.append((name, status, {k: str(v)[:300] for k, v in body.items()}))
+    status, body = server.request("POST", "/predictions", b"{not json")
+    if status not in (400, 422):
+        problems.append(("body not JSON", status, body))
+    assert not problems, problems
+    assert len(BAD_422) + len(BAD_FAILED) + 1 >= 30
+    server.wait_status(timeout=10)
+
+    after = reference_output(server)
+    env, _ = server_env()
+    with CogServer(tmp_path_factory.mktemp("fresh") / "cog.log", env=env) as fresh:
+        fresh.wait_status()
+        assert reference_output(fresh) == after
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    return encoded(images.gradient(640, 320), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+UNUSUAL_BUT_VALID = [
+    ("CMYK JPEG", lambda: encoded(images.gradient(512, 384).convert("CMYK"), "JPEG"), (512, 384)),
+    ("16-bit greyscale PNG", lambda: encoded(Image.fromarray(
+        (np.asarray(images.gradient(512, 384).convert("L"), dtype=np.uint16) * 257))), (512, 384)),
+    ("palette PNG", lambda: encoded(images.gradient(512, 384).convert("P")), (512, 384)),
+    ("RGBA PNG", lambda: encoded(images.gradient(512, 384).convert("RGBA")), (512, 384)),
+    ("EXIF-rotated JPEG", exif_rotated_jpeg, (320, 640)),
+    ("WebP", lambda: encoded(images.gradient(512, 384), "WEBP"), (512, 384)),
+]
+
+
+@pytest.mark.parametrize("name,make,size", UNUSUAL_BUT_VALID, ids=[c[0] for c in UNUSUAL_BUT_VALID])
+def test_unusual_images_work(server, name, make, size):
+    status, body = server.predict({"prompt": "p", "image": uri(make()), "num_inference_steps": 2, "seed": 1})
+    assert body["status"] == "succeeded", body.get("error")
+    assert decode_image(body["output"][0]).size == size
+
+
+def test_mask_of_another_size_works(server):
+    status, body = server.predict({
+        "prompt": "p", "image": uri(png(512, 384)), "mask": uri(encoded(images.box_mask(100, 75, (0, 0, 50, 50)))),
+        "num_inference_steps": 2, "seed": 1, "output_format": "png",
+    })
+    assert body["status"] == "succeeded", body.get("error")
+    assert decode_image(body["output"][0]).size == (512, 384)
+
+
+# ----- faults ---------------------------------------------------------------------------------------
+
+def test_out_of_memory_fails_cleanly_then_recovers(server_env, tmp_path_factory):
+    env, tmp = server_env(COG_PREDICT_TYPE_STUB=FAULTS, FLUX_TEST_FAULT="oom-once,oom-batch")
+    with CogServer(tmp_path_factory.mktemp("oom") / "cog.log", env=env) as srv:
+        srv.wait_status()
+        status, body = srv.predict(REFERENCE)
+        assert body["status"] == "failed" and "Out of GPU memory" in body["error"]
+        assert "Traceback" not in body["error"]
+        srv.wait_status(timeout=10)
+        # A batch that does not fit is generated one output at a time.
+        status, body = srv.predict({**REFERENCE, "num_outputs": 4})
+        assert body["status"] == "succeeded" and len(body["output"]) == 4
+        assert "one at a time" in body["logs"]
+        # And the next prediction is the same as anywhere else.
+        status, body = srv.predict(REFERENCE)
+        assert body["status"] == "succeeded"
+        first = body["output"][0]
+    assert not [p for p in tmp.iterdir() if p.name.startswith("flux-out-")][1:]  # at most the last outputs
+    env, _ = server_env()
+    with CogServer(tmp_path_factory.mktemp("oom-ref") / "cog.log", env=env) as fresh:
+        fresh.wait_status()
+        assert reference_output(fresh) == first
+
+
+# ----- cancellation, webhooks, idempotency ------------------------------------------------------------
+
+STEP_SECONDS = 0.6
+
+
+@pytest.fixture(scope="module")
+def slow_server(server_env, tmp_path_factory):
+    env, tmp = server_env(COG_PREDICT_TYPE_STUB=FAULTS, FLUX_TEST_FAULT="slow-steps",
+                          FLUX_TEST_STEP_SECONDS=str(STEP_SECONDS))
+    with CogServer(tmp_path_factory.mktemp("slow") / "cog.log", env=env) as srv:
+        srv.wait_status()
+        srv.tmp = tmp
+        yield srv
+
+
+def outputs_on_disk(tmp: Path) -> list[Path]:
+    return [p for p in tmp.iterdir() if p.name.startswith("flux-out-")]
+
+
+def test_cancel_lands_within_a_step_and_leaves_nothing(slow_server):
+    with WebhookReceiver() as hook:
+        status, body = slow_server.request(
+            "PUT", "/predictions/cancel-me",
+            {"input": {**REFERENCE, "num_inference_steps": 30}, "webhook": hook.url,
+             "webhook_events_filter": ["start", "completed"]},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202
+        hook.wait_for(lambda e: any(x["status"] == "processing" for x in e))
+        time.sleep(3 * STEP_SECONDS)
+        before = set(outputs_on_disk(slow_server.tmp))
+        started = time.monotonic()
+        assert slow_server.request("POST", "/predictions/cancel-me/cancel")[0] == 200
+        events = hook.wait_for(lambda e: any(x["status"] == "canceled" for x in e), timeout=30)
+        latency = time.monotonic() - started
+    assert latency < STEP_SECONDS + 1.0, f"cancel took {latency:.2f}s with {STEP_SECONDS}s steps"
+    assert [e["status"] for e in events][-1] == "canceled"
+    slow_server.wait_status(timeout=10)
+    assert set(outputs_on_disk(slow_server.tmp)) <= before  # the cancelled prediction wrote nothing
+    status, body = slow_server.predict(REFERENCE)
+    assert body["status"] == "succeeded"
+
+
+def test_client_dropping_a_sync_request_cancels_it(slow_server):
+    reference = reference_output(slow_server)
+    with pytest.raises(TimeoutError):
+        slow_server.predict({**REFERENCE, "num_inference_steps": 40}, timeout=2 * STEP_SECONDS)
+    slow_server.wait_status(timeout=STEP_SECONDS + 5)  # back to READY within about a step, not 40 steps
+    assert reference_output(slow_server) == reference
+
+
+def test_async_webhooks_start_output_logs_completed(slow_server):
+    with WebhookReceiver() as hook:
+        status, body = slow_server.request(
+            "POST", "/predictions",
+            {"input": {**REFERENCE, "num_outputs": 2}, "webhook": hook.url,
+             "webhook_events_filter": ["start", "output", "logs", "completed"]},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202 and body["status"] in ("starting", "processing")
+        events = hook.wait_for(lambda e: any(x["status"] == "succeeded" for x in e))
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "processing" and statuses[-1] == "succeeded"
+    assert any(e.get("output") for e in events[:-1]), "no output event before completion"
+    assert any("Using seed: 1234" in (e.get("logs") or "") for e in events[:-1]), "no logs event before completion"
+    assert len(events[-1]["output"]) == 2
+
+
+def test_put_is_idempotent(slow_server):
+    with WebhookReceiver() as hook:
+        request = {"input": {**REFERENCE, "num_inference_steps": 4}, "webhook": hook.url,
+                   "webhook_events_filter": ["completed"]}
+        first = slow_server.request("PUT", "/predictions/same-id", request, headers={"Prefer": "respond-async"})
+        second = slow_server.request("PUT", "/predictions/same-id", request, headers={"Prefer": "respond-async"})
+        assert first[0] == second[0] == 202
+        assert first[1]["id"] == second[1]["id"] == "same-id"
+        hook.wait_for(lambda e: any(x["status"] == "succeeded" for x in e))
+        time.sleep(2 * STEP_SECONDS)
+        completed = [e for e in hook.events if e["id"] == "same-id"]
+    assert len(completed) == 1, "the repeated PUT started a second prediction"
+    assert completed[0]["logs"].count("Using seed") == 1
+
+
+# ----- soak -----------------------------------------------------------------------------------------
+
+def test_soak_200_mixed_predictions(server_env, tmp_path_factory):
+    env, tmp = server_env()
+    img, mask = uri(png(384, 256, seed=3)), uri(encoded(images.box_mask(384, 256, (64, 64, 192, 192))))
+    kinds = [
+        {"prompt": "p", "megapixels": "0.25", "aspect_ratio": "16:9"},
+        {"prompt": "p", "image": img, "prompt_strength": 1.0},
+        {"prompt": "p", "image": img, "mask": mask, "prompt_strength": 1.0},
+        {"prompt": "p", "megapixels": "0.25", "num_outputs": 2, "output_format": "jpg"},
+        {"prompt": "p", "num_outputs": 9},  # invalid: 422
+        {"prompt": "p", "aspect_ratio": "custom"},  # invalid: failed
+    ]
+    with CogServer(tmp_path_factory.mktemp("soak") / "cog.log", env=env) as srv:
+        srv.wait_status()
+        results = {"succeeded": 0, "failed": 0, 422: 0}
+
+        def run(i):
+            status, body = srv.predict({**kinds[i % len(kinds)], "num_inference_steps": 1, "seed": i})
+            results[422 if status == 422 else body["status"]] += 1
+
+        for i in range(40):  # warm-up: every kind several times
+            run(i)
+        pid = worker_pid(srv.process.pid)
+        baseline = rss_bytes(pid)
+        for i in range(40, 200):
+            run(i)
+        growth = rss_bytes(pid) / baseline - 1
+        srv.wait_status(timeout=10)
+    assert results == {"succeeded": 134, "failed": 33, 422: 33}, results
+    assert growth < 0.05, f"worker RSS grew {growth:.1%} over 160 predictions after warm-up"
+    left = [p for p in tmp.rglob("*") if p.is_file()]
+    assert len(left) <= 2, left  # at most the last prediction's outputs
+
+
+# ----- setup failures -------------------------------------------------------------------------------
+
+def setup_failure(env: dict, log: Path) -> str:
+    with CogServer(log, env=env) as srv:
+        health = srv.wait_status(("SETUP_FAILED", "READY"))
+    assert health["status"] == "SETUP_FAILED", health["status"]
+    return health["setup"]["logs"]
+
+
+def test_setup_fails_clearly_on_missing_weights(server_env, tmp_path_factory):
+    env, _ = server_env(FLUX_WEIGHTS="/nonexistent/FLUX.1-dev")
+    logs = setup_failure(env, tmp_path_factory.mktemp("missing") / "cog.log")
+    assert "/nonexistent/FLUX.1-dev does not exist" in logs
+
+
+def test_setup_fails_clearly_on_corrupt_weights(server_env, weights_dir, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("corrupt") / "FLUX.1-dev"
+    shutil.copytree(weights_dir / "tiny" / "FLUX.1-dev", broken)
+    shard = next((broken / "transformer").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    env, _ = server_env(FLUX_WEIGHTS=str(broken))
+    logs = setup_failure(env, tmp_path_factory.mktemp("corrupt-log") / "cog.log")
+    assert "could not be loaded" in logs and "download them again" in logs
+
+
+def test_setup_refuses_weights_from_a_private_address(server_env, tmp_path_factory):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w"):
+        pass
+    with FileServer() as srv:
+        env, _ = server_env(FLUX_WEIGHTS=srv.add("/w.tar", buf.getvalue()), FLUX_ALLOW_PRIVATE_URLS="0")
+        logs = setup_failure(env, tmp_path_factory.mktemp("private") / "cog.log")
+        assert srv.requests == []
+    assert "non-public address" in logs
