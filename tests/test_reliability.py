@@ -226,7 +226,7 @@ def test_cancel_lands_within_a_step_and_leaves_nothing(slow_server):
     with WebhookReceiver() as hook:
         status, body = slow_server.request(
             "PUT", "/predictions/cancel-me",
-            {"input": {**REFERENCE, "num_inference_steps": 30}, "webhook": hook.url,
+            {"input": {**REFERENCE, "num_inference_steps": 30}, "webhook": hook.hook_url,
              "webhook_events_filter": ["start", "completed"]},
             headers={"Prefer": "respond-async"},
         )
@@ -258,7 +258,7 @@ def test_async_webhooks_start_output_logs_completed(slow_server):
     with WebhookReceiver() as hook:
         status, body = slow_server.request(
             "POST", "/predictions",
-            {"input": {**REFERENCE, "num_outputs": 2}, "webhook": hook.url,
+            {"input": {**REFERENCE, "num_outputs": 2}, "webhook": hook.hook_url,
              "webhook_events_filter": ["start", "output", "logs", "completed"]},
             headers={"Prefer": "respond-async"},
         )
@@ -273,7 +273,7 @@ def test_async_webhooks_start_output_logs_completed(slow_server):
 
 def test_put_is_idempotent(slow_server):
     with WebhookReceiver() as hook:
-        request = {"input": {**REFERENCE, "num_inference_steps": 4}, "webhook": hook.url,
+        request = {"input": {**REFERENCE, "num_inference_steps": 4}, "webhook": hook.hook_url,
                    "webhook_events_filter": ["completed"]}
         first = slow_server.request("PUT", "/predictions/same-id", request, headers={"Prefer": "respond-async"})
         second = slow_server.request("PUT", "/predictions/same-id", request, headers={"Prefer": "respond-async"})

@@ -130,15 +130,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    owner: "FileServer"
+    owner: object
 
 
-class FileServer:
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for the duration of a `with` block."""
+
+    handler: type[BaseHTTPRequestHandler]
+
     def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.behaviours: dict[str, Behaviour] = {}
-        self.requests: list[Recorded] = []
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", 0), self.handler)
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -150,6 +151,24 @@ class FileServer:
     def url(self, path: str) -> str:
         return self.base + path
 
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class FileServer(LocalServer):
+    handler = _Handler
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.behaviours: dict[str, Behaviour] = {}
+        self.requests: list[Recorded] = []
+        super().__init__()
+
     def add(self, path: str, body: bytes, **behaviour) -> str:
         self.files[path] = body
         self.behaviours[path] = Behaviour(**behaviour)
@@ -158,14 +177,6 @@ class FileServer:
     def route(self, handler: _Handler, path: str, head: bool):
         """Override for dynamic routes; return None to fall through to static files."""
         return None
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @dataclass

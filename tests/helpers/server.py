@@ -9,12 +9,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from PIL import Image
+
+from tests.helpers.http import LocalServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,45 +124,34 @@ class CogServer:
         return status, body
 
 
-class WebhookReceiver:
+class _WebhookHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        receiver = self.server.owner
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with receiver._cond:
+            receiver.events.append(json.loads(body or b"null"))
+            receiver._cond.notify_all()
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class WebhookReceiver(LocalServer):
     """Records the JSON bodies POSTed to it (cog's webhooks), on 127.0.0.1."""
 
-    def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    handler = _WebhookHandler
 
+    def __init__(self):
         self.events: list[dict] = []
         self._cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver._cond:
-                    receiver.events.append(json.loads(body or b"null"))
-                    receiver._cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
-    def url(self) -> str:
-        return "http://127.0.0.1:%d/hook" % self._server.server_address[1]
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+    def hook_url(self) -> str:
+        return self.url("/hook")
 
     def wait_for(self, predicate, timeout: float = 60) -> list[dict]:
         """Block until predicate(events) is true; return the events."""
