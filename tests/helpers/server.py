@@ -106,4 +106,10 @@ class CogServer:
         return self.request("GET", path, timeout=5)
 
     def predict(self, inputs: dict, **kwargs):
-        return self.request("POST", "/predictions", {"input": inputs}, **kwargs)
+        # coglet frees its prediction slot just after answering: a request sent at once can meet a 409.
+        for _ in range(100):
+            status, body = self.request("POST", "/predictions", {"input": inputs}, **kwargs)
+            if status != 409:
+                break
+            time.sleep(0.05)
+        return status, body
