@@ -196,13 +196,10 @@ class ReplicateRef(Ref):
         try:
             found = dl.probe(url, what=WHAT, headers=_bearer(tokens.replicate), limits=limits(), auth_hint=hint)
         except dl.DownloadError as exc:
-            raise self._not_found(exc) from None
+            raise _not_found(exc, f"Replicate model {self.shown} was not found or has no trained LoRA weights. "
+                             "Check the owner/model[/version] reference.") from None
         key = f"replicate:{self.shown}@{dl.redact(found.url)}#{found.etag or found.size}"
         return Source(key, found.url, "replicate" if dl.same_origin(found.url, url) else None, hint)
-
-    def _not_found(self, exc: dl.DownloadError) -> UserError:
-        return _not_found(exc, f"Replicate model {self.shown} was not found or has no trained LoRA weights. "
-                          "Check the owner/model[/version] reference.")
 
 
 @dataclass(frozen=True)
@@ -297,6 +294,8 @@ class CivitaiRef(Ref):
                                  auth_hint=hint)
         except dl.DownloadError as exc:
             raise _not_found(exc, f"CivitAI model {self.model_id} was not found. Check the id in the URL.") from None
+        if not isinstance(info, dict):
+            raise LoraError(f"CivitAI answered something unexpected for model {self.model_id}; try again later.")
         kind = str(info.get("type", "LORA"))
         if kind.upper() not in ("LORA", "LOCON", "DORA"):
             raise LoraError(f"CivitAI model {self.model_id} is a {kind}, not a LoRA.")
@@ -408,7 +407,8 @@ def _civitai(rest: str, query: dict) -> CivitaiRef:
                     "civitai.com/api/download/models/<version id>.")
 
 
-def _not_found(exc: dl.DownloadError, message: str) -> LoraError:
+def _not_found(exc: dl.DownloadError, message: str) -> UserError:
+    """A 404 said the way the reference's kind says it; any other failure as the downloader worded it."""
     return LoraError(message) if exc.status == 404 else exc
 
 

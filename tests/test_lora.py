@@ -269,7 +269,7 @@ def other_size_update():
     ("sdxl", "not a FLUX LoRA"),
     ("shapes", "made for a different model"),
 ])
-def test_failures_leave_the_predictor_as_it_was(predict, hub, dev, attention, other_size_update, engine, case, message):
+def test_failures_leave_the_predictor_as_it_was(predict, hub, dev, attention, other_size_update, case, message):
     good = serve(hub, attention, "ai-toolkit", name="keep")
     with_good = image(predict, replicate_weights=good)
     before = snapshot(*dev)

@@ -205,34 +205,31 @@ def _down_up_alpha(out: dict, prefix: str, a, b, rank: int, alpha: float, dtype)
     out[f"{prefix}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
 
 
-def kohya_layout(update: Update, alpha: float | None = None, dtype=torch.float32) -> tuple[dict, None]:
-    """sd-scripts keys; alpha defaults to rank / 2. diffusers applies no alpha to the final layer: it gets alpha = rank."""
+def _down_up_layout(update: Update, module_key, text_key, alpha: float | None, dtype) -> tuple[dict, None]:
+    """lora_down / lora_up / alpha files; alpha defaults to rank / 2. diffusers applies no alpha to the final layer
+    of these layouts (its converter's TODO), so the final layer is written with alpha = rank."""
     alpha = alpha or update.rank / 2
     out = {}
     for bfl in update.groups:
         fused = _fused(update, bfl)
-        if fused is None:
-            continue
-        a_alpha = update.rank if bfl.startswith("final_layer") else alpha
-        _down_up_alpha(out, "lora_unet_" + bfl.replace(".", "_"), *fused, update.rank, a_alpha, dtype)
+        if fused is not None:
+            own = update.rank if bfl.startswith("final_layer") else alpha
+            _down_up_alpha(out, module_key(bfl), *fused, update.rank, own, dtype)
     for m, (a, b) in update.text_encoder.items():
-        _down_up_alpha(out, "lora_te1_" + m.replace(".", "_"), a, b, update.rank, alpha, dtype)
+        _down_up_alpha(out, text_key(m), a, b, update.rank, alpha, dtype)
     return out, None
+
+
+def kohya_layout(update: Update, alpha: float | None = None, dtype=torch.float32) -> tuple[dict, None]:
+    """sd-scripts keys: lora_unet_<bfl name with _>, CLIP as lora_te1_<name with _>."""
+    return _down_up_layout(update, lambda bfl: "lora_unet_" + bfl.replace(".", "_"),
+                           lambda m: "lora_te1_" + m.replace(".", "_"), alpha, dtype)
 
 
 def bfl_layout(update: Update, alpha: float | None = None, dtype=torch.float32) -> tuple[dict, None]:
     """BFL module names as ComfyUI writes them: diffusion_model.<bfl>.lora_down/lora_up/alpha."""
-    alpha = alpha or update.rank / 2
-    out = {}
-    for bfl in update.groups:
-        fused = _fused(update, bfl)
-        if fused is None:
-            continue
-        a_alpha = update.rank if bfl.startswith("final_layer") else alpha
-        _down_up_alpha(out, f"diffusion_model.{bfl}", *fused, update.rank, a_alpha, dtype)
-    for m, (a, b) in update.text_encoder.items():
-        _down_up_alpha(out, f"text_encoders.clip_l.transformer.{m}", a, b, update.rank, alpha, dtype)
-    return out, None
+    return _down_up_layout(update, lambda bfl: f"diffusion_model.{bfl}",
+                           lambda m: f"text_encoders.clip_l.transformer.{m}", alpha, dtype)
 
 
 def bfl_peft_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
