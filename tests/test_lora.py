@@ -89,6 +89,7 @@ def predict_module(predictor):
 
 @pytest.mark.parametrize("subset,layouts", [
     ("ATTENTION", ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"]),
+    ("XLABS", ["diffusers", "ai-toolkit", "xlabs"]),
     ("FUSED_OK", ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"]),
     ("ALL", ["diffusers", "ai-toolkit"]),
 ])

@@ -384,6 +384,7 @@ def test_stale_staging_folders_are_cleaned(tmp_path):
 
 @pytest.mark.parametrize("subset,layouts", [
     ("ATTENTION", ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"]),
+    ("XLABS", ["diffusers", "ai-toolkit", "xlabs"]),
     ("FUSED_OK", ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"]),
     ("ALL", ["diffusers", "ai-toolkit"]),
 ])
@@ -434,3 +435,15 @@ def test_control_lora_is_refused(tmp_path):
     path = _file(tmp_path, {"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(128)})
     with pytest.raises(UserError, match="FLUX Control LoRA"):
         lora_loader.normalize(path, "k", "canny.safetensors")
+
+
+def test_t5_weights_are_named_in_the_log_and_the_rest_applies(tiny_pipe, tmp_path, caplog):
+    update = loras.make_update(tiny_pipe.transformer, "ATTENTION", text_encoder=tiny_pipe.text_encoder)
+    tensors, _ = loras.kohya_layout(update)
+    tensors |= {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 32),
+                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(32, 4)}
+    with caplog.at_level(logging.WARNING, logger="flux"):
+        weights = lora_loader.normalize(_file(tmp_path, tensors), "k", "with-t5")
+    assert "T5 text-encoder weights (2 tensors)" in caplog.text
+    assert sorted(weights.modules("transformer")) == sorted(update.transformer)
+    assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)

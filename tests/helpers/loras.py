@@ -9,13 +9,15 @@ W + scale * B @ A. The writers below store the same update in each file layout:
   ai-toolkit  PEFT keys with the `transformer.` prefix, no alphas (what ai-toolkit and Replicate's trainer write)
   kohya       sd-scripts: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`;
               fused qkv and linear1; CLIP as `lora_te1_...`
-  xlabs       XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (attention of the double blocks only)
+  xlabs       XLabs: `double_blocks.0.processor.qkv_lora1.down.weight`, `single_blocks.0.processor.qkv_lora.up.weight`
   bfl         BFL-native module names (fused qkv / linear1) as ComfyUI saves them: `diffusion_model.double_blocks.0.
               img_attn.qkv.lora_down.weight` + `.alpha`, CLIP as `text_encoders.clip_l.transformer...`
   bfl-peft    BFL-native names with PEFT's lora_A / lora_B and no prefix (BFL's own trainer)
 
 Each layout can express a different set of modules, so updates are built over a named subset:
   ATTENTION  the attention projections of the double blocks: every layout expresses these
+  XLABS      ATTENTION plus the single blocks' q/k/v and output projection: what XLabs files hold (diffusers,
+             ai-toolkit and XLabs layouts; the fused layouts hold single-block q/k/v only with the MLP, in linear1)
   FUSED_OK   every Linear except the single blocks' q/k/v/proj_mlp: diffusers' kohya converter splits the fused
              `linear1` with FLUX.1's sizes (3072, 12288) written in, which the tiny FLUX (32, 128) cannot match;
              everything else converts at any size
@@ -73,6 +75,9 @@ GLOBAL = {
 XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
                 "proj_lora2": "txt_attn.proj"}
 ATTENTION_BFL = tuple(XLABS_DOUBLE.values())
+# XLabs' single-block processor adds q/k/v (no MLP part) and the output projection: no BFL module is just that,
+# so these groups are named after XLabs' own keys.
+XLABS_SINGLE = {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v"), "proj_lora": ("proj_out",)}
 TEXT_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -88,10 +93,16 @@ def bfl_groups(transformer) -> dict[str, tuple[str, ...]]:
 
 
 def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
-    """The BFL groups of a named module subset: ATTENTION, FUSED_OK or ALL."""
+    """The groups of a named module subset: ATTENTION, XLABS, FUSED_OK or ALL."""
     groups = bfl_groups(transformer)
+    attention = {b: ds for b, ds in groups.items() if b.startswith("double_blocks.") and b.split(".", 2)[2] in ATTENTION_BFL}
     if name == "ATTENTION":
-        return {b: ds for b, ds in groups.items() if b.startswith("double_blocks.") and b.split(".", 2)[2] in ATTENTION_BFL}
+        return attention
+    if name == "XLABS":  # all that XLabs files hold: the double blocks' attention, the single blocks' qkv and output
+        return attention | {
+            f"single_blocks.{i}.{x}": tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)
+            for i in range(len(transformer.single_transformer_blocks)) for x, ds in XLABS_SINGLE.items()
+        }
     if name == "FUSED_OK":
         return {b: ds for b, ds in groups.items() if not b.endswith(".linear1")}
     if name == "ALL":
@@ -245,18 +256,21 @@ def bfl_peft_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
 
 
 def xlabs_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
-    """XLabs keys: only the attention of the double blocks exists in this layout."""
+    """XLabs keys: the attention of the double blocks, q/k/v and the output of the single blocks (subset XLABS)."""
     assert not update.text_encoder
     out = {}
-    for bfl in update.groups:
-        kind, index, module = bfl.split(".", 2)
-        name = next((x for x, b in XLABS_DOUBLE.items() if b == module), None)
-        if kind != "double_blocks" or name is None:
-            raise AssertionError(f"xlabs cannot express {bfl}")
-        fused = _fused(update, bfl)
+    for group in update.groups:
+        kind, index, module = group.split(".", 2)
+        if kind == "double_blocks":
+            name = next((x for x, b in XLABS_DOUBLE.items() if b == module), None)
+        else:
+            name = module if module in XLABS_SINGLE else None
+        if name is None:
+            raise AssertionError(f"xlabs cannot express {group}")
+        fused = _fused(update, group)
         if fused is not None:
-            out[f"double_blocks.{index}.processor.{name}.down.weight"] = _t(fused[0], dtype)
-            out[f"double_blocks.{index}.processor.{name}.up.weight"] = _t(fused[1], dtype)
+            out[f"{kind}.{index}.processor.{name}.down.weight"] = _t(fused[0], dtype)
+            out[f"{kind}.{index}.processor.{name}.up.weight"] = _t(fused[1], dtype)
     return out, None
 
 
