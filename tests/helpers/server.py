@@ -106,10 +106,11 @@ class CogServer:
         return self.request("GET", path, timeout=5)
 
     def predict(self, inputs: dict, **kwargs):
-        # coglet frees its prediction slot just after answering: a request sent at once can meet a 409.
+        """A sync prediction. coglet answers 409 "at capacity" for a moment after a prediction ends while its
+        slot is released; a client (like Replicate's) waits and tries again."""
         for _ in range(100):
             status, body = self.request("POST", "/predictions", {"input": inputs}, **kwargs)
             if status != 409:
-                break
+                return status, body
             time.sleep(0.05)
         return status, body
