@@ -108,10 +108,15 @@ def test_lora_from_a_gated_repo_with_a_secret_token(server, hub):
     update = loras.make_update(tiny.build_pipeline().transformer, "ATTENTION")
     hub.add_repo("me/gated-style", {"style.safetensors": loras.lora_bytes(update, "kohya")}, gated_token=TOKEN)
     inputs = {"prompt": "p", "megapixels": "0.25", "num_inference_steps": 1, "seed": 3, "disable_safety_checker": True}
-    plain = server.predict(inputs)[1]["output"]
-    status, body = server.predict({**inputs, "replicate_weights": "huggingface.co/me/gated-style", "hf_api_token": TOKEN})
+
+    def predict(extra):
+        server.wait_status(("READY",), timeout=30)  # coglet frees its slot just after answering
+        return server.predict({**inputs, **extra})
+
+    plain = predict({})[1]["output"]
+    status, body = predict({"replicate_weights": "huggingface.co/me/gated-style", "hf_api_token": TOKEN})
     assert status == 200 and body["status"] == "succeeded", body.get("error")
     assert body["output"] != plain and "lora:" in body["logs"] and TOKEN not in body["logs"]
-    status, body = server.predict({**inputs, "replicate_weights": "huggingface.co/me/gated-style"})
+    status, body = predict({"replicate_weights": "huggingface.co/me/gated-style"})
     assert body["status"] == "failed" and "pass hf_api_token" in body["error"]  # no token, no LoRA: even cached
-    assert server.predict(inputs)[1]["output"] == plain
+    assert predict({})[1]["output"] == plain

@@ -106,11 +106,4 @@ class CogServer:
         return self.request("GET", path, timeout=5)
 
     def predict(self, inputs: dict, **kwargs):
-        """A sync prediction. coglet answers 409 "at capacity" for a moment after a prediction ends while its
-        slot is released; a client (like Replicate's) waits and tries again."""
-        for _ in range(100):
-            status, body = self.request("POST", "/predictions", {"input": inputs}, **kwargs)
-            if status != 409:
-                return status, body
-            time.sleep(0.05)
-        return status, body
+        return self.request("POST", "/predictions", {"input": inputs}, **kwargs)
