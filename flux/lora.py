@@ -7,7 +7,8 @@ asks for onto every registered module ("target": the FLUX.1-dev transformer, the
 schnell transformer when it is loaded, the CLIP text encoder, any other copy
 registered later), using diffusers and PEFT for every step:
 
-  1. inject   `FluxPipeline.load_lora_into_transformer` / `load_lora_into_text_encoder` (PEFT layers, unfused)
+  1. inject   `FluxPipeline.load_lora_into_transformer` (PEFT layers, unfused); for CLIP, the same LoraConfig
+              through PEFT's `inject_adapter_in_model` (see _inject_text_encoder for why not diffusers' call)
   2. restore  every weight the previous LoRAs changed is copied back from an exact copy kept on the CPU
   3. keep     the first time a LoRA touches a weight, an exact copy of it is kept (once; originals never change)
   4. fuse     `set_adapters` with the scales, then `fuse_lora`: W += scale * B @ A, in place, in W's dtype
