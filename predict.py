@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path as _Path
 from typing import List, Optional
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, Input, Path, Secret
 
 import flux  # noqa: F401  (sets library environment defaults before anything imports diffusers)
 from flux import logs, weights
@@ -106,6 +106,35 @@ class Predictor(BasePredictor):
             default=80,
         ),
         disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+        replicate_weights: Optional[str] = Input(
+            description="LoRA weights to apply. A Replicate model (owner/model or owner/model/version, e.g. "
+            "'fofr/flux-pixar-cars'), a Hugging Face reference (huggingface.co/owner/repo or "
+            "huggingface.co/owner/repo/file.safetensors), a CivitAI URL (civitai.com/models/<id>[/<name>]), any "
+            "https URL of a .safetensors file, or a data: URI. Formats: diffusers/PEFT, kohya, ai-toolkit, XLabs, "
+            "BFL.",
+            default=None,
+        ),
+        lora_scale: float = Input(
+            description="How strongly the main LoRA applies. 0 is the model without it; sane results between 0 and "
+            "1; negative values push away from it.",
+            ge=-1,
+            le=3,
+            default=1,
+        ),
+        extra_lora: Optional[str] = Input(
+            description="A second LoRA, applied together with the main one (same reference forms as "
+            "replicate_weights). Alone, it acts as the main LoRA.",
+            default=None,
+        ),
+        extra_lora_scale: float = Input(
+            description="How strongly the extra LoRA applies.", ge=-1, le=3, default=1
+        ),
+        hf_api_token: Optional[Secret] = Input(
+            description="Hugging Face token, for LoRAs in gated or private repos.", default=None
+        ),
+        civitai_api_token: Optional[Secret] = Input(
+            description="CivitAI token, for CivitAI downloads that need one.", default=None
+        ),
     ) -> List[Path]:
         request = Request.build(
             prompt=prompt,
@@ -124,6 +153,12 @@ class Predictor(BasePredictor):
             output_format=output_format,
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
+            replicate_weights=replicate_weights,
+            lora_scale=lora_scale,
+            extra_lora=extra_lora,
+            extra_lora_scale=extra_lora_scale,
+            hf_api_token=_secret(hf_api_token),
+            civitai_api_token=_secret(civitai_api_token),
         )
         return [Path(p) for p in self.engine.run(request, self._new_out_dir())]
 
@@ -134,6 +169,10 @@ class Predictor(BasePredictor):
             shutil.rmtree(self._out_dir, ignore_errors=True)
         self._out_dir = _Path(tempfile.gettempdir()) / f"flux-out-{uuid.uuid4().hex}"
         return self._out_dir
+
+
+def _secret(value: Optional[Secret]) -> Optional[str]:
+    return value.get_secret_value() if value is not None else None
 
 
 def _has_cuda() -> bool:

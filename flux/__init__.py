@@ -8,6 +8,8 @@ read at import time:
     otherwise ask huggingface.co (at import time) whether a kernel publisher is trusted. We use no 4-bit
     CPU kernels, so it is pointed at a local path that does not exist and makes no network call.
 Values already set in the environment win.
+httpx logs every request's full URL at INFO, query string included (where signed URLs carry their
+credentials): its logger is kept at WARNING so that no configuration of the root logger can print them.
 """
 
 import logging as _logging
@@ -18,6 +20,7 @@ _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars garble prediction logs
 _os.environ.setdefault("LOCAL_KERNELS", "kernels-community/quantization-bitsandbytes=/nonexistent/no-hub-kernels")
 _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+_logging.getLogger("httpx").setLevel(_logging.WARNING)
 
 from .errors import UserError  # noqa: E402
 

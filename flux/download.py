@@ -5,11 +5,15 @@ not; every part retried and resumed; a size limit enforced on the announced and
 the received length; the result lands atomically (a .part file renamed into
 place), so an interrupted download never leaves a file that looks complete.
 URLs are logged without their query string (signed URLs carry credentials
-there) and headers are never logged.
+there) and headers are never logged. After a redirect to another host (a CDN,
+a signed storage URL) the parts are fetched from where the redirect led, and an
+Authorization header never follows the request there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import threading
@@ -43,6 +47,20 @@ class Limits:
 class DownloadError(UserError):
     """A download failed for a reason the user can act on (bad URL, 401, 404, too big, ...)."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the first request learned: where redirects led, the size, whether ranges work, the ETag."""
+
+    url: str  # after redirects
+    size: int | None
+    ranges: bool
+    etag: str | None
+
 
 def redact(url: str) -> str:
     """The URL without query, fragment or userinfo: safe to log and to show."""
@@ -53,14 +71,35 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _status_error(response: httpx.Response, what: str, url: str) -> DownloadError:
+def _status_error(response: httpx.Response, what: str, url: str, auth_hint: str | None = None) -> DownloadError:
     code = response.status_code
     shown = redact(url)
     if code in (401, 403):
-        return DownloadError(f"{what}: {shown} answered {code} (not authorized). If it is private or gated, pass a token.")
+        hint = auth_hint or "If it is private or gated, pass a token."
+        return DownloadError(f"{what}: {shown} answered {code} (not authorized). {hint}", code)
     if code == 404:
-        return DownloadError(f"{what}: {shown} was not found (404). Check the reference.")
-    return DownloadError(f"{what}: {shown} answered HTTP {code}.")
+        return DownloadError(f"{what}: {shown} was not found (404). Check the reference.", code)
+    return DownloadError(f"{what}: {shown} answered HTTP {code}.", code)
+
+
+def same_origin(a: str, b: str) -> bool:
+    x, y = urlsplit(a), urlsplit(b)
+    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
+
+
+def _headers_for(url: str, original: str, headers: dict[str, str]) -> dict[str, str]:
+    """Credentials go only to the origin they were given for."""
+    if same_origin(url, original):
+        return headers
+    return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 class _Deadline:
@@ -72,6 +111,27 @@ class _Deadline:
             raise DownloadError(f"{what}: downloading {redact(url)} took too long; try again or use a faster host.")
 
 
+@contextlib.contextmanager
+def _session(url: str, what: str, limits: Limits, client: httpx.Client | None):
+    """A guarded client, with transport failures turned into DownloadErrors that name the URL (never its query)."""
+    if not url.lower().startswith(("https://", "http://")):
+        raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
+    own_client = client is None
+    if client is None:
+        client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
+    try:
+        yield client
+    except httpx.TimeoutException:
+        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
+    except httpx.TransportError as exc:
+        raise DownloadError(f"{what}: could not fetch {redact(url)} ({type(exc).__name__}); check the URL.") from None
+    except httpx.InvalidURL:
+        raise DownloadError(f"{what}: {redact(url)} is not a valid URL.") from None
+    finally:
+        if own_client:
+            client.close()
+
+
 def download(
     url: str,
     dest: Path,
@@ -80,60 +140,82 @@ def download(
     headers: dict[str, str] | None = None,
     limits: Limits = Limits(),
     client: httpx.Client | None = None,
+    auth_hint: str | None = None,
 ) -> Path:
-    """Fetch url into dest atomically and return dest. Raises DownloadError with a user-facing message."""
+    """Fetch url into dest atomically and return dest. Raises DownloadError with a user-facing message.
+
+    auth_hint ends the message of a 401/403 (which token to pass).
+    """
     dest = Path(dest)
-    if not url.lower().startswith(("https://", "http://")):
-        raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
+    headers = headers or {}
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    own_client = client is None
-    if client is None:
-        client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     deadline = _Deadline(limits.total_timeout)
     started = time.monotonic()
     try:
-        size, ranges = _probe(client, url, headers or {}, what, limits)
-        if size is not None and size > limits.max_bytes:
-            raise DownloadError(
-                f"{what}: {redact(url)} is {size / MiB:.0f} MiB, over the {limits.max_bytes / MiB:.0f} MiB limit."
-            )
-        if ranges and size is not None and size > limits.part_size:
-            _parallel(client, url, headers or {}, part, size, what, limits, deadline)
-        else:
-            _stream(client, url, headers or {}, part, size, what, limits, deadline)
-        os.replace(part, dest)
-    except httpx.TimeoutException:
-        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
-    except httpx.TransportError as exc:
-        raise DownloadError(f"{what}: could not fetch {redact(url)} ({type(exc).__name__}); check the URL.") from None
-    except httpx.InvalidURL:
-        raise DownloadError(f"{what}: {redact(url)} is not a valid URL.") from None
+        with _session(url, what, limits, client) as session:
+            found = _probe(session, url, headers, what, auth_hint)
+            if found.size is not None and found.size > limits.max_bytes:
+                raise DownloadError(
+                    f"{what}: {redact(url)} is {_human(found.size)}, over the {_human(limits.max_bytes)} limit."
+                )
+            # Parts come from where the redirects led (one version of the file, one hop), without credentials
+            # meant for the first host.
+            target, target_headers = found.url, _headers_for(found.url, url, headers)
+            if found.ranges and found.size is not None and found.size > limits.part_size:
+                _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint)
+            else:
+                _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint)
+            os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
-        if own_client:
-            client.close()
     elapsed = time.monotonic() - started
     got = dest.stat().st_size
     log.info("%s: fetched %s (%.1f MiB) in %.2fs", what, redact(url), got / MiB, elapsed)
     return dest
 
 
-def _probe(client: httpx.Client, url: str, headers: dict, what: str, limits: Limits) -> tuple[int | None, bool]:
-    """Total size (if announced) and whether the server honours byte ranges."""
+def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
+          auth_hint: str | None = None) -> Probe:
+    """Where url leads after redirects, and what is there (one request for one byte)."""
+    with _session(url, what, limits, None) as session:
+        return _probe(session, url, headers or {}, what, auth_hint)
+
+
+def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | None = None,
+               limits: Limits = Limits(max_bytes=MiB), auth_hint: str | None = None):
+    """GET a small JSON document (an API answer), bounded by limits.max_bytes."""
+    with _session(url, what, limits, None) as session:
+        with session.stream("GET", url, headers={**(headers or {}), "Accept": "application/json"}) as response:
+            if response.status_code != 200:
+                raise _status_error(response, what, url, auth_hint)
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > limits.max_bytes:
+                    raise DownloadError(f"{what}: {redact(url)} answered more than {limits.max_bytes} bytes.")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise DownloadError(f"{what}: {redact(url)} did not answer JSON.") from None
+
+
+def _probe(client: httpx.Client, url: str, headers: dict, what: str, auth_hint: str | None) -> Probe:
+    """Total size (if announced), whether the server honours byte ranges, and where redirects led."""
     with client.stream("GET", url, headers={**headers, "Range": "bytes=0-0"}) as response:
+        final, etag = str(response.url), response.headers.get("etag")
         if response.status_code == 206:
             total = response.headers.get("content-range", "").rpartition("/")[2]
-            return (int(total) if total.isdigit() else None), total.isdigit()
+            return Probe(final, int(total) if total.isdigit() else None, total.isdigit(), etag)
         if response.status_code == 200:
             length = response.headers.get("content-length")
-            return (int(length) if length and length.isdigit() else None), False
+            return Probe(final, int(length) if length and length.isdigit() else None, False, etag)
         if response.status_code == 416:  # empty file
-            return 0, False
-        raise _status_error(response, what, url)
+            return Probe(final, 0, False, etag)
+        raise _status_error(response, what, url, auth_hint)
 
 
-def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline) -> None:
+def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline, auth_hint) -> None:
     """One GET, resumed with a Range header after a dropped connection where the server allows it."""
     received = 0
     attempt = 0
@@ -145,7 +227,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
             try:
                 with client.stream("GET", url, headers=request_headers) as response:
                     if response.status_code not in (200, 206):
-                        raise _status_error(response, what, url)
+                        raise _status_error(response, what, url, auth_hint)
                     if received and response.status_code == 200:  # no resume: start over
                         fh.seek(0)
                         fh.truncate()
@@ -153,7 +235,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                     for chunk in response.iter_bytes(MiB):
                         received += len(chunk)
                         if received > limits.max_bytes:
-                            raise DownloadError(f"{what}: {redact(url)} is over the {limits.max_bytes / MiB:.0f} MiB limit.")
+                            raise DownloadError(f"{what}: {redact(url)} is over the {_human(limits.max_bytes)} limit.")
                         if size is not None and received > size:
                             raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
                         fh.write(chunk)
@@ -172,7 +254,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                 deadline.check(what, url)
 
 
-def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline) -> None:
+def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline, auth_hint) -> None:
     """Ranged GETs in parallel, each written at its offset; each range retried from where it stopped."""
     with open(part, "wb") as fh:
         fh.truncate(size)
@@ -189,7 +271,7 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
             try:
                 with client.stream("GET", url, headers={**headers, "Range": f"bytes={offset}-{last}"}) as response:
                     if response.status_code != 206:
-                        raise _status_error(response, what, url)
+                        raise _status_error(response, what, url, auth_hint)
                     for chunk in response.iter_bytes(MiB):
                         if offset + len(chunk) > last + 1:
                             raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")

@@ -3,6 +3,8 @@
 One set of components (text encoders, VAE, transformer) serves text-to-image,
 img2img and inpainting: diffusers' three Flux pipelines built on the same module objects.
 FLUX.1-schnell loads on first use and shares the text encoders and VAE.
+LoRAs (lora_loader.py fetches and normalizes them, flux/lora.py fuses them) are made
+to match each request on the transformer it uses and the CLIP text encoder.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import lora_loader  # top level beside predict.py, as the design lays it out
+
 from . import images as image_io
 from . import weights
 from .errors import UserError
+from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
 from .request import Request
 from .safety import SafetyChecker
 
@@ -89,6 +94,10 @@ class Engine:
         self._pipes: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
         pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraManager()  # LoRA targets: each model's transformer (by model name), the shared CLIP
+        self.loras.register("dev", pipe.transformer, TRANSFORMER)
+        self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
+        self.lora_loader = lora_loader.LoraLoader()
 
     # ----- setup -------------------------------------------------------------------------------
 
@@ -136,6 +145,7 @@ class Engine:
             text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2, transformer=transformer,
         )
         pipe.set_progress_bar_config(disable=True)
+        self.loras.register("schnell", transformer, TRANSFORMER)
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
         return pipe
 
@@ -166,10 +176,30 @@ class Engine:
                 f"prompt is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the prompt."
             )
 
+    def use_loras(self, req: Request) -> None:
+        """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing."""
+        loader = self.lora_loader
+        tokens = lora_loader.Tokens.of(req.hf_api_token, req.civitai_api_token)
+        targets = [req.model, TEXT_ENCODER]
+        fetched: dict[str, tuple[lora_loader.Fetched, float]] = {}
+        for reference, scale in req.loras:
+            got = loader.fetch(reference, tokens)
+            _, before = fetched.get(got.key, (got, 0.0))
+            fetched[got.key] = (got, before + scale)  # two references to one file: one LoRA, scales added
+        in_use = {a.weights.key: a.weights for name in targets for a in self.loras.adapters(name)}
+        adapters = [
+            Adapter(in_use.get(key) or loader.load(got), scale)
+            for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
+        ]
+        self.loras.use(adapters, targets)
+
     def generate(self, req: Request) -> Result:
         """Run the pipeline for a request: images in output order, before the safety check."""
         self.check_prompt(req)
         pipe = self.pipeline(req.model, req.task)
+        started = time.monotonic()
+        self.use_loras(req)
+        lora_seconds = time.monotonic() - started
         kwargs = dict(
             prompt=req.prompt,
             width=req.width,
@@ -187,7 +217,7 @@ class Engine:
         images = self._run(pipe, kwargs, req.seeds)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
             images = [pipe.image_processor.apply_overlay(req.mask, req.image, img) for img in images]
-        return Result(images=images, seeds=req.seeds, timings={"generate": time.monotonic() - started})
+        return Result(images=images, seeds=req.seeds, timings={"lora": lora_seconds, "generate": time.monotonic() - started})
 
     def _run(self, pipe, kwargs: dict, seeds: list[int]) -> list[Image.Image]:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory."""

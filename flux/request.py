@@ -54,6 +54,12 @@ SPEC: dict[str, InputSpec] = {
     "output_format": InputSpec(default="webp", choices=OUTPUT_FORMATS),
     "output_quality": InputSpec(default=80, ge=0, le=100),
     "disable_safety_checker": InputSpec(default=False),
+    "replicate_weights": InputSpec(),
+    "lora_scale": InputSpec(default=1, ge=-1, le=3),
+    "extra_lora": InputSpec(),
+    "extra_lora_scale": InputSpec(default=1, ge=-1, le=3),
+    "hf_api_token": InputSpec(),
+    "civitai_api_token": InputSpec(),
 }
 
 
@@ -79,6 +85,9 @@ class Request:
     output_format: str = "webp"
     output_quality: int = 80
     disable_safety_checker: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (reference, scale): the main LoRA first, at most two
+    hf_api_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a message
+    civitai_api_token: str | None = field(default=None, repr=False)
     notes: tuple[str, ...] = ()  # what validation changed or ignored, for the log
 
     @property
@@ -115,6 +124,12 @@ class Request:
         output_format: str = SPEC["output_format"].default,
         output_quality: int = SPEC["output_quality"].default,
         disable_safety_checker: bool = SPEC["disable_safety_checker"].default,
+        replicate_weights: str | None = None,
+        lora_scale: float = SPEC["lora_scale"].default,
+        extra_lora: str | None = None,
+        extra_lora_scale: float = SPEC["extra_lora_scale"].default,
+        hf_api_token: str | None = None,
+        civitai_api_token: str | None = None,
     ) -> "Request":
         """Check every input against SPEC and their combinations; resolve the size and seed.
 
@@ -126,6 +141,7 @@ class Request:
             aspect_ratio=aspect_ratio, megapixels=megapixels, prompt_strength=prompt_strength, model=model,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_format=output_format, output_quality=output_quality, width=width, height=height,
+            lora_scale=lora_scale, extra_lora_scale=extra_lora_scale,
         )
         for name, value in values.items():
             _check_spec(name, value)
@@ -180,13 +196,29 @@ class Request:
                 "for the image: raise prompt_strength or num_inference_steps so that their product is at least 1."
             )
 
+        loras = _loras(replicate_weights, lora_scale, extra_lora, extra_lora_scale, notes)
+
         return cls(
             prompt=prompt, width=out_w, height=out_h, num_outputs=int(num_outputs),
             num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), seed=int(seed),
             model=model, image=init_image, mask=init_mask,
             prompt_strength=float(prompt_strength), output_format=output_format, output_quality=int(output_quality),
-            disable_safety_checker=bool(disable_safety_checker), notes=tuple(notes),
+            disable_safety_checker=bool(disable_safety_checker), loras=loras,
+            hf_api_token=hf_api_token or None, civitai_api_token=civitai_api_token or None, notes=tuple(notes),
         )
+
+
+def _loras(main: str | None, main_scale: float, extra: str | None, extra_scale: float,
+           notes: list[str]) -> tuple[tuple[str, float], ...]:
+    """(reference, scale) pairs: extra_lora alone acts as the main one; the same reference twice is one LoRA."""
+    main, extra = (main or "").strip(), (extra or "").strip()
+    if not main and extra:
+        notes.append("extra_lora given without replicate_weights: it is used as the main LoRA")
+        return ((extra, float(extra_scale)),)
+    if main and main == extra:
+        notes.append("replicate_weights and extra_lora are the same LoRA: loaded once at lora_scale + extra_lora_scale")
+        return ((main, float(main_scale) + float(extra_scale)),)
+    return tuple((ref, float(scale)) for ref, scale in ((main, main_scale), (extra, extra_scale)) if ref)
 
 
 def _check_spec(name: str, value: Any) -> None:

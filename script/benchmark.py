@@ -1,10 +1,20 @@
 """Benchmarks, as ratios measured in one run (never as timed tests).
 
   script/benchmark                 the predictor's end-to-end time over a bare diffusers call (tiny model, CPU)
+  script/benchmark lora            a prediction with a cached LoRA over one without; the time of a LoRA switch
 
 The overhead benchmark runs the full predict() (validation, generation, safety
 checker, encoding) and a bare FluxPipeline call at the same settings on the
 same weights, interleaved, and reports the ratio of their medians.
+
+The LoRA benchmark builds two LoRAs on every Linear of the transformer and every
+CLIP layer (rank 16, tests/helpers/loras.py), passed as data: URIs so no server
+is needed, and times on the same predictor: predictions without a LoRA and with
+a LoRA already in place (each timed one after an untimed one that sets the
+state), in pairs whose order alternates; the ratio is the median of the per-pair
+ratios. Then a switch between the two LoRAs (both in the disk cache: read,
+restore, inject, fuse), a scale change (restore and fuse from memory), and what
+the same LoRA again costs a prediction (resolve, find in the cache, compare).
 """
 
 from __future__ import annotations
@@ -20,27 +30,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def overhead(args) -> dict:
+def _predictor():
     os.environ.setdefault("FLUX_WEIGHTS", "tiny")
     import flux  # noqa: F401
-    import torch
-    from diffusers import FluxPipeline
-
-    from flux import weights
     from predict import Predictor
 
     predictor = Predictor()
     predictor.setup()
+    return predictor
+
+
+def _inputs(args, **changes) -> dict:
+    width, height = args.size
+    return dict(
+        prompt="a knitted purple prune", image=None, mask=None, aspect_ratio="custom", width=width, height=height,
+        megapixels="1", prompt_strength=0.8, model="dev", num_outputs=1, num_inference_steps=args.steps,
+        guidance_scale=3.0, seed=1, output_format="webp", output_quality=80, disable_safety_checker=False,
+        replicate_weights=None, lora_scale=1.0, extra_lora=None, extra_lora_scale=1.0, hf_api_token=None,
+        civitai_api_token=None,
+    ) | changes
+
+
+def overhead(args) -> dict:
+    import torch
+    from diffusers import FluxPipeline
+
+    from flux import weights
+
+    predictor = _predictor()
     engine = predictor.engine
     path = weights.locate(weights.sources(torch.cuda.is_available()).dev, "dev")
     bare = FluxPipeline.from_pretrained(path, dtype=engine.dtype).to(engine.device)
     bare.set_progress_bar_config(disable=True)
     width, height = args.size
-    inputs = dict(
-        prompt="a knitted purple prune", image=None, mask=None, aspect_ratio="custom", width=width, height=height,
-        megapixels="1", prompt_strength=0.8, model="dev", num_outputs=1, num_inference_steps=args.steps,
-        guidance_scale=3.0, seed=1, output_format="webp", output_quality=80, disable_safety_checker=False,
-    )
+    inputs = _inputs(args)
 
     def run_predictor():
         predictor.predict(**inputs)
@@ -66,19 +89,88 @@ def overhead(args) -> dict:
     }
 
 
+def lora(args) -> dict:
+    import base64
+
+    from flux.request import Request
+    from tests.helpers import loras
+
+    predictor = _predictor()
+    engine = predictor.engine
+    pipe = engine.pipeline("dev", "txt2img")
+
+    def uri(seed: int, layout: str) -> str:
+        update = loras.make_update(pipe.transformer, "ALL", text_encoder=pipe.text_encoder, seed=seed, rank=16)
+        return "data:application/octet-stream;base64," + base64.b64encode(loras.lora_bytes(update, layout)).decode()
+
+    a, b = uri(1, "diffusers"), uri(2, "diffusers")
+    plain, with_a = _inputs(args), _inputs(args, replicate_weights=a)
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def settled(inputs) -> float:
+        predictor.predict(**inputs)  # sets the LoRA state: the timed call that follows has nothing to change
+        return timed(lambda: predictor.predict(**inputs))
+
+    predictor.predict(**plain), predictor.predict(**with_a), predictor.predict(**plain)  # warm-up (a enters the cache)
+    times = {"no LoRA": [], "cached LoRA": []}
+    for i in range(args.repeats):  # pairs in alternating order, so load from elsewhere falls on both sides alike
+        order = (("no LoRA", plain), ("cached LoRA", with_a))
+        for name, inputs in order if i % 2 == 0 else order[::-1]:
+            times[name].append(settled(inputs))
+    pair_ratios = [lora_s / plain_s for plain_s, lora_s in zip(times["no LoRA"], times["cached LoRA"])]
+
+    def request(reference, scale=1.0):
+        return Request.build(prompt="p", replicate_weights=reference, lora_scale=scale)
+
+    engine.use_loras(request(b))  # b enters the disk cache
+    again = [timed(lambda: engine.use_loras(request(b))) for _ in range(20)]  # what a cached LoRA adds per prediction
+    switches, scale_changes = [], []
+    for i in range(args.repeats):
+        switches.append(timed(lambda: engine.use_loras(request(a if i % 2 == 0 else b))))
+    for i in range(args.repeats):
+        scale_changes.append(timed(lambda: engine.use_loras(request(b, 0.5 if i % 2 == 0 else 1.0))))
+    engine.use_loras(request(None))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    width, height = args.size
+    return {
+        "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""), "size": f"{width}x{height}",
+        "steps": args.steps, "repeats": args.repeats, "LoRA": "rank 16, every Linear + CLIP",
+        **{f"{k} median s": round(v, 3) for k, v in med.items()},
+        "ratio of medians": round(med["cached LoRA"] / med["no LoRA"], 4),
+        "ratio": round(statistics.median(pair_ratios), 4),  # median of the per-pair ratios
+        "same LoRA again median s": round(statistics.median(again), 5),
+        "LoRA switch median s": round(statistics.median(switches), 4),
+        "scale change median s": round(statistics.median(scale_changes), 4),
+    }
+
+
+BENCHMARKS = {
+    "overhead": (overhead, 1.05, "Predictor end-to-end vs bare diffusers (same weights, same settings, interleaved)"),
+    "lora": (lora, 1.1, "A prediction with a cached LoRA vs one without (same predictor, interleaved)"),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", choices=list(BENCHMARKS), default="overhead")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--size", type=lambda s: tuple(map(int, s.split("x"))), default=(1024, 1024))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-ratio", type=float, default=1.05, help="exit 1 if predictor/bare exceeds this")
+    parser.add_argument("--max-ratio", type=float, default=None,
+                        help="exit 1 if the ratio exceeds this (default: 1.05 for overhead, 1.1 for lora)")
     args = parser.parse_args()
-    result = overhead(args)
-    print("\nPredictor end-to-end vs bare diffusers (same weights, same settings, interleaved):")
+    run, default_max, title = BENCHMARKS[args.which]
+    max_ratio = args.max_ratio or default_max
+    result = run(args)
+    print(f"\n{title}:")
     for k, v in result.items():
         print(f"  {k:24} {v}")
-    ok = result["ratio"] <= args.max_ratio
-    print(f"  {'target':24} <= {args.max_ratio}  {'OK' if ok else 'OVER'}")
+    ok = result["ratio"] <= max_ratio
+    print(f"  {'target':24} <= {max_ratio}  {'OK' if ok else 'OVER'}")
     return 0 if ok else 1
 
 

@@ -32,6 +32,8 @@ def test_random_seed_and_seed_per_output():
     (dict(prompt="p", output_format="gif"), "output_format must be one of"),
     (dict(prompt="p", megapixels="2"), "megapixels must be one of"),
     (dict(prompt="p", seed=2**63), "seed must be between"),
+    (dict(prompt="p", lora_scale=3.5), "lora_scale must be between -1 and 3"),
+    (dict(prompt="p", extra_lora_scale=-2), "extra_lora_scale must be between -1 and 3"),
 ])
 def test_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -81,3 +83,20 @@ def test_image_sets_size_and_mask_follows(tmp_path):
 def test_spec_bounds_cover_every_numeric_input():
     for name in ("num_outputs", "num_inference_steps", "guidance_scale", "prompt_strength", "output_quality"):
         assert SPEC[name].ge is not None and SPEC[name].le is not None
+
+
+@pytest.mark.parametrize("kwargs,loras", [
+    (dict(), ()),
+    (dict(replicate_weights=" a/b ", lora_scale=0.5), (("a/b", 0.5),)),
+    (dict(replicate_weights="a/b", extra_lora="c/d", extra_lora_scale=2), (("a/b", 1.0), ("c/d", 2.0))),
+    (dict(extra_lora="c/d", extra_lora_scale=0.3), (("c/d", 0.3),)),  # alone, the extra LoRA is the main one
+    (dict(replicate_weights="a/b", lora_scale=0.25, extra_lora="a/b", extra_lora_scale=0.5), (("a/b", 0.75),)),
+    (dict(replicate_weights="", extra_lora="  "), ()),
+])
+def test_loras(kwargs, loras):
+    assert Request.build(prompt="p", **kwargs).loras == loras
+
+
+def test_tokens_stay_out_of_the_repr():
+    r = Request.build(prompt="p", hf_api_token="hf_SECRET", civitai_api_token="cv_SECRET")
+    assert r.hf_api_token == "hf_SECRET" and "SECRET" not in repr(r)

@@ -5,15 +5,24 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import images
+from tests.helpers.http import HubServer
 from tests.helpers.server import CogServer, data_uri, decode_image
 
 pytestmark = pytest.mark.server
+TOKEN = "hf_SECRET_server_0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, weights_dir):
+def hub():
+    with HubServer() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, weights_dir, hub):
     log = tmp_path_factory.mktemp("server") / "cog.log"
-    with CogServer(log, env={"FLUX_WEIGHTS": "tiny", "FLUX_WEIGHTS_DIR": str(weights_dir)}) as srv:
+    env = {"FLUX_WEIGHTS": "tiny", "FLUX_WEIGHTS_DIR": str(weights_dir), "HF_ENDPOINT": hub.base}
+    with CogServer(log, env=env) as srv:
         srv.wait_status()
         yield srv
 
@@ -61,6 +70,8 @@ def test_same_seed_same_output_over_http(server):
     ({"model": "pro"}, "model"),
     ({"num_outputs": "two"}, "num_outputs"),
     ({"disable_safety_checker": "maybe"}, "disable_safety_checker"),
+    ({"lora_scale": 3.5}, "lora_scale"),
+    ({"extra_lora_scale": -1.5}, "extra_lora_scale"),
 ])
 def test_out_of_bounds_and_wrong_types_are_422(server, inputs, field):
     status, body = server.predict({"prompt": "p", **inputs})
@@ -80,7 +91,7 @@ def test_engine_error_fails_readably_and_server_stays_ready(server, tmp_path):
     status, body = server.predict({"prompt": "p", "image": data_uri(bogus)})
     assert status == 200 and body["status"] == "failed"
     assert "not an image file" in body["error"] and "Traceback" not in body["error"]
-    assert server.get("/health-check")[1]["status"] == "READY"
+    assert server.wait_status(("READY",), timeout=30)["status"] == "READY"  # coglet frees its slot just after answering
     status, body = server.predict({"prompt": "p", "megapixels": "0.25", "num_inference_steps": 1, "seed": 1})
     assert body["status"] == "succeeded"
 
@@ -88,3 +99,24 @@ def test_engine_error_fails_readably_and_server_stays_ready(server, tmp_path):
 def test_contradictory_inputs_fail_with_what_to_change(server):
     status, body = server.predict({"prompt": "p", "aspect_ratio": "custom"})
     assert body["status"] == "failed" and "give both width and height" in body["error"]
+
+
+def test_lora_from_a_gated_repo_with_a_secret_token(server, hub):
+    from flux import tiny
+    from tests.helpers import loras
+
+    update = loras.make_update(tiny.build_pipeline().transformer, "ATTENTION")
+    hub.add_repo("me/gated-style", {"style.safetensors": loras.lora_bytes(update, "kohya")}, gated_token=TOKEN)
+    inputs = {"prompt": "p", "megapixels": "0.25", "num_inference_steps": 1, "seed": 3, "disable_safety_checker": True}
+
+    def predict(extra):
+        server.wait_status(("READY",), timeout=30)  # coglet frees its slot just after answering
+        return server.predict({**inputs, **extra})
+
+    plain = predict({})[1]["output"]
+    status, body = predict({"replicate_weights": "huggingface.co/me/gated-style", "hf_api_token": TOKEN})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    assert body["output"] != plain and "lora:" in body["logs"] and TOKEN not in body["logs"]
+    status, body = predict({"replicate_weights": "huggingface.co/me/gated-style"})
+    assert body["status"] == "failed" and "pass hf_api_token" in body["error"]  # no token, no LoRA: even cached
+    assert predict({})[1]["output"] == plain

@@ -1,0 +1,449 @@
+"""lora_loader: every reference kind fetched from servers on 127.0.0.1 (hosts mapped by configuration), the cache,
+the refusals, and every layout normalized by diffusers' converters."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import tarfile
+
+import pytest
+import torch
+
+import lora_loader
+from flux import tiny
+from flux.cache import DiskCache
+from flux.errors import UserError
+from tests.helpers import loras
+from tests.helpers.http import FileServer, HubServer
+
+TOKEN = "tok_SECRET_0123456789"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return tiny.build_pipeline()
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_pipe) -> bytes:
+    return loras.lora_bytes(loras.make_update(tiny_pipe.transformer, "ATTENTION"), "ai-toolkit")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An empty cache and a loader; hosts are mapped per test with monkeypatch."""
+    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
+    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB",
+                 "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "weights" / "loras"
+
+
+@pytest.fixture
+def loader():
+    return lora_loader.LoraLoader()
+
+
+def fetch(loader, reference, **tokens):
+    return loader.fetch(reference, lora_loader.Tokens.of(**tokens))
+
+
+def cache_names(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ----- parsing ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("fofr/flux-pixar-cars", lora_loader.ReplicateRef("fofr", "flux-pixar-cars")),
+    ("fofr/flux-pixar-cars/abc123", lora_loader.ReplicateRef("fofr", "flux-pixar-cars", "abc123")),
+    ("fofr/flux-pixar-cars/versions/abc123", lora_loader.ReplicateRef("fofr", "flux-pixar-cars", "abc123")),
+    ("fofr/flux-pixar-cars:abc123", lora_loader.ReplicateRef("fofr", "flux-pixar-cars", "abc123")),
+    ("https://replicate.com/fofr/flux.pixar/versions/abc123", lora_loader.ReplicateRef("fofr", "flux.pixar", "abc123")),
+    ("huggingface.co/owner/repo", lora_loader.HuggingFaceRef("owner/repo")),
+    ("https://huggingface.co/owner/repo/", lora_loader.HuggingFaceRef("owner/repo")),
+    ("huggingface.co/owner/repo/sub/lora.safetensors", lora_loader.HuggingFaceRef("owner/repo", "main", "sub/lora.safetensors")),
+    ("https://huggingface.co/owner/repo/resolve/v2/lora.safetensors?download=true",
+     lora_loader.HuggingFaceRef("owner/repo", "v2", "lora.safetensors")),
+    ("https://huggingface.co/owner/repo/blob/main/a.safetensors", lora_loader.HuggingFaceRef("owner/repo", "main", "a.safetensors")),
+    ("civitai.com/models/123", lora_loader.CivitaiRef("123")),
+    ("https://civitai.com/models/123/some-style?modelVersionId=456", lora_loader.CivitaiRef("123", "456")),
+    ("https://civitai.com/api/download/models/456?type=Model", lora_loader.CivitaiRef(None, "456")),
+    ("https://example.com/x.safetensors?sig=abc", lora_loader.UrlRef("https://example.com/x.safetensors?sig=abc")),
+])
+def test_references_are_understood(text, expected):
+    assert lora_loader.parse(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("not a reference", "Cannot read the LoRA reference"),
+    ("example.com/lora.safetensors", "Cannot read the LoRA reference"),  # a URL without its scheme
+    ("huggingface.co/datasets/x/y", "not a Hugging Face model reference"),
+    ("civitai.com/images/5", "CivitAI references look like"),
+])
+def test_unreadable_references_name_the_accepted_forms(text, message):
+    with pytest.raises(UserError, match=message):
+        lora_loader.parse(text)
+
+
+def test_pinned_references():
+    assert lora_loader.parse("a/b/v1").pinned and not lora_loader.parse("a/b").pinned
+    assert not lora_loader.parse("huggingface.co/a/b/x.safetensors").pinned  # a branch can move
+    assert lora_loader.parse(f"huggingface.co/a/b/resolve/{'0' * 40}/x.safetensors").pinned
+    assert lora_loader.parse("civitai.com/api/download/models/5").pinned and not lora_loader.parse("civitai.com/models/5").pinned
+
+
+# ----- Replicate ----------------------------------------------------------------------------------------------------
+
+def test_replicate_model_tar_via_redirect_rechecked_and_cached_by_version(env, loader, lora_file, monkeypatch):
+    other = loras.lora_bytes(loras.make_update(tiny.build_pipeline().transformer, "ATTENTION", seed=9), "ai-toolkit")
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_REPLICATE_URL", srv.base)
+        srv.add("/delivery/v1/trained_model.tar", loras.tar_of({"output/lora.safetensors": lora_file, "config.yaml": b"x"}))
+        srv.add("/delivery/v2/trained_model.tar", loras.tar_of({"output/lora.safetensors": other}))
+        srv.add("/me/style/_weights", b"", redirect=srv.url("/delivery/v1/trained_model.tar"))
+        first = fetch(loader, "me/style")
+        assert first.path.read_bytes() == lora_file
+        count = len(srv.requests)
+        assert fetch(loader, "me/style").path == first.path
+        assert len(srv.requests) == count, "resolved moments ago: no request at all"
+
+        monkeypatch.setenv("FLUX_LORA_RECHECK_S", "0")  # re-resolve: one probe, same version -> same file, no download
+        assert fetch(loader, "me/style").key == first.key
+        assert all(r.path.endswith("_weights") or r.headers.get("Range") == "bytes=0-0" for r in srv.requests[count:])
+
+        srv.add("/me/style/_weights", b"", redirect=srv.url("/delivery/v2/trained_model.tar"))  # a new version
+        second = fetch(loader, "me/style")
+        assert second.key != first.key and second.path.read_bytes() == other
+
+
+def test_replicate_version_is_cached_for_good(env, loader, lora_file, monkeypatch):
+    monkeypatch.setenv("FLUX_LORA_RECHECK_S", "0")
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_REPLICATE_URL", srv.base)
+        srv.add("/d/abc.tar", loras.tar_of({"lora.safetensors": lora_file}))
+        srv.add("/me/style/versions/abc/_weights", b"", redirect=srv.url("/d/abc.tar"))
+        path = fetch(loader, "me/style/abc").path
+        count = len(srv.requests)
+        assert fetch(loader, "replicate.com/me/style/versions/abc").path == path
+        assert fetch(lora_loader.LoraLoader(), "me/style:abc").path == path  # after a restart too
+        assert len(srv.requests) == count
+
+
+def test_replicate_token_goes_to_replicate_only(env, loader, lora_file, monkeypatch):
+    monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
+    with FileServer() as front, FileServer() as delivery:
+        monkeypatch.setenv("FLUX_REPLICATE_URL", front.base)
+        front.add("/me/private/_weights", b"", redirect=delivery.add("/x.tar", loras.tar_of({"l.safetensors": lora_file})),
+                  auth=TOKEN)
+        assert fetch(loader, "me/private").path.read_bytes() == lora_file
+        assert all(r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in front.requests)
+        assert delivery.requests and not any("Authorization" in r.headers for r in delivery.requests)
+
+
+def test_replicate_errors(env, loader, monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_REPLICATE_URL", srv.base)
+        with pytest.raises(UserError, match="Replicate model me/missing was not found"):
+            fetch(loader, "me/missing")
+        srv.add("/me/private/_weights", b"", auth="other")
+        with pytest.raises(UserError, match="me/private is private"):
+            fetch(loader, "me/private")
+    assert cache_names(env) == []
+
+
+def test_replicate_tar_with_several_safetensors(env, loader, lora_file, monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_REPLICATE_URL", srv.base)
+        srv.add("/t.tar", loras.tar_of({"a.safetensors": lora_file, "b.safetensors": lora_file}))
+        srv.add("/me/two/_weights", b"", redirect=srv.url("/t.tar"))
+        with pytest.raises(UserError, match=r"several \.safetensors files \(a\.safetensors, b\.safetensors\)"):
+            fetch(loader, "me/two")
+
+
+# ----- Hugging Face -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def hub(monkeypatch):
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.base)
+        yield hub
+
+
+def test_hugging_face_repo_with_one_safetensors(env, loader, lora_file, hub):
+    hub.add_repo("me/style", {"lora.safetensors": lora_file, "README.md": b"hi", "optimizer.bin": b"x"})
+    got = fetch(loader, "huggingface.co/me/style")
+    assert got.path.read_bytes() == lora_file and "@" in got.key
+    assert fetch(loader, "https://huggingface.co/me/style/lora.safetensors").key == got.key
+
+
+def test_hugging_face_repo_with_several_lists_them(env, loader, lora_file, hub):
+    hub.add_repo("me/many", {"a.safetensors": lora_file, "b.safetensors": lora_file})
+    with pytest.raises(UserError, match=r"2 \.safetensors files: a\.safetensors, b\.safetensors\. Name one"):
+        fetch(loader, "huggingface.co/me/many")
+    assert fetch(loader, "huggingface.co/me/many/b.safetensors").path.read_bytes() == lora_file
+
+
+def test_hugging_face_pinned_revision_needs_no_api_call(env, loader, lora_file, hub):
+    repo = hub.add_repo("me/pinned", {"x.safetensors": lora_file})
+    got = fetch(loader, f"https://huggingface.co/me/pinned/resolve/{repo.sha}/x.safetensors")
+    assert got.path.read_bytes() == lora_file
+    assert not any(r.path.startswith("/api/") for r in hub.requests)
+
+
+def test_hugging_face_gated_repo_needs_the_token(env, loader, lora_file, hub, caplog):
+    hub.add_repo("me/gated", {"g.safetensors": lora_file}, gated_token=TOKEN)
+    with pytest.raises(UserError, match="pass hf_api_token"):
+        fetch(loader, "huggingface.co/me/gated")
+    with caplog.at_level(logging.DEBUG):
+        got = fetch(loader, "huggingface.co/me/gated", hf_api_token=TOKEN)
+    assert got.path.read_bytes() == lora_file
+    assert TOKEN not in caplog.text and TOKEN not in got.key and TOKEN not in str(got.path)
+    assert TOKEN not in repr(lora_loader.Tokens.of(hf_api_token=TOKEN))
+
+
+def test_hugging_face_missing_repo_and_file(env, loader, hub, lora_file):
+    with pytest.raises(UserError, match="repo me/nothing was not found"):
+        fetch(loader, "huggingface.co/me/nothing")
+    hub.add_repo("me/repo", {"a.safetensors": lora_file})
+    with pytest.raises(UserError, match="has no file 'b.safetensors'"):
+        fetch(loader, "huggingface.co/me/repo/b.safetensors")
+    hub.add_repo("me/pickles", {"pytorch_lora_weights.bin": b"x"})
+    with pytest.raises(UserError, match="no .safetensors file .*only pickle files"):
+        fetch(loader, "huggingface.co/me/pickles")
+
+
+# ----- CivitAI ------------------------------------------------------------------------------------------------------
+
+def test_civitai_model_page_resolves_the_latest_version(env, loader, lora_file, monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_CIVITAI_URL", srv.base)
+        srv.add("/api/v1/models/123", loras.civitai_model_json(123, [457, 456]), content_type="application/json")
+        srv.add("/api/download/models/457", lora_file, auth=TOKEN)
+        with pytest.raises(UserError, match="pass civitai_api_token"):
+            fetch(loader, "https://civitai.com/models/123/tiny-style")
+        got = fetch(loader, "https://civitai.com/models/123/tiny-style", civitai_api_token=TOKEN)
+        assert got.path.read_bytes() == lora_file and got.key == "civitai:457"
+        assert not any(TOKEN in r.path for r in srv.requests), "the token travels in a header, never in the URL"
+        count = len(srv.requests)
+        monkeypatch.setenv("CIVITAI_API_TOKEN", TOKEN)  # from the environment; a version id is cached for good
+        assert fetch(loader, "civitai.com/api/download/models/457").path == got.path
+        assert len(srv.requests) == count
+
+
+def test_civitai_errors(env, loader, monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_CIVITAI_URL", srv.base)
+        with pytest.raises(UserError, match="CivitAI model 9 was not found"):
+            fetch(loader, "civitai.com/models/9")
+        srv.add("/api/v1/models/10", b'{"type": "Checkpoint", "modelVersions": [{"id": 1}]}')
+        with pytest.raises(UserError, match="is a Checkpoint, not a LoRA"):
+            fetch(loader, "civitai.com/models/10")
+
+
+# ----- URLs and data: URIs ------------------------------------------------------------------------------------------
+
+def test_signed_url_is_cached_without_its_query(env, loader, lora_file, caplog):
+    with FileServer() as srv, caplog.at_level(logging.INFO):
+        url = srv.add("/bucket/lora.safetensors", lora_file)
+        got = fetch(loader, url + "?X-Amz-Signature=SECRETSIG&X-Amz-Credential=SECRETCRED")
+        count = len(srv.requests)
+        again = fetch(loader, url + "?X-Amz-Signature=OTHERSIG")  # a fresh signature for the same file
+        assert again.path == got.path and len(srv.requests) == count
+    assert "SECRET" not in caplog.text and "SECRET" not in got.key
+    assert cache_names(env) == [got.path.name] and got.path.name.endswith(".safetensors")
+
+
+@pytest.mark.parametrize("behaviour", [dict(no_ranges=True), dict(slow=0.01)])
+def test_servers_without_ranges_or_slow(env, loader, lora_file, behaviour):
+    with FileServer() as srv:
+        got = fetch(loader, srv.add("/l.safetensors", lora_file, **behaviour))
+    assert got.path.read_bytes() == lora_file
+
+
+def test_parallel_ranged_download(env, loader, tiny_pipe, monkeypatch):
+    from flux import download
+    from tests.test_weights import _small_parts
+
+    monkeypatch.setattr(download.Limits, "__init__", _small_parts(download.Limits.__init__))  # 64 KiB parts
+    body = loras.lora_bytes(loras.make_update(tiny_pipe.transformer, "ALL", rank=64), "ai-toolkit")
+    with FileServer() as srv:
+        got = fetch(loader, srv.add("/big.safetensors", body))
+        ranged = [r for r in srv.requests if r.headers.get("Range", "bytes=0-0") != "bytes=0-0"]
+    assert got.path.read_bytes() == body and len(ranged) > 1
+
+
+def test_truncating_server_fails_cleanly(env, loader, lora_file):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="kept dropping the connection"):
+            fetch(loader, srv.add("/cut.safetensors", lora_file, truncate=len(lora_file) // 2))
+    assert cache_names(env) == []
+
+
+def test_timeout_and_size_limit(env, loader, lora_file, monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_LORA_MAX_BYTES", "1000")
+        with pytest.raises(UserError, match=r"KiB, over the 1000 bytes limit"):
+            fetch(loader, srv.add("/big.safetensors", lora_file))
+        monkeypatch.delenv("FLUX_LORA_MAX_BYTES")
+        monkeypatch.setenv("FLUX_LORA_TIMEOUT_S", "0.2")
+        with pytest.raises(UserError, match="took too long"):
+            fetch(loader, srv.add("/slow.safetensors", b"x" * 400_000, slow=0.3))
+    assert cache_names(env) == []
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"<!DOCTYPE html><html>login</html>", "is a web page, not a safetensors file"),
+    (b"\x80\x04\x95pickled", "is a pickle checkpoint"),
+    (b"PK\x03\x04torch-zip", "is a pickle checkpoint"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "is not a safetensors file"),
+])
+def test_not_safetensors_is_refused_and_not_cached(env, loader, body, message):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match=message):
+            fetch(loader, srv.add("/x.safetensors", body))
+    assert cache_names(env) == []
+
+
+def test_truncated_safetensors_is_refused(env, loader, lora_file):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="not a safetensors file"):
+            fetch(loader, srv.add("/half.safetensors", lora_file[: len(lora_file) // 2]))
+
+
+def test_pickle_urls_are_never_downloaded(env, loader):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="pickle checkpoint"):
+            fetch(loader, srv.add("/lora.bin", b"\x80\x04"))
+        assert srv.requests == []
+
+
+def test_not_found_and_unauthorized(env, loader):
+    with FileServer() as srv:
+        with pytest.raises(UserError, match=r"was not found \(404\)"):
+            fetch(loader, srv.url("/missing.safetensors"))
+        with pytest.raises(UserError, match="not authorized"):
+            fetch(loader, srv.add("/private.safetensors", b"x", auth="t"))
+
+
+def test_data_uris_of_a_file_and_of_a_tar(env, loader, lora_file):
+    for body in (lora_file, loras.tar_of({"dir/lora.safetensors": lora_file})):
+        uri = "data:application/octet-stream;base64," + base64.b64encode(body).decode()
+        assert fetch(loader, uri).path.read_bytes() == lora_file
+    with pytest.raises(UserError, match="not valid base64"):
+        fetch(loader, "data:;base64,@@@")
+
+
+def test_unsafe_tar_is_refused(env, loader):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../evil.safetensors")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    uri = "data:;base64," + base64.b64encode(buf.getvalue()).decode()
+    with pytest.raises(UserError, match="unsafe path"):
+        fetch(loader, uri)
+    assert not (env.parent / "evil.safetensors").exists() and cache_names(env) == []
+
+
+# ----- the cache ----------------------------------------------------------------------------------------------------
+
+def test_cache_is_an_lru_with_a_size_cap_that_survives_restarts(env, lora_file, monkeypatch):
+    with FileServer() as srv:
+        urls = [srv.add(f"/l{i}.safetensors", lora_file) for i in range(3)]
+        monkeypatch.setenv("FLUX_LORA_CACHE_GB", str(2.5 * len(lora_file) / 2**30))  # room for two
+        first = fetch(lora_loader.LoraLoader(), urls[0])
+        second = fetch(lora_loader.LoraLoader(), urls[1])
+        fetch(lora_loader.LoraLoader(), urls[0])  # used again: urls[1] is now the oldest
+        third = fetch(lora_loader.LoraLoader(), urls[2])  # a new process each time: the folder is the index
+        assert sorted(cache_names(env)) == sorted([first.path.name, third.path.name])
+        assert not second.path.exists()
+        count = len(srv.requests)
+        fetch(lora_loader.LoraLoader(), urls[0])
+        assert len(srv.requests) == count
+
+
+def test_stale_staging_folders_are_cleaned(tmp_path):
+    import os
+    import time
+
+    cache = DiskCache(tmp_path, 10**9, ".safetensors")
+    stale = tmp_path / ".staging-crashed"
+    stale.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    fresh = tmp_path / ".staging-running"
+    fresh.mkdir()
+    assert cache.entries() == []
+    assert not stale.exists() and fresh.exists()
+
+
+# ----- layouts ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("subset,layouts", [
+    ("ATTENTION", ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"]),
+    ("XLABS", ["diffusers", "ai-toolkit", "xlabs"]),
+    ("FUSED_OK", ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"]),
+    ("ALL", ["diffusers", "ai-toolkit"]),
+])
+def test_every_layout_normalizes_to_the_same_update(tiny_pipe, tmp_path, subset, layouts):
+    """Each layout, through diffusers' converters, gives per module the same B @ A (alphas folded in), exactly."""
+    update = loras.make_update(tiny_pipe.transformer, subset)
+    for layout in layouts:
+        weights = lora_loader.normalize(loras.write(update, layout, tmp_path / f"{layout}.safetensors"), layout, layout)
+        assert weights.layout == layout
+        modules = weights.modules("transformer")
+        assert sorted(modules) == sorted(update.transformer), layout
+        alpha = (weights.metadata or {}).get("transformer.lora_alpha", update.rank)
+        for name, (a, b) in update.transformer.items():
+            got = modules[name][".lora_B.weight"] @ modules[name][".lora_A.weight"] * (alpha / update.rank)
+            assert torch.equal(got, b @ a), (layout, name)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "bfl"])
+def test_text_encoder_weights_are_kept(tiny_pipe, tmp_path, layout):
+    update = loras.make_update(tiny_pipe.transformer, "ATTENTION", text_encoder=tiny_pipe.text_encoder)
+    weights = lora_loader.normalize(loras.write(update, layout, tmp_path / "l.safetensors"), "k", "l")
+    assert weights.components == ("transformer", "text_encoder")
+    assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)
+
+
+def _file(tmp_path, tensors, name="x.safetensors"):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_unknown_layout_is_refused_naming_its_keys(tmp_path):
+    path = _file(tmp_path, {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+                            "unet.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)})
+    with pytest.raises(UserError, match=r"not a FLUX LoRA .* its keys look like unet\.down_blocks\.0"):
+        lora_loader.normalize(path, "k", "sdxl.safetensors")
+
+
+def test_kohya_lora_of_another_model_is_refused(tmp_path):
+    path = _file(tmp_path, {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+                            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)})
+    with pytest.raises(UserError, match="kohya LoRA but its keys do not fit FLUX.1 .*different model"):
+        lora_loader.normalize(path, "k", "sdxl-kohya.safetensors")
+
+
+def test_control_lora_is_refused(tmp_path):
+    path = _file(tmp_path, {"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(128)})
+    with pytest.raises(UserError, match="FLUX Control LoRA"):
+        lora_loader.normalize(path, "k", "canny.safetensors")
+
+
+def test_t5_weights_are_named_in_the_log_and_the_rest_applies(tiny_pipe, tmp_path, caplog):
+    update = loras.make_update(tiny_pipe.transformer, "ATTENTION", text_encoder=tiny_pipe.text_encoder)
+    tensors, _ = loras.kohya_layout(update)
+    tensors |= {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 32),
+                "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(32, 4)}
+    with caplog.at_level(logging.WARNING, logger="flux"):
+        weights = lora_loader.normalize(_file(tmp_path, tensors), "k", "with-t5")
+    assert "T5 text-encoder weights (2 tensors)" in caplog.text
+    assert sorted(weights.modules("transformer")) == sorted(update.transformer)
+    assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)
