@@ -195,6 +195,16 @@ class Engine:
 
     def generate(self, req: Request) -> Result:
         """Run the pipeline for a request: images in output order, before the safety check."""
+        try:
+            return self._generate(req)
+        except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
+            _free_memory()
+            raise UserError(
+                f"Out of GPU memory generating {req.width}x{req.height}: try a smaller size (megapixels 0.25) or "
+                "fewer outputs, or run again."
+            ) from None
+
+    def _generate(self, req: Request) -> Result:
         self.check_prompt(req)
         pipe = self.pipeline(req.model, req.task)
         started = time.monotonic()
@@ -228,20 +238,13 @@ class Engine:
                 return pipe(num_images_per_prompt=len(batch_seeds), generator=generators, **kwargs).images
 
         try:
-            try:
-                return call(seeds)
-            except torch.OutOfMemoryError:
-                if len(seeds) == 1:
-                    raise
-                _free_memory()
-                log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
-                return [img for s in seeds for img in call([s])]
+            return call(seeds)
         except torch.OutOfMemoryError:
+            if len(seeds) == 1:
+                raise
             _free_memory()
-            raise UserError(
-                f"Out of GPU memory generating {kwargs['width']}x{kwargs['height']}: try a smaller size "
-                "(megapixels 0.25) or fewer outputs, or run again."
-            ) from None
+            log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
+            return [img for s in seeds for img in call([s])]
 
     def check_safety(self, req: Request, result: Result) -> Result:
         """Drop flagged images; fail if none is left."""

@@ -16,6 +16,9 @@ sys.path.insert(0, str(ROOT))
 
 # Before anything imports huggingface_hub / diffusers.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+# Replicate and CivitAI LoRA references resolve against these; tests that need them start their own server.
+os.environ["FLUX_REPLICATE_URL"] = "http://127.0.0.1:9"
+os.environ["FLUX_CIVITAI_URL"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
 os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
