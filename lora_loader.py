@@ -95,7 +95,9 @@ def recheck_seconds() -> float:
 
 
 def limits() -> dl.Limits:
-    return dl.Limits(max_bytes=max_bytes(), total_timeout=_number("FLUX_LORA_TIMEOUT_S", 600))
+    total = _number("FLUX_LORA_TIMEOUT_S", 600)
+    # A server that goes silent is given up on within the total budget, not after minutes of per-read timeouts.
+    return dl.Limits(max_bytes=max_bytes(), total_timeout=total, read_timeout=min(dl.Limits.read_timeout, total))
 
 
 def replicate_url() -> str:

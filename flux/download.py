@@ -13,6 +13,7 @@ Authorization header never follows the request there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -106,9 +107,17 @@ class _Deadline:
     def __init__(self, seconds: float):
         self.end = time.monotonic() + seconds
 
-    def check(self, what: str, url: str) -> None:
+    def check(self, what: str, url: str, problem: str | None = None) -> None:
+        """Past the deadline: fail, naming the last problem seen while retrying if there was one."""
         if time.monotonic() > self.end:
+            if problem:
+                raise DownloadError(f"{what}: {redact(url)} {problem} and did not finish in time; try again later "
+                                    "or use another host.")
             raise DownloadError(f"{what}: downloading {redact(url)} took too long; try again or use a faster host.")
+
+
+def _problem(exc: Exception) -> str:
+    return "stopped sending data" if isinstance(exc, httpx.TimeoutException) else "kept dropping the connection"
 
 
 @contextlib.contextmanager
@@ -167,6 +176,13 @@ def download(
             else:
                 _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint)
             os.replace(part, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise DownloadError(
+            f"{what}: the disk is full ({os.strerror(exc.errno)}) while saving {redact(url)}; nothing was kept. "
+            "Free disk space (or lower FLUX_LORA_CACHE_GB so the cache leaves room) and try again."
+        ) from None
     finally:
         part.unlink(missing_ok=True)
     elapsed = time.monotonic() - started
@@ -243,15 +259,14 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                 if size is None or received == size:
                     return
                 raise httpx.RemoteProtocolError("short read")
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 attempt += 1
+                problem = f"{_problem(exc)} ({received} of {size or '?'} bytes received)"
                 if attempt > limits.retries:
-                    raise DownloadError(
-                        f"{what}: {redact(url)} kept dropping the connection ({received} of {size or '?'} bytes received)."
-                    ) from None
+                    raise DownloadError(f"{what}: {redact(url)} {problem}.") from None
                 log.warning("%s: connection dropped after %d bytes, resuming (attempt %d)", what, received, attempt)
                 time.sleep(min(2**attempt * 0.25, 4))
-                deadline.check(what, url)
+                deadline.check(what, url, problem)
 
 
 def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline, auth_hint) -> None:
@@ -280,11 +295,12 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
                         deadline.check(what, url)
                 if offset <= last:
                     raise httpx.RemoteProtocolError("short range")
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 attempt += 1
                 if attempt > limits.retries:
-                    raise DownloadError(f"{what}: {redact(url)} kept dropping the connection.") from None
+                    raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
                 time.sleep(min(2**attempt * 0.25, 4))
+                deadline.check(what, url, _problem(exc))
 
     try:
         with ThreadPoolExecutor(max_workers=min(limits.workers, len(ranges))) as pool:

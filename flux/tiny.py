@@ -22,7 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the architecture below changes, so stale builds on disk are rebuilt.
-VERSION = "1"
+VERSION = "2"
 
 _SENTENCES = [
     "a knitted purple prune on a wooden table",
@@ -53,7 +53,15 @@ def _clip_tokenizer():
     bpe.train_from_iterator(_SENTENCES, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    # The trainer breaks ties between equally frequent pairs in hash-map order, which changes from one process to
+    # the next; put the trained merges and ids in a canonical order so every build is byte-identical. Ordering
+    # merges by the length of what they make keeps a valid BPE (both parts of a merge are shorter, so come first).
+    merges.sort(key=lambda m: (len(m[0]) + len(m[1]), m))
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    merged = [a + b for a, b in merges]
+    rest = sorted(set(state["vocab"]) - set(specials) - set(merged))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + rest + merged))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
 def _t5_tokenizer():
@@ -66,7 +74,11 @@ def _t5_tokenizer():
         vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
     unigram.train_from_iterator(_SENTENCES, trainer)
-    vocab = [tuple(v) for v in json.loads(unigram.to_str())["model"]["vocab"]]
+    trained = [tuple(v) for v in json.loads(unigram.to_str())["model"]["vocab"]]
+    # Scores differ in their last digits between processes (float sums in another order): round them and sort,
+    # special tokens first, so every build is byte-identical.
+    specials, pieces = trained[:3], trained[3:]
+    vocab = specials + sorted(((p, round(score, 2)) for p, score in pieces), key=lambda v: (-v[1], v[0]))
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 

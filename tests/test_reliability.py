@@ -288,7 +288,7 @@ def test_put_is_idempotent(slow_server):
 
 # ----- soak -----------------------------------------------------------------------------------------
 
-def test_soak_200_mixed_predictions(server_env, tmp_path_factory):
+def test_soak_200_mixed_predictions(server_env, tmp_path_factory, lora_host):
     env, tmp = server_env()
     img, mask = uri(png(384, 256, seed=3)), uri(encoded(images.box_mask(384, 256, (64, 64, 192, 192))))
     kinds = [
@@ -296,6 +296,9 @@ def test_soak_200_mixed_predictions(server_env, tmp_path_factory):
         {"prompt": "p", "image": img, "prompt_strength": 1.0},
         {"prompt": "p", "image": img, "mask": mask, "prompt_strength": 1.0},
         {"prompt": "p", "megapixels": "0.25", "num_outputs": 2, "output_format": "jpg"},
+        {"prompt": "p", "megapixels": "0.25", "replicate_weights": lora_host.url("/a.safetensors")},
+        {"prompt": "p", "megapixels": "0.25", "replicate_weights": lora_host.url("/b.safetensors"), "lora_scale": 0.5,
+         "extra_lora": lora_host.url("/a.safetensors"), "extra_lora_scale": -0.5},
         {"prompt": "p", "num_outputs": 9},  # invalid: 422
         {"prompt": "p", "aspect_ratio": "custom"},  # invalid: failed
     ]
@@ -315,9 +318,11 @@ def test_soak_200_mixed_predictions(server_env, tmp_path_factory):
             run(i)
         growth = rss_bytes(pid) / baseline - 1
         srv.wait_status(timeout=10)
-    assert results == {"succeeded": 134, "failed": 33, 422: 33}, results
+    assert results == {"succeeded": 150, "failed": 25, 422: 25}, results
     assert growth < 0.05, f"worker RSS grew {growth:.1%} over 160 predictions after warm-up"
-    left = [p for p in tmp.rglob("*") if p.is_file()]
+    loras = Path(env["FLUX_WEIGHTS_DIR"]) / "loras"
+    assert not list(loras.glob(".staging-*"))  # no half-built cache entry
+    left = [p for p in tmp.rglob("*") if p.is_file()]  # the server's TMPDIR
     assert len(left) <= 2, left  # at most the last prediction's outputs
 
 
@@ -355,3 +360,187 @@ def test_setup_refuses_weights_from_a_private_address(server_env, tmp_path_facto
         logs = setup_failure(env, tmp_path_factory.mktemp("private") / "cog.log")
         assert srv.requests == []
     assert "non-public address" in logs
+
+
+# ----- LoRAs: bad references, faults, cache, cancellation, secrets, hostile URLs ----------------------
+
+SECRET = "hf_TOPSECRET_do_not_log_9f8e7d"
+
+
+@pytest.fixture(scope="module")
+def lora_bytes():
+    """Two different tiny LoRAs for the tiny FLUX (attention only), as files."""
+    from flux import tiny
+    from tests.helpers import loras
+
+    transformer = tiny.build_pipeline().transformer
+    return [loras.lora_bytes(loras.make_update(transformer, "ATTENTION", seed=seed), layout)
+            for seed, layout in ((5, "diffusers"), (6, "kohya"))]
+
+
+@pytest.fixture(scope="module")
+def lora_host(lora_bytes):
+    import pickle
+
+    from tests.helpers.http import HubServer
+
+    with HubServer() as host:
+        host.add("/a.safetensors", lora_bytes[0])
+        host.add("/b.safetensors", lora_bytes[1])
+        host.add("/weights.bin", pickle.dumps({"weight": [1, 2, 3]}))
+        host.add("/pickle.safetensors", pickle.dumps({"lora_A": [1.0] * 64}))
+        host.add("/page.safetensors", b"<!doctype html><html><body>Sign in</body></html>", content_type="text/html")
+        host.add("/hang.safetensors", lora_bytes[0], hang=8)
+        host.add("/reset.safetensors", lora_bytes[0], no_ranges=True, truncate=len(lora_bytes[0]) // 3, reset=True)
+        host.add("/extra.safetensors", lora_bytes[0], extra=4096)
+        host.add("/slow-start.safetensors", lora_bytes[1], hang=3)
+        host.add_repo("someone/private-lora", {"lora.safetensors": lora_bytes[1]}, gated_token=SECRET)
+        yield host
+
+
+@pytest.fixture(scope="module")
+def lora_server(server_env, lora_host, lora_bytes, tmp_path_factory):
+    from flux import tiny
+
+    weights = tmp_path_factory.mktemp("lora-weights")  # its own, so the LoRA cache under it is this server's alone
+    tiny.ensure_pipeline(weights / "tiny" / "FLUX.1-dev")
+    tiny.ensure_safety_checker(weights / "tiny" / "safety-checker")
+    cap_gb = 1.5 * max(map(len, lora_bytes)) / 2**30  # room for one LoRA, not two
+    env, tmp = server_env(
+        FLUX_WEIGHTS_DIR=str(weights), FLUX_REPLICATE_URL=lora_host.base, HF_ENDPOINT=lora_host.base,
+        FLUX_LORA_TIMEOUT_S="3", FLUX_LORA_CACHE_GB=f"{cap_gb:.12f}",
+    )
+    log = tmp_path_factory.mktemp("lora-log") / "cog.log"
+    with CogServer(log, env=env) as srv:
+        srv.wait_status()
+        srv.tmp, srv.weights, srv.log_path = tmp, weights, log
+        yield srv
+
+
+def cache_files(srv) -> list[Path]:
+    root = srv.weights / "loras"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def assert_cache_clean(srv) -> None:
+    """Only complete entries: no .part file, no staging folder left behind."""
+    for path in cache_files(srv):
+        assert path.suffix == ".safetensors" and not any(part.startswith(".") for part in path.relative_to(srv.weights).parts), path
+
+
+def test_bad_lora_references_fail_clearly(lora_server, lora_host, server):
+    cases = [
+        ("unparseable", "!!! not a lora", "Cannot read the LoRA reference"),
+        ("unknown Replicate model", "nobody/nothing", "not found"),
+        ("unknown Hugging Face repo", "huggingface.co/nobody/nothing", "not found"),
+        ("not safetensors (.bin)", lora_host.url("/weights.bin"), "pickle"),
+        ("pickle renamed .safetensors", lora_host.url("/pickle.safetensors"), "pickle checkpoint"),
+        ("HTML page as a LoRA", lora_host.url("/page.safetensors"), "not a safetensors file"),
+        ("missing file", lora_host.url("/missing.safetensors"), "not found"),
+    ]
+    problems = []
+    for name, reference, message in cases:
+        status, body = lora_server.predict({**REFERENCE, "replicate_weights": reference})
+        error = body.get("error") or ""
+        if body.get("status") != "failed" or message.lower() not in error.lower() or "Traceback" in error:
+            problems.append((name, body.get("status"), error[:300]))
+    assert not problems, problems
+    assert_cache_clean(lora_server)
+    assert not cache_files(lora_server)
+    lora_server.wait_status(timeout=10)
+    assert reference_output(lora_server) == reference_output(server)
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/hang.safetensors", "stopped sending data"),
+    ("/reset.safetensors", "dropping the connection"),
+    ("/extra.safetensors", "more bytes than it announced"),
+])
+def test_lora_server_faults_fail_cleanly(lora_server, lora_host, server, path, message):
+    status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url(path)})
+    assert body["status"] == "failed" and message in body["error"], body.get("error")
+    assert_cache_clean(lora_server)
+    assert not any(p.name.startswith(("hang", "reset", "extra")) for p in cache_files(lora_server))
+    lora_server.wait_status(timeout=10)
+    assert reference_output(lora_server) == reference_output(server)  # no adapter left behind
+
+
+def test_cache_cap_keeps_the_cache_within_bounds(lora_server, lora_host, lora_bytes):
+    outputs = []
+    for name in ("a", "b", "a"):
+        status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url(f"/{name}.safetensors")})
+        assert body["status"] == "succeeded", body.get("error")
+        outputs.append(body["output"][0])
+        assert sum(p.stat().st_size for p in cache_files(lora_server)) <= 1.5 * max(map(len, lora_bytes))
+        assert_cache_clean(lora_server)
+    assert outputs[0] == outputs[2] != outputs[1]
+
+
+def test_cancel_during_a_lora_download_leaves_nothing(lora_server, lora_host, server):
+    before = cache_files(lora_server)
+    with WebhookReceiver() as hook:
+        status, body = lora_server.request(
+            "PUT", "/predictions/cancel-lora",
+            {"input": {**REFERENCE, "replicate_weights": lora_host.url("/slow-start.safetensors")},
+             "webhook": hook.hook_url, "webhook_events_filter": ["start", "completed"]},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202
+        hook.wait_for(lambda e: any(x["status"] == "processing" for x in e))
+        time.sleep(1.0)  # the server holds the LoRA for 3 s before answering
+        lora_server.request("POST", "/predictions/cancel-lora/cancel")
+        hook.wait_for(lambda e: any(x["status"] == "canceled" for x in e), timeout=10)
+    lora_server.wait_status(timeout=10)
+    time.sleep(3)  # let the abandoned transfer finish on the server side
+    assert_cache_clean(lora_server)
+    assert cache_files(lora_server) == before
+    assert reference_output(lora_server) == reference_output(server)  # no adapter
+    assert len(outputs_on_disk(lora_server.tmp)) <= 1
+
+
+def test_secrets_never_appear_in_logs_errors_webhooks_or_file_names(lora_server):
+    with WebhookReceiver() as hook:
+        request = {"input": {**REFERENCE, "replicate_weights": "huggingface.co/someone/private-lora",
+                             "hf_api_token": SECRET},
+                   "webhook": hook.hook_url, "webhook_events_filter": ["start", "output", "logs", "completed"]}
+        status, body = lora_server.request("POST", "/predictions", request, headers={"Prefer": "respond-async"})
+        events = hook.wait_for(lambda e: any(x["status"] in ("succeeded", "failed") for x in e))
+    assert events[-1]["status"] == "succeeded", events[-1].get("error")
+    # without the token: refused with a hint, and the other caller's token is not reused
+    status, failed = lora_server.predict({**REFERENCE, "replicate_weights": "huggingface.co/someone/private-lora"})
+    assert failed["status"] == "failed" and "hf_api_token" in failed["error"]
+    status, wrong = lora_server.predict({**REFERENCE, "replicate_weights": "huggingface.co/someone/private-lora",
+                                         "hf_api_token": SECRET + "x"})
+    assert wrong["status"] == "failed"
+    lora_server.wait_status(timeout=10)
+    seen = [repr(events), repr(body), repr(failed), repr(wrong), lora_server.log_path.read_text(errors="replace")]
+    seen += [str(p) for p in lora_server.weights.rglob("*")] + [str(p) for p in lora_server.tmp.rglob("*")]
+    seen += [p.read_text(errors="replace") for p in lora_server.weights.rglob("*.json") if p.is_file()]
+    leaks = [s[:200] for s in seen if SECRET in s]
+    assert not leaks, leaks
+
+
+def test_lora_urls_on_private_addresses_are_refused(server_env, lora_host, tmp_path_factory):
+    env, _ = server_env(FLUX_ALLOW_PRIVATE_URLS="0")
+    count = len(lora_host.requests)
+    with CogServer(tmp_path_factory.mktemp("hostile") / "cog.log", env=env) as srv:
+        srv.wait_status()
+        for reference in (lora_host.url("/a.safetensors"), lora_host.url("/a.safetensors").replace("127.0.0.1", "localhost"),
+                          "http://169.254.169.254/latest/meta-data/lora.safetensors", "http://10.0.0.1/lora.safetensors"):
+            status, body = srv.predict({**REFERENCE, "replicate_weights": reference})
+            assert body["status"] == "failed" and "non-public address" in body["error"], (reference, body.get("error"))
+    assert len(lora_host.requests) == count  # never contacted
+
+
+def test_disk_full_while_saving_fails_cleanly(tmp_path, lora_bytes):
+    """ENOSPC for real: the download's .part file is /dev/full."""
+    from flux import download
+    from flux.errors import UserError
+
+    dest = tmp_path / "lora.safetensors"
+    (tmp_path / "lora.safetensors.part").symlink_to("/dev/full")
+    with FileServer() as srv:
+        url = srv.add("/a.safetensors", lora_bytes[0], no_ranges=True)
+        with pytest.raises(UserError, match="the disk is full"):
+            download.download(url, dest, what="LoRA")
+    assert list(tmp_path.iterdir()) == []  # nothing kept, not even the .part link

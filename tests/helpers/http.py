@@ -5,7 +5,9 @@ FileServer serves `files[path] = bytes` with byte ranges, and per path can:
   slow       sleep between chunks (seconds per 64 KiB)
   truncate   announce the full length but close after this many bytes
   hang       accept the request, then send nothing for this many seconds
-  extra      send this many bytes more than Content-Length announces
+  extra      on a full (200) response, send this many bytes more than the file has, without a Content-Length
+             (the body ends when the connection closes): more bytes than a ranged probe announced
+  reset      with truncate: end with a TCP reset (RST) instead of a clean close
   auth       require `Authorization: Bearer <auth>` (401 otherwise)
   status     answer with this HTTP status
   redirect   answer 302 to this location
@@ -32,6 +34,7 @@ class Behaviour:
     truncate: int | None = None
     hang: float = 0.0
     extra: int = 0
+    reset: bool = False
     auth: str | None = None
     status: int | None = None
     redirect: str | None = None
@@ -92,7 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = body[start:end + 1]
         self.send_response(status)
         self.send_header("Content-Type", behaviour.content_type)
-        self.send_header("Content-Length", str(len(chunk)))
+        if behaviour.extra and status == 200:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(len(chunk)))
         self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
         if not behaviour.no_ranges:
             self.send_header("Accept-Ranges", "bytes")
@@ -101,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        payload = chunk + b"\0" * behaviour.extra
+        payload = chunk + b"\0" * (behaviour.extra if status == 200 else 0)
         if behaviour.truncate is not None:
             payload = payload[: max(0, behaviour.truncate - start)]
         try:
@@ -111,6 +117,14 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(behaviour.slow)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
+            return
+        if behaviour.reset:
+            import socket
+            import struct
+
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # linger 0: the peer sees "connection reset by peer"
+            self.close_connection = True
             return
         if behaviour.truncate is not None or behaviour.extra:
             self.close_connection = True
