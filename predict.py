@@ -135,6 +135,19 @@ class Predictor(BasePredictor):
         civitai_api_token: Optional[Secret] = Input(
             description="CivitAI token, for CivitAI downloads that need one.", default=None
         ),
+        go_fast: bool = Input(
+            description="Run faster predictions: the transformer in fp8, compiled. Images differ slightly from "
+            "the bf16 ones. With aspect_ratio custom it runs bf16.",
+            default=False,
+        ),
+        speed_mode: str = Input(
+            description="Pruna's speed modes: reuse the transformer's outputs across denoising steps (FORA), "
+            "from Lightly Juiced (closest to Off) to Blink of an eye (fastest). Extra Juiced and Blink of an eye "
+            "also use the fp8 transformer.",
+            choices=["Off", "Lightly Juiced 🍊 (more consistent)", "Juiced 🔥 (default)",
+                     "Extra Juiced 🔥 (more speed)", "Blink of an eye 👁️"],
+            default="Off",
+        ),
     ) -> List[Path]:
         request = Request.build(
             prompt=prompt,
@@ -159,6 +172,8 @@ class Predictor(BasePredictor):
             extra_lora_scale=extra_lora_scale,
             hf_api_token=_secret(hf_api_token),
             civitai_api_token=_secret(civitai_api_token),
+            go_fast=go_fast,
+            speed_mode=speed_mode,
         )
         return [Path(p) for p in self.engine.run(request, self._new_out_dir())]
 

@@ -3,8 +3,12 @@
 One set of components (text encoders, VAE, transformer) serves text-to-image,
 img2img and inpainting: diffusers' three Flux pipelines built on the same module objects.
 FLUX.1-schnell loads on first use and shares the text encoders and VAE.
+Each transformer is a path (flux/speed.py): "dev" (bf16), "dev-fp8" (go_fast: an fp8 copy of
+dev) and "schnell", each compiled per block and smashed by pruna for the speed modes; flux/memory.py
+decides which stay on the GPU.
 LoRAs (lora_loader.py fetches and normalizes them, flux/lora.py fuses them) are made
-to match each request on the transformer it uses and the CLIP text encoder.
+to match each request on the bf16 transformer it uses and the CLIP text encoder; the fp8 copy
+is re-quantized from the bf16 weights a LoRA change touched.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from PIL import Image
 import lora_loader  # top level beside predict.py, as the design lays it out
 
 from . import images as image_io
-from . import weights
+from . import speed, weights
 from .errors import UserError
 from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
+from .memory import Residency, module_bytes
 from .request import Request
 from .safety import SafetyChecker
 
@@ -85,19 +90,61 @@ class Engine:
         schnell_source: str,
         device: torch.device,
         dtype: torch.dtype,
+        settings: speed.Settings | None = None,
     ):
         self.device = device
         self.dtype = dtype
         self.safety = safety
         self.schnell_source = schnell_source
-        self._base = {"dev": pipe}
-        self._pipes: dict[tuple[str, str], object] = {}
+        self.settings = settings or speed.Settings(compile=None, fp8=speed.fp8_kind(device), warmup=False,
+                                                   cache_dir=None)
+        self._base = pipe
+        self._paths: dict[str, speed.FastPath] = {}
         self._lock = threading.Lock()
         pipe.set_progress_bar_config(disable=True)
-        self.loras = LoraManager()  # LoRA targets: each model's transformer (by model name), the shared CLIP
+        self.loras = LoraManager()  # LoRA targets: each model's bf16 transformer (by model name), the shared CLIP
         self.loras.register("dev", pipe.transformer, TRANSFORMER)
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.lora_loader = lora_loader.LoraLoader()
+        shared = sum(module_bytes(m) for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae))
+        self.memory = Residency.for_device(device, shared)
+        self._cache = None
+        if self.settings.compile:
+            self._cache = speed.CompileCache.for_setup(self.settings, pipe.transformer, device)
+            if self._cache.load():
+                log.info("setup: compile cache found (%s)", self._cache.file.name)
+        fp8 = speed.fp8_copy(pipe.transformer)  # before dev's blocks are compiled or wrapped
+        self._add_path("dev", pipe)
+        self._add_path("dev-fp8", _with_transformer(pipe, fp8), self.settings.fp8)
+        self.fp8_sync = speed.Fp8Sync(pipe.transformer, fp8, self.settings.fp8)
+        self._fp8_lora: tuple | None = ()  # the LoRA state quantized into dev-fp8 (None: unknown, resync)
+        self._fp8_touched: set[int] = set()  # bf16 weights whose LoRA change dev-fp8 carries
+
+    def _add_path(self, name: str, pipe, fp8: str | None = None) -> speed.FastPath:
+        started = time.monotonic()
+        path = speed.FastPath(name, speed.smash(pipe, self.device, fp8), _task_pipelines(pipe))
+        if self.settings.compile:  # beneath FORA's wrappers, which are off between calls
+            speed.compile_blocks(pipe.transformer, self.settings.compile)
+        self._paths[name] = path
+        self.memory.add(name, pipe.transformer, resident=True)
+        if not self.memory.fits(self.memory.resident):  # e.g. the fp8 copy on a GPU with room for one transformer
+            self.memory.resident.pop(name)
+            self.memory._move(name, torch.device("cpu"))
+        log.info("setup: %s path ready (%s%s) in %.2fs", name, f"fp8 {fp8}, " if fp8 else "",
+                 f"compiled with {self.settings.compile}" if self.settings.compile else "eager",
+                 time.monotonic() - started)
+        return path
+
+    def warm_up(self) -> None:
+        """Compile every path for every schema size now, so no request pays for it; keep the artifacts."""
+        if not self.settings.warmup:
+            return
+        for name in ("dev", "dev-fp8"):
+            self.memory.use(name)
+            seconds = speed.warm_up(self._paths[name], MAX_SEQUENCE_LENGTH["dev"])
+            log.info("setup: %s warmed up at %d sizes in %.2fs", name, len(speed.warm_sizes()), seconds)
+        if self._cache is not None:
+            self._cache.save()
 
     # ----- setup -------------------------------------------------------------------------------
 
@@ -127,50 +174,44 @@ class Engine:
         with weights.loading("safety", path):
             safety = SafetyChecker.load(path, device, dtype)
         log.info("setup: safety checker loaded in %.2fs", time.monotonic() - started)
-        return cls(pipe, safety, srcs.schnell, device, dtype)
+        engine = cls(pipe, safety, srcs.schnell, device, dtype, speed.Settings.from_env(device, weights.weights_dir()))
+        engine.warm_up()
+        return engine
 
-    def _load_schnell(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    def _load_schnell(self) -> speed.FastPath:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         started = time.monotonic()
         path = weights.locate(self.schnell_source, "schnell")
-        dev = self._base["dev"]
         with weights.loading("schnell", path):
             transformer = FluxTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
-            ).to(self.device)
+            )
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        pipe = FluxPipeline(
-            scheduler=scheduler, vae=dev.vae, text_encoder=dev.text_encoder, tokenizer=dev.tokenizer,
-            text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2, transformer=transformer,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
         self.loras.register("schnell", transformer, TRANSFORMER)
+        self.memory.add("schnell", transformer, resident=False)
+        self.memory.use("schnell")
+        fast = self._add_path("schnell", pipe)
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
-        return pipe
+        return fast
+
+    def path(self, name: str) -> speed.FastPath:
+        """A transformer's path ("dev", "dev-fp8", "schnell"), schnell loaded on first use."""
+        with self._lock:
+            if name not in self._paths:
+                self._load_schnell()  # a failure here caches nothing
+            return self._paths[name]
 
     def pipeline(self, model: str, task: str):
-        """The diffusers pipeline for a model and task, built once, sharing components."""
-        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
-
-        key = (model, task)
-        with self._lock:
-            if key not in self._pipes:
-                if model not in self._base:
-                    self._base[model] = self._load_schnell()  # a failure here caches nothing
-                base = self._base[model]
-                cls = {"txt2img": None, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}[task]
-                # The same module objects, no copy and no cast (from_pipe would .to() them, fp32 by default).
-                pipe = base if cls is None else cls(**base.components)
-                pipe.set_progress_bar_config(disable=True)
-                self._pipes[key] = pipe
-            return self._pipes[key]
+        """The plain diffusers pipeline of a model's bf16 transformer for a task (all share components)."""
+        return self.path(model).models[task].model
 
     # ----- one prediction ----------------------------------------------------------------------
 
     def check_prompt(self, req: Request) -> None:
         limit = MAX_SEQUENCE_LENGTH[req.model]
-        tokens = len(self._base["dev"].tokenizer_2(req.prompt, truncation=False).input_ids)
+        tokens = len(self._base.tokenizer_2(req.prompt, truncation=False).input_ids)
         if tokens > limit:
             raise UserError(
                 f"prompt is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the prompt."
@@ -192,6 +233,20 @@ class Engine:
             for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
         ]
         self.loras.use(adapters, targets)
+        if req.fp8:
+            self._sync_fp8()
+
+    def _sync_fp8(self) -> None:
+        """Bring dev-fp8 to dev's LoRA state: re-quantize the layers that either state touches."""
+        state = tuple((a.weights.key, a.scale) for a in self.loras.adapters("dev"))
+        if state == self._fp8_lora:
+            return
+        started = time.monotonic()
+        touched = self.loras.touched("dev")
+        self._fp8_lora = None  # until the sync completes
+        count = self.fp8_sync.sync(self._fp8_touched | touched)
+        self._fp8_touched, self._fp8_lora = touched, state
+        log.info("lora: %d fp8 layers re-quantized in %.2fs", count, time.monotonic() - started)
 
     def generate(self, req: Request) -> Result:
         """Run the pipeline for a request: images in output order, before the safety check."""
@@ -206,7 +261,8 @@ class Engine:
 
     def _generate(self, req: Request) -> Result:
         self.check_prompt(req)
-        pipe = self.pipeline(req.model, req.task)
+        path = self.path(req.path)
+        self.memory.use(req.path)
         started = time.monotonic()
         self.use_loras(req)
         lora_seconds = time.monotonic() - started
@@ -224,18 +280,21 @@ class Engine:
         if req.mask is not None:
             kwargs.update(mask_image=req.mask)
         started = time.monotonic()
-        images = self._run(pipe, kwargs, req.seeds)
+        images = self._run(path, req.task, speed.mode(req.speed_mode), kwargs, req.seeds)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
-            images = [pipe.image_processor.apply_overlay(req.mask, req.image, img) for img in images]
+            processor = self._base.image_processor
+            images = [processor.apply_overlay(req.mask, req.image, img) for img in images]
         return Result(images=images, seeds=req.seeds, timings={"lora": lora_seconds, "generate": time.monotonic() - started})
 
-    def _run(self, pipe, kwargs: dict, seeds: list[int]) -> list[Image.Image]:
+    def _run(self, path: speed.FastPath, task: str, mode: speed.Mode, kwargs: dict,
+             seeds: list[int]) -> list[Image.Image]:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory."""
         def call(batch_seeds: list[int]) -> list[Image.Image]:
             # CPU generators: the same seed gives the same noise on any device.
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with torch.inference_mode():
-                return pipe(num_images_per_prompt=len(batch_seeds), generator=generators, **kwargs).images
+                return path.run(task, mode, num_images_per_prompt=len(batch_seeds), generator=generators,
+                                **kwargs).images
 
         try:
             return call(seeds)
@@ -278,8 +337,26 @@ class Engine:
         finally:
             _release_host_memory()
         log.info(
-            "prediction: model=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
-            req.model, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,
+            "prediction: path=%s speed_mode=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
+            req.path, req.speed_mode, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,
             " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), time.monotonic() - started,
         )
         return paths
+
+
+def _with_transformer(pipe, transformer, **changes):
+    """A FluxPipeline on another transformer, sharing every other component (no copy, no cast)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**{**pipe.components, "transformer": transformer, **changes})
+
+
+def _task_pipelines(pipe) -> dict[str, object]:
+    """txt2img, img2img and inpainting pipelines on the same module objects (from_pipe would .to() them)."""
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+    pipes = {"txt2img": pipe, "img2img": FluxImg2ImgPipeline(**pipe.components),
+             "inpaint": FluxInpaintPipeline(**pipe.components)}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes

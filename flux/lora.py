@@ -235,6 +235,11 @@ class LoraManager:
         target = self._targets.get(name)
         return target.applied if target else ()
 
+    def touched(self, name: str) -> set[int]:
+        """ids of the target's parameters that differ from their originals now (what its LoRAs changed)."""
+        target = self._targets.get(name)
+        return set(target.touched) if target else set()
+
     # ----- the one operation -----------------------------------------------------------------------------------
 
     def check(self, weights: LoraWeights, targets: Sequence[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import images, sizes
+from . import images, sizes, speed
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ SPEC: dict[str, InputSpec] = {
     "extra_lora_scale": InputSpec(default=1, ge=-1, le=3),
     "hf_api_token": InputSpec(),
     "civitai_api_token": InputSpec(),
+    "go_fast": InputSpec(default=False),
+    "speed_mode": InputSpec(default=speed.OFF, choices=speed.SPEED_MODE_NAMES),
 }
 
 
@@ -88,6 +90,9 @@ class Request:
     loras: tuple[tuple[str, float], ...] = ()  # (reference, scale): the main LoRA first, at most two
     hf_api_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a message
     civitai_api_token: str | None = field(default=None, repr=False)
+    go_fast: bool = False  # as asked; `fp8` says whether this request runs the fp8 transformer
+    speed_mode: str = speed.OFF
+    fp8: bool = False
     notes: tuple[str, ...] = ()  # what validation changed or ignored, for the log
 
     @property
@@ -97,6 +102,11 @@ class Request:
         if self.image is not None:
             return "img2img"
         return "txt2img"
+
+    @property
+    def path(self) -> str:
+        """The transformer that runs this request (engine paths: dev, dev-fp8, schnell)."""
+        return "dev-fp8" if self.fp8 else self.model
 
     @property
     def seeds(self) -> list[int]:
@@ -130,6 +140,8 @@ class Request:
         extra_lora_scale: float = SPEC["extra_lora_scale"].default,
         hf_api_token: str | None = None,
         civitai_api_token: str | None = None,
+        go_fast: bool = SPEC["go_fast"].default,
+        speed_mode: str = SPEC["speed_mode"].default,
     ) -> "Request":
         """Check every input against SPEC and their combinations; resolve the size and seed.
 
@@ -141,7 +153,7 @@ class Request:
             aspect_ratio=aspect_ratio, megapixels=megapixels, prompt_strength=prompt_strength, model=model,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_format=output_format, output_quality=output_quality, width=width, height=height,
-            lora_scale=lora_scale, extra_lora_scale=extra_lora_scale,
+            lora_scale=lora_scale, extra_lora_scale=extra_lora_scale, speed_mode=speed_mode,
         )
         for name, value in values.items():
             _check_spec(name, value)
@@ -197,6 +209,7 @@ class Request:
             )
 
         loras = _loras(replicate_weights, lora_scale, extra_lora, extra_lora_scale, notes)
+        fp8 = _fp8(bool(go_fast), speed.mode(speed_mode), model, aspect_ratio if image is None else None, notes)
 
         return cls(
             prompt=prompt, width=out_w, height=out_h, num_outputs=int(num_outputs),
@@ -204,8 +217,25 @@ class Request:
             model=model, image=init_image, mask=init_mask,
             prompt_strength=float(prompt_strength), output_format=output_format, output_quality=int(output_quality),
             disable_safety_checker=bool(disable_safety_checker), loras=loras,
-            hf_api_token=hf_api_token or None, civitai_api_token=civitai_api_token or None, notes=tuple(notes),
+            hf_api_token=hf_api_token or None, civitai_api_token=civitai_api_token or None,
+            go_fast=bool(go_fast), speed_mode=speed_mode, fp8=fp8, notes=tuple(notes),
         )
+
+
+def _fp8(go_fast: bool, mode: "speed.Mode", model: str, aspect_ratio: str | None, notes: list[str]) -> bool:
+    """Whether the request runs the fp8 transformer: go_fast, or a speed mode that uses it; dev only, and not
+    with a custom size (like Replicate's go_fast)."""
+    if not (go_fast or mode.fp8):
+        return False
+    why = "go_fast" if go_fast else f"speed_mode {mode.name}"
+    if model != "dev":
+        notes.append(f"{why}: the fp8 transformer is FLUX.1-dev's; schnell runs bf16")
+        return False
+    if aspect_ratio == sizes.CUSTOM:
+        notes.append(f"{why} with aspect_ratio custom runs bf16, not fp8")
+        return False
+    notes.append(f"{why}: runs the fp8 transformer")
+    return True
 
 
 def _loras(main: str | None, main_scale: float, extra: str | None, extra_scale: float,

@@ -37,7 +37,7 @@ TEXT_DIM = 32
 CLIP_MAX_LENGTH = 77
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
@@ -64,7 +64,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
@@ -155,7 +155,7 @@ def build_pipeline(schnell: bool = False):
     from diffusers import FluxPipeline
 
     latent_channels = 4
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     clip, t5 = _text_encoders(len(tokenizer), len(tokenizer_2))
     return FluxPipeline(
         scheduler=_scheduler(schnell),
