@@ -125,11 +125,9 @@ class Engine:
         path = speed.FastPath(name, speed.smash(pipe, self.device, fp8), _task_pipelines(pipe))
         if self.settings.compile:  # beneath FORA's wrappers, which are off between calls
             speed.compile_blocks(pipe.transformer, self.settings.compile)
+        self.memory.add(name, pipe.transformer, resident=False)  # its size as smashed (fp8: a byte a weight)
+        self.memory.use(name)
         self._paths[name] = path
-        self.memory.add(name, pipe.transformer, resident=True)
-        if not self.memory.fits(self.memory.resident):  # e.g. the fp8 copy on a GPU with room for one transformer
-            self.memory.resident.pop(name)
-            self.memory._move(name, torch.device("cpu"))
         log.info("setup: %s path ready (%s%s) in %.2fs", name, f"fp8 {fp8}, " if fp8 else "",
                  f"compiled with {self.settings.compile}" if self.settings.compile else "eager",
                  time.monotonic() - started)
@@ -189,10 +187,10 @@ class Engine:
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
-        self.loras.register("schnell", transformer, TRANSFORMER)
         self.memory.add("schnell", transformer, resident=False)
-        self.memory.use("schnell")
+        self.memory.use("schnell")  # onto the GPU (moving least recently used transformers out if needed)
         fast = self._add_path("schnell", pipe)
+        self.loras.register("schnell", transformer, TRANSFORMER)
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
         return fast
 

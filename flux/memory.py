@@ -6,7 +6,8 @@ the GPU's memory less what the shared components take and a reserve for activati
 that is not resident, the least recently used ones move to the CPU until it fits.
 
 On one 80 GB H100: encoders + VAE ~10 GB, bf16 dev ~24 GB, fp8 dev ~12 GB, schnell ~24 GB, reserve 8 GB: all
-three fit. On a 48 GB GPU: one transformer at a time, swapped on demand (seconds per swap over PCIe).
+three fit. Setup makes the fp8 copy from a bf16 copy on the GPU (~24 GB for a moment), so it needs a GPU of 64 GB
+or more (H100, H200, A100 80GB); a smaller one is a setup error that says so, not an out-of-memory crash later.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from collections import OrderedDict
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 RESERVE_BYTES = 8 * 1024**3  # activations at 1440x1440 x4 outputs, the VAE decode and compile workspace
+MIN_GPU_BYTES = 60 * 1024**3  # what an "80 GB" card reports is ~79.1 GiB; 64 GB cards report ~60+ GiB
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -46,6 +50,9 @@ class Residency:
         if device.type != "cuda":
             return cls(device, None)
         total = torch.cuda.get_device_properties(device).total_memory
+        if total < MIN_GPU_BYTES:
+            raise UserError(f"This GPU has {total / 1024**3:.0f} GiB; FLUX.1-dev with its bf16 and fp8 paths needs "
+                            "64 GB or more (H100, H200, A100 80GB). Run on a larger GPU.")
         budget = total - shared_bytes - RESERVE_BYTES
         log.info("memory: %.1f GB GPU, %.1f GB shared components, %.1f GB for transformers",
                  total / 1024**3, shared_bytes / 1024**3, budget / 1024**3)
@@ -66,8 +73,8 @@ class Residency:
             self.resident.move_to_end(name)
             return
         if not self.fits([name]):
-            raise MemoryError(f"the {name} transformer ({self.sizes[name] / 1024**3:.1f} GB) does not fit in this "
-                              f"GPU's budget ({self.budget / 1024**3:.1f} GB)")
+            raise UserError(f"The {name} transformer ({self.sizes[name] / 1024**3:.1f} GB) does not fit in this GPU "
+                            f"beside the text encoders ({self.budget / 1024**3:.1f} GB left): use model=dev.")
         while not self.fits([*self.resident, name]):
             evicted, _ = self.resident.popitem(last=False)
             self._move(evicted, torch.device("cpu"))
@@ -75,6 +82,9 @@ class Residency:
         self.resident[name] = None
 
     def _move(self, name: str, device: torch.device) -> None:
+        where = next(self.modules[name].parameters()).device
+        if where.type == device.type and (where.index or 0) == (device.index or 0):  # "cuda" is "cuda:0"
+            return
         started = time.monotonic()
         self.modules[name].to(device)
         log.info("memory: %s transformer moved to %s in %.2fs", name, device, time.monotonic() - started)

@@ -87,10 +87,9 @@ def _scheduler(schnell: bool):
 
     if schnell:  # FLUX.1-schnell's published scheduler config
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
-    return FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-    )
+    from .fullsize import SCHEDULER  # FLUX.1-dev's published scheduler config
+
+    return FlowMatchEulerDiscreteScheduler(**SCHEDULER)
 
 
 def _transformer(schnell: bool, latent_channels: int):

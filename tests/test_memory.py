@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flux.errors import UserError
 from flux.memory import Residency, module_bytes
 
 
@@ -49,5 +50,5 @@ def test_no_budget_means_nothing_moves_and_too_big_is_refused():
     assert where(big) == "cpu" and list(free.resident) == ["dev"]
     tight = Residency(torch.device("cuda"), budget=1024**2)
     tight.add("dev", model(2), resident=False)
-    with pytest.raises(MemoryError, match="does not fit"):
+    with pytest.raises(UserError, match="does not fit"):
         tight.use("dev")

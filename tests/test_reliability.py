@@ -292,11 +292,13 @@ def test_soak_200_mixed_predictions(server_env, tmp_path_factory, lora_host):
     env, tmp = server_env()
     img, mask = uri(png(384, 256, seed=3)), uri(encoded(images.box_mask(384, 256, (64, 64, 192, 192))))
     kinds = [
-        {"prompt": "p", "megapixels": "0.25", "aspect_ratio": "16:9"},
-        {"prompt": "p", "image": img, "prompt_strength": 1.0},
+        {"prompt": "p", "megapixels": "0.25", "aspect_ratio": "16:9", "go_fast": True},
+        {"prompt": "p", "image": img, "prompt_strength": 1.0, "speed_mode": "Juiced 🔥 (default)",
+         "num_inference_steps": 4},
         {"prompt": "p", "image": img, "mask": mask, "prompt_strength": 1.0},
-        {"prompt": "p", "megapixels": "0.25", "num_outputs": 2, "output_format": "jpg"},
-        {"prompt": "p", "megapixels": "0.25", "replicate_weights": lora_host.url("/a.safetensors")},
+        {"prompt": "p", "megapixels": "0.25", "num_outputs": 2, "output_format": "jpg",
+         "speed_mode": "Blink of an eye 👁️", "num_inference_steps": 4},
+        {"prompt": "p", "megapixels": "0.25", "replicate_weights": lora_host.url("/a.safetensors"), "go_fast": True},
         {"prompt": "p", "megapixels": "0.25", "replicate_weights": lora_host.url("/b.safetensors"), "lora_scale": 0.5,
          "extra_lora": lora_host.url("/a.safetensors"), "extra_lora_scale": -0.5},
         {"prompt": "p", "num_outputs": 9},  # invalid: 422
@@ -307,7 +309,7 @@ def test_soak_200_mixed_predictions(server_env, tmp_path_factory, lora_host):
         results = {"succeeded": 0, "failed": 0, 422: 0}
 
         def run(i):
-            status, body = srv.predict({**kinds[i % len(kinds)], "num_inference_steps": 1, "seed": i})
+            status, body = srv.predict({"num_inference_steps": 1, "seed": i, **kinds[i % len(kinds)]})
             results[422 if status == 422 else body["status"]] += 1
 
         for i in range(40):  # warm-up: every kind several times

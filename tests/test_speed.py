@@ -115,6 +115,26 @@ def test_speed_modes_skip_transformer_steps_and_stay_close(engine, mode):
         assert np.array_equal(render(engine, num_inference_steps=steps), base) and calls[0] == steps
 
 
+def test_a_speed_mode_call_that_fails_midway_leaves_no_caching_behind(engine):
+    base = render(engine, num_inference_steps=8)
+    layer = engine.path("dev").transformer.transformer_blocks[0].attn.to_q
+    seen = [0]
+
+    def fail_at_third_step(*_):
+        seen[0] += 1
+        if seen[0] == 3:
+            raise RuntimeError("fault injected at the third computed step")
+
+    handle = layer.register_forward_pre_hook(fail_at_third_step)
+    try:
+        with pytest.raises(RuntimeError, match="fault injected"):
+            render(engine, speed_mode="Juiced 🔥 (default)", num_inference_steps=8)
+    finally:
+        handle.remove()
+    with block_calls(engine.path("dev").transformer) as calls:
+        assert np.array_equal(render(engine, num_inference_steps=8), base) and calls[0] == 8
+
+
 def test_speed_mode_applies_to_img2img_and_inpainting(engine, tmp_path):
     from PIL import Image
 
