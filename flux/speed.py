@@ -25,11 +25,13 @@ tensors, so compiled graphs stay valid).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,11 +179,14 @@ class CompileCache:
 # ----- fp8 -------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def quant_config(kind: str):
     """The torchao config pruna uses for a quant type (one definition for smash and for re-quantization)."""
     from pruna.algorithms import AlgorithmRegistry
 
-    return AlgorithmRegistry["torchao"].import_algorithm_packages()[kind]
+    with warnings.catch_warnings():  # pruna builds every config it knows; torchao deprecates some of them
+        warnings.simplefilter("ignore")
+        return AlgorithmRegistry["torchao"].import_algorithm_packages()[kind]
 
 
 class Fp8Sync:
