@@ -190,7 +190,8 @@ def quant_config(kind: str):
 
 
 class Fp8Sync:
-    """Keeps the fp8 transformer equal to a quantization of the bf16 one, layer by layer, in place."""
+    """Keeps the fp8 transformer equal to a quantization of the bf16 one, layer by layer, in place (a layer the
+    quantizer left in bf16 is copied)."""
 
     def __init__(self, bf16, fp8, kind: str):
         self.kind = kind
@@ -198,28 +199,30 @@ class Fp8Sync:
         fp8_modules = dict(fp8.named_modules())
         for name, module in bf16.named_modules():
             twin = fp8_modules.get(name)
-            if isinstance(module, torch.nn.Linear) and twin is not None and hasattr(twin.weight, "qdata"):
+            if isinstance(module, torch.nn.Linear) and isinstance(twin, torch.nn.Linear):
                 self.pairs[id(module.weight)] = (module, twin)
 
     def sync(self, weight_ids: Iterable[int]) -> int:
-        """Re-quantize the fp8 twins of these bf16 weights (ids of the parameters a LoRA change touched)."""
+        """Bring the twins of these bf16 weights up to date (ids of the parameters a LoRA change touched)."""
         from torchao.quantization import quantize_
 
-        config = quant_config(self.kind)
         done = 0
         for key in set(weight_ids):
             pair = self.pairs.get(key)
             if pair is None:
                 continue
             source, twin = pair
-            fresh = torch.nn.Linear(source.in_features, source.out_features, bias=False, device="meta")
-            fresh.weight = torch.nn.Parameter(
-                source.weight.detach().to(twin.weight.qdata.device, copy=True), requires_grad=False
-            )
-            quantize_(fresh, config)
             with torch.no_grad():
-                twin.weight.qdata.copy_(fresh.weight.qdata)
-                twin.weight.scale.copy_(fresh.weight.scale)
+                if hasattr(twin.weight, "qdata"):
+                    fresh = torch.nn.Linear(source.in_features, source.out_features, bias=False, device="meta")
+                    fresh.weight = torch.nn.Parameter(
+                        source.weight.detach().to(twin.weight.qdata.device, copy=True), requires_grad=False
+                    )
+                    quantize_(fresh, quant_config(self.kind))
+                    twin.weight.qdata.copy_(fresh.weight.qdata)
+                    twin.weight.scale.copy_(fresh.weight.scale)
+                else:
+                    twin.weight.copy_(source.weight)
                 if source.bias is not None:
                     twin.bias.copy_(source.bias)
             done += 1
