@@ -210,6 +210,8 @@ def speed_table(args) -> dict:
     from flux import speed
     from flux.request import Request
 
+    if args.random_weights and not torch.cuda.is_available():
+        raise SystemExit("--random-weights builds the full-size FLUX.1-dev on a GPU; none is present")
     args.cache = args.cache or tempfile.mkdtemp(prefix="flux-compile-cache-")
     boots = _boots(args) if args.boots else []
     engine = _engine(args, None)
