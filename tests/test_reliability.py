@@ -400,13 +400,19 @@ def lora_host(lora_bytes):
         yield host
 
 
-@pytest.fixture(scope="module")
-def lora_server(server_env, lora_host, lora_bytes, tmp_path_factory):
+def own_weights(tmp_path_factory) -> Path:
+    """A weights folder of its own (the tiny FLUX in it), so the LoRA cache under it is one server's alone."""
     from flux import tiny
 
-    weights = tmp_path_factory.mktemp("lora-weights")  # its own, so the LoRA cache under it is this server's alone
+    weights = tmp_path_factory.mktemp("own-weights")
     tiny.ensure_pipeline(weights / "tiny" / "FLUX.1-dev")
     tiny.ensure_safety_checker(weights / "tiny" / "safety-checker")
+    return weights
+
+
+@pytest.fixture(scope="module")
+def lora_server(server_env, lora_host, lora_bytes, tmp_path_factory):
+    weights = own_weights(tmp_path_factory)
     cap_gb = 1.5 * max(map(len, lora_bytes)) / 2**30  # room for one LoRA, not two
     env, tmp = server_env(
         FLUX_WEIGHTS_DIR=str(weights), FLUX_REPLICATE_URL=lora_host.base, HF_ENDPOINT=lora_host.base,
@@ -523,7 +529,8 @@ def test_secrets_never_appear_in_logs_errors_webhooks_or_file_names(lora_server)
 
 
 def test_lora_urls_on_private_addresses_are_refused(server_env, lora_host, tmp_path_factory):
-    env, _ = server_env(FLUX_ALLOW_PRIVATE_URLS="0")
+    # Its own LoRA cache: a file another test fetched from 127.0.0.1 would be served from the cache unfetched.
+    env, _ = server_env(FLUX_ALLOW_PRIVATE_URLS="0", FLUX_WEIGHTS_DIR=str(own_weights(tmp_path_factory)))
     count = len(lora_host.requests)
     with CogServer(tmp_path_factory.mktemp("hostile") / "cog.log", env=env) as srv:
         srv.wait_status()
