@@ -61,6 +61,7 @@ class Residency:
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
         self.modules[name] = module
         self.sizes[name] = module_bytes(module)
+        self.resident.pop(name, None)  # a module added again (a retried load) is placed afresh
         if resident:
             self.resident[name] = None
 
