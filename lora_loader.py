@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from flux import download as dl
 from flux import netguard
@@ -59,6 +59,7 @@ from flux.cache import DiskCache
 from flux.errors import UserError
 from flux.lora import LoraWeights
 from flux.weights import extract_tar, weights_dir
+from flux.weights import shown as shown_reference
 
 log = logging.getLogger("flux.lora_loader")
 
@@ -163,7 +164,7 @@ class Source:
             return self.data(folder)
         headers = _bearer(getattr(tokens, self.token)) if self.token else {}
         return dl.download(self.url, folder / "download", what=WHAT, headers=headers, limits=limits(),
-                           auth_hint=self.auth_hint)
+                           auth_hint=self.auth_hint, space_hint=" (or lower FLUX_LORA_CACHE_GB so the cache leaves room)")
 
 
 class Ref:
@@ -220,6 +221,8 @@ class HuggingFaceRef(Ref):
         return self.path is not None and re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None
 
     def locate(self, tokens: Tokens) -> Source:
+        from huggingface_hub import hf_hub_url
+
         hint = f"If {self.repo} is private or gated, pass hf_api_token (a Hugging Face token that can read it)."
         revision, path = self.revision, self.path
         if not self.pinned:
@@ -229,7 +232,7 @@ class HuggingFaceRef(Ref):
                 raise LoraError(f"{self.shown}: the repo has no file {path!r} (it has: {_listing(files)}).")
         if path.lower().endswith(PICKLE_SUFFIXES):
             raise LoraError(_pickle_message(f"{self.repo}/{path}"))
-        url = f"{hf_endpoint()}/{self.repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+        url = hf_hub_url(self.repo, path, revision=revision, endpoint=hf_endpoint())
         return Source(f"hf:{self.repo}@{revision}/{path}", url, "hf", hint)
 
     def _commit_and_files(self, tokens: Tokens) -> tuple[str, list[str]]:
@@ -381,7 +384,7 @@ def parse(text: str) -> Ref:
         return ReplicateRef(m.group("owner"), m.group("model"), m.group("version") or m.group("colon"))
     if re.match(r"^https?://", text, re.IGNORECASE):
         return UrlRef(text)
-    raise LoraError(f"Cannot read the LoRA reference {dl.redact(text) if '://' in text else text!r}. {ACCEPTED}")
+    raise LoraError(f"Cannot read the LoRA reference {shown_reference(text)!r}. {ACCEPTED}")
 
 
 def _hugging_face(rest: str, text: str) -> HuggingFaceRef:

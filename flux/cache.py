@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +30,6 @@ class DiskCache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.suffix = suffix
-        self._lock = threading.Lock()
 
     def path_for(self, key: str) -> Path:
         return self.root / (hashlib.sha256(key.encode()).hexdigest()[:32] + self.suffix)
@@ -58,10 +56,9 @@ class DiskCache:
     def put(self, key: str, src: Path) -> Path:
         """Move src (built in a staging folder) into the cache as key's entry, then trim the cache to its cap."""
         path = self.path_for(key)
-        with self._lock:
-            os.replace(src, path)
-            os.utime(path)
-            self._trim(keep=path)
+        os.replace(src, path)
+        os.utime(path)
+        self._trim(keep=path)
         return path
 
     def entries(self) -> list[tuple[Path, int, float]]:
@@ -78,9 +75,6 @@ class DiskCache:
             stat = entry.stat()
             found.append((Path(entry.path), stat.st_size, stat.st_mtime))
         return sorted(found, key=lambda e: e[2])
-
-    def size(self) -> int:
-        return sum(size for _, size, _ in self.entries())
 
     def _trim(self, keep: Path) -> None:
         entries = self.entries()

@@ -121,13 +121,11 @@ def _problem(exc: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _session(url: str, what: str, limits: Limits, client: httpx.Client | None):
+def _session(url: str, what: str, limits: Limits):
     """A guarded client, with transport failures turned into DownloadErrors that name the URL (never its query)."""
     if not url.lower().startswith(("https://", "http://")):
         raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
-    own_client = client is None
-    if client is None:
-        client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
+    client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     try:
         yield client
     except httpx.TimeoutException:
@@ -137,8 +135,7 @@ def _session(url: str, what: str, limits: Limits, client: httpx.Client | None):
     except httpx.InvalidURL:
         raise DownloadError(f"{what}: {redact(url)} is not a valid URL.") from None
     finally:
-        if own_client:
-            client.close()
+        client.close()
 
 
 def download(
@@ -148,12 +145,12 @@ def download(
     what: str = "download",
     headers: dict[str, str] | None = None,
     limits: Limits = Limits(),
-    client: httpx.Client | None = None,
     auth_hint: str | None = None,
+    space_hint: str = "",
 ) -> Path:
     """Fetch url into dest atomically and return dest. Raises DownloadError with a user-facing message.
 
-    auth_hint ends the message of a 401/403 (which token to pass).
+    auth_hint ends the message of a 401/403 (which token to pass); space_hint adds to the one of a full disk.
     """
     dest = Path(dest)
     headers = headers or {}
@@ -162,7 +159,7 @@ def download(
     deadline = _Deadline(limits.total_timeout)
     started = time.monotonic()
     try:
-        with _session(url, what, limits, client) as session:
+        with _session(url, what, limits) as session:
             found = _probe(session, url, headers, what, auth_hint)
             if found.size is not None and found.size > limits.max_bytes:
                 raise DownloadError(
@@ -181,7 +178,7 @@ def download(
             raise
         raise DownloadError(
             f"{what}: the disk is full ({os.strerror(exc.errno)}) while saving {redact(url)}; nothing was kept. "
-            "Free disk space (or lower FLUX_LORA_CACHE_GB so the cache leaves room) and try again."
+            f"Free disk space{space_hint} and try again."
         ) from None
     finally:
         part.unlink(missing_ok=True)
@@ -194,14 +191,14 @@ def download(
 def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
           auth_hint: str | None = None) -> Probe:
     """Where url leads after redirects, and what is there (one request for one byte)."""
-    with _session(url, what, limits, None) as session:
+    with _session(url, what, limits) as session:
         return _probe(session, url, headers or {}, what, auth_hint)
 
 
 def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | None = None,
                limits: Limits = Limits(max_bytes=MiB), auth_hint: str | None = None):
     """GET a small JSON document (an API answer), bounded by limits.max_bytes."""
-    with _session(url, what, limits, None) as session:
+    with _session(url, what, limits) as session:
         with session.stream("GET", url, headers={**(headers or {}), "Accept": "application/json"}) as response:
             if response.status_code != 200:
                 raise _status_error(response, what, url, auth_hint)

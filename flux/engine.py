@@ -122,25 +122,25 @@ class Engine:
 
     def _add_path(self, name: str, pipe, fp8: str | None = None) -> speed.FastPath:
         started = time.monotonic()
-        path = speed.FastPath(name, speed.smash(pipe, self.device, fp8), _task_pipelines(pipe))
+        self.memory.add(name, pipe.transformer, resident=False)
+        self.memory.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
+        path = speed.FastPath(speed.smash(pipe, self.device, fp8), _task_pipelines(pipe))
         if self.settings.compile:  # beneath FORA's wrappers, which are off between calls
             speed.compile_blocks(pipe.transformer, self.settings.compile)
-        self.memory.add(name, pipe.transformer, resident=False)  # its size as smashed (fp8: a byte a weight)
-        self.memory.use(name)
         self._paths[name] = path
         log.info("setup: %s path ready (%s%s) in %.2fs", name, f"fp8 {fp8}, " if fp8 else "",
                  f"compiled with {self.settings.compile}" if self.settings.compile else "eager",
                  time.monotonic() - started)
         return path
 
-    def warm_up(self) -> None:
-        """Compile every path for every schema size now, so no request pays for it; keep the artifacts."""
-        if not self.settings.warmup:
-            return
+    def warm_up(self, shapes: list[tuple[int, int, int]] | None = None) -> None:
+        """Compile both dev paths for every schema size (or these shapes) now, so no request pays for it; keep
+        the artifacts."""
+        shapes = shapes or speed.warm_sizes()
         for name in ("dev", "dev-fp8"):
             self.memory.use(name)
-            seconds = speed.warm_up(self._paths[name], MAX_SEQUENCE_LENGTH["dev"])
-            log.info("setup: %s warmed up at %d sizes in %.2fs", name, len(speed.warm_sizes()), seconds)
+            seconds = speed.warm_up(self._paths[name], MAX_SEQUENCE_LENGTH["dev"], shapes)
+            log.info("setup: %s warmed up at %d sizes in %.2fs", name, len(shapes), seconds)
         if self._cache is not None:
             self._cache.save()
 
@@ -172,8 +172,10 @@ class Engine:
         with weights.loading("safety", path):
             safety = SafetyChecker.load(path, device, dtype)
         log.info("setup: safety checker loaded in %.2fs", time.monotonic() - started)
-        engine = cls(pipe, safety, srcs.schnell, device, dtype, speed.Settings.from_env(device, weights.weights_dir()))
-        engine.warm_up()
+        settings = speed.Settings.from_env(device, weights.weights_dir())
+        engine = cls(pipe, safety, srcs.schnell, device, dtype, settings)
+        if settings.warmup:
+            engine.warm_up()
         return engine
 
     def _load_schnell(self) -> speed.FastPath:
@@ -187,8 +189,6 @@ class Engine:
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
-        self.memory.add("schnell", transformer, resident=False)
-        self.memory.use("schnell")  # onto the GPU (moving least recently used transformers out if needed)
         fast = self._add_path("schnell", pipe)
         self.loras.register("schnell", transformer, TRANSFORMER)
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
@@ -236,7 +236,7 @@ class Engine:
 
     def _sync_fp8(self) -> None:
         """Bring dev-fp8 to dev's LoRA state: re-quantize the layers that either state touches."""
-        state = tuple((a.weights.key, a.scale) for a in self.loras.adapters("dev"))
+        state = self.loras.state("dev")
         if state == self._fp8_lora:
             return
         started = time.monotonic()

@@ -222,18 +222,14 @@ class LoraManager:
             module.requires_grad_(False)
             self._targets[name] = _Target(name, module, component)
 
-    def unregister(self, name: str) -> None:
-        """Forget a module (its weights are restored first, so it is left as it was registered)."""
-        with self._lock:
-            target = self._targets.pop(name)
-            self._restore(target)
-            for key in [k for k, kept in self._kept.items() if _owned_by(kept.param, target.module)]:
-                del self._kept[key]
-
     def adapters(self, name: str) -> tuple[Adapter, ...]:
         """The LoRAs fused into a target now (none for a target not registered yet)."""
         target = self._targets.get(name)
         return target.applied if target else ()
+
+    def state(self, name: str) -> tuple:
+        """The target's LoRA state as (key, scale) pairs: equal states carry the same weights."""
+        return _state(self.adapters(name))
 
     def touched(self, name: str) -> set[int]:
         """ids of the target's parameters that differ from their originals now (what its LoRAs changed)."""
@@ -242,13 +238,6 @@ class LoraManager:
 
     # ----- the one operation -----------------------------------------------------------------------------------
 
-    def check(self, weights: LoraWeights, targets: Sequence[str] | None = None) -> None:
-        """Refuse a LoRA whose modules or shapes do not fit these targets (all by default), changing nothing."""
-        with self._lock:
-            chosen = [self._targets[n] for n in (targets or self._targets)]
-            for component in weights.components:
-                for target in (t for t in chosen if t.component == component):
-                    _check_fits(weights, target)
 
     def use(self, adapters: Sequence[Adapter], targets: Sequence[str]) -> bool:
         """Make these targets carry exactly these LoRAs at these scales. Returns whether anything changed.
@@ -261,8 +250,10 @@ class LoraManager:
             stale = [t for t in chosen if _state(t.applied) != _state(adapters)]
             if not stale:
                 return False
-            for adapter in adapters:
-                self.check(adapter.weights, [t.name for t in stale])
+            for adapter in adapters:  # refuse a LoRA that does not fit before changing anything
+                for component in adapter.weights.components:
+                    for target in (t for t in stale if t.component == component):
+                        _check_fits(adapter.weights, target)
             started = time.monotonic()
             done: list[tuple[_Target, tuple[Adapter, ...]]] = []
             try:
@@ -354,10 +345,6 @@ def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         copy.copy_(param.detach())
     return copy
-
-
-def _owned_by(param: torch.Tensor, module: torch.nn.Module) -> bool:
-    return any(p is param for p in module.parameters())
 
 
 def _part_for(weights: LoraWeights, target: _Target) -> dict[str, torch.Tensor]:

@@ -42,7 +42,6 @@ class Residency:
         self.device = device
         self.budget = budget  # None: no limit (a CPU, or a GPU with room for everything)
         self.modules: dict[str, torch.nn.Module] = {}
-        self.sizes: dict[str, int] = {}
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
 
     @classmethod
@@ -60,13 +59,15 @@ class Residency:
 
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
         self.modules[name] = module
-        self.sizes[name] = module_bytes(module)
         self.resident.pop(name, None)  # a module added again (a retried load) is placed afresh
         if resident:
             self.resident[name] = None
 
+    def size(self, name: str) -> int:
+        return module_bytes(self.modules[name])  # as it is now (an fp8 copy shrinks when it is quantized)
+
     def fits(self, names) -> bool:
-        return self.budget is None or sum(self.sizes[n] for n in names) <= self.budget
+        return self.budget is None or sum(self.size(n) for n in names) <= self.budget
 
     def use(self, name: str) -> None:
         """Make `name` resident (moving others out as needed) and most recently used."""
@@ -74,7 +75,7 @@ class Residency:
             self.resident.move_to_end(name)
             return
         if not self.fits([name]):
-            raise UserError(f"The {name} transformer ({self.sizes[name] / 1024**3:.1f} GB) does not fit in this GPU "
+            raise UserError(f"The {name} transformer ({self.size(name) / 1024**3:.1f} GB) does not fit in this GPU "
                             f"beside the text encoders ({self.budget / 1024**3:.1f} GB left): use model=dev.")
         while not self.fits([*self.resident, name]):
             evicted, _ = self.resident.popitem(last=False)

@@ -13,6 +13,7 @@ FLUX_ALLOW_PRIVATE_URLS=1 allows them (tests, private deployments).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -99,8 +100,11 @@ def client(**kwargs) -> httpx.Client:
     return httpx.Client(transport=transport(), trust_env=False, **kwargs)
 
 
+@functools.cache
 def install_for_huggingface_hub() -> None:
-    """Make huggingface_hub's own HTTP calls (API, file downloads, redirects) go through the guard too."""
+    """Make huggingface_hub's own HTTP calls (API, file downloads, redirects) go through the guard too. Once per
+    process: huggingface_hub closes its shared client on every install (the guard reads FLUX_ALLOW_PRIVATE_URLS
+    on each connection, so one install keeps up with it)."""
     import huggingface_hub
     from huggingface_hub.utils._http import hf_request_event_hook  # what huggingface_hub's default client installs
 

@@ -90,9 +90,8 @@ class Request:
     loras: tuple[tuple[str, float], ...] = ()  # (reference, scale): the main LoRA first, at most two
     hf_api_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a message
     civitai_api_token: str | None = field(default=None, repr=False)
-    go_fast: bool = False  # as asked; `fp8` says whether this request runs the fp8 transformer
     speed_mode: str = speed.OFF
-    fp8: bool = False
+    fp8: bool = False  # runs the fp8 transformer (go_fast, or a speed mode that uses it)
     notes: tuple[str, ...] = ()  # what validation changed or ignored, for the log
 
     @property
@@ -218,7 +217,7 @@ class Request:
             prompt_strength=float(prompt_strength), output_format=output_format, output_quality=int(output_quality),
             disable_safety_checker=bool(disable_safety_checker), loras=loras,
             hf_api_token=hf_api_token or None, civitai_api_token=civitai_api_token or None,
-            go_fast=bool(go_fast), speed_mode=speed_mode, fp8=fp8, notes=tuple(notes),
+            speed_mode=speed_mode, fp8=fp8, notes=tuple(notes),
         )
 
 

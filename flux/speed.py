@@ -274,11 +274,9 @@ def _quiet_pruna():
 class FastPath:
     """One transformer (bf16 or fp8) in pipelines for each task, smashed by pruna, run with a speed mode."""
 
-    def __init__(self, name: str, smashed, pipelines: dict[str, object]):
+    def __init__(self, smashed, pipelines: dict[str, object]):
         from pruna import PrunaModel
 
-        self.name = name
-        self.smashed = smashed
         self.helper = smashed.model.cache_helper
         self.transformer = smashed.model.transformer
         # Every task's pipeline called through pruna's wrapper, like the smashed one.

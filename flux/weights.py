@@ -107,7 +107,7 @@ def locate(source: str, kind: str) -> Path:
             f"{kind} weights: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
         )
     _check_layout(path, kind, source)
-    log.info("weights %s: %s ready in %.2fs", kind, _shown(source), time.monotonic() - started)
+    log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
     return path
 
 
@@ -127,7 +127,7 @@ def loading(kind: str, path: Path):
         ) from exc
 
 
-def _shown(source: str) -> str:
+def shown(source: str) -> str:
     return dl.redact(source) if "://" in source else source
 
 
@@ -144,7 +144,7 @@ def _check_layout(path: Path, kind: str, source: str) -> None:
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise WeightsError(
-            f"{kind} weights at {_shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
+            f"{kind} weights at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
         )
 
 
@@ -182,8 +182,6 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
         raise WeightsError(
             f"Could not reach Hugging Face to download {repo_id}: check the network, or point the setting at a local folder."
         ) from None
-    except netguard.PrivateAddressError:
-        raise
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise WeightsError(f"Downloading {repo_id} from Hugging Face failed (HTTP {status}).") from None

@@ -159,8 +159,6 @@ def lora(args) -> dict:
 
 def _engine(args, compile_backend):
     """An engine without safety checker: the tiny FLUX from disk, or the full-size architecture built on the GPU."""
-    import torch
-
     from flux import fullsize, speed, weights
     from flux.engine import Engine, default_device, default_dtype
 
@@ -177,7 +175,8 @@ def _engine(args, compile_backend):
 
         pipe = FluxPipeline.from_pretrained(weights.locate(weights.TINY, "dev"), dtype=dtype).to(device)
     engine = Engine(pipe, None, weights.TINY, device, dtype, settings)
-    engine.warm_up()
+    if settings.warmup:
+        engine.warm_up()
     return engine
 
 
@@ -249,11 +248,10 @@ def speed_table(args) -> dict:
     reference = images(_table_size({}, width, height), 1)[0]
     rows = []
     for label, inputs in modes:
-        if label == "bf16 compiled" and engine.settings.compile is None:  # compile now, both paths, warmed
-            backend = args.compile
+        if label == "bf16 compiled":  # compile both paths now (FORA is off between calls), warmed at this size
             for name in ("dev", "dev-fp8"):
-                speed.compile_blocks(engine.path(name).transformer, backend)
-                speed.warm_up(engine.path(name), 512, [(width, height, 1), (width, height, 2)])
+                speed.compile_blocks(engine.path(name).transformer, args.compile)
+            engine.warm_up([(width, height, 1), (width, height, 2)])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         req_inputs = _table_size(inputs, width, height)

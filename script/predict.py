@@ -92,7 +92,6 @@ def wait_ready(base: str, server: subprocess.Popen) -> dict:
         if status == "READY":
             return health
         if status == "SETUP_FAILED":
-            setup = health.get("setup") or {}
             raise SystemExit("setup failed (see the log above)")
         time.sleep(0.25)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
 import tarfile
-import threading
 import time
 from pathlib import Path
 
