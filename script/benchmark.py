@@ -48,14 +48,12 @@ def _predictor():
 
 
 def _inputs(args, **changes) -> dict:
+    """Every input as cog passes it (the predictor's declared defaults), at the benchmark's size, steps and seed."""
+    from tests.helpers.inputs import defaults
+
     width, height = args.size
-    return dict(
-        prompt="a knitted purple prune", image=None, mask=None, aspect_ratio="custom", width=width, height=height,
-        megapixels="1", prompt_strength=0.8, model="dev", num_outputs=1, num_inference_steps=args.steps,
-        guidance_scale=3.0, seed=1, output_format="webp", output_quality=80, disable_safety_checker=False,
-        replicate_weights=None, lora_scale=1.0, extra_lora=None, extra_lora_scale=1.0, hf_api_token=None,
-        civitai_api_token=None, go_fast=False, speed_mode="Off",
-    ) | changes
+    return defaults() | dict(aspect_ratio="custom", width=width, height=height, num_inference_steps=args.steps,
+                             seed=1) | changes
 
 
 def overhead(args) -> dict:
@@ -97,8 +95,6 @@ def overhead(args) -> dict:
 
 
 def lora(args) -> dict:
-    import base64
-
     from flux.request import Request
     from tests.helpers import loras
 
@@ -108,7 +104,7 @@ def lora(args) -> dict:
 
     def uri(seed: int, layout: str) -> str:
         update = loras.make_update(pipe.transformer, "ALL", text_encoder=pipe.text_encoder, seed=seed, rank=16)
-        return "data:application/octet-stream;base64," + base64.b64encode(loras.lora_bytes(update, layout)).decode()
+        return loras.lora_uri(update, layout)
 
     a, b = uri(1, "diffusers"), uri(2, "diffusers")
     plain, with_a = _inputs(args), _inputs(args, replicate_weights=a)
@@ -167,8 +163,6 @@ def _engine(args, compile_backend):
     settings = speed.Settings(compile=compile_backend, fp8=speed.fp8_kind(device), warmup=bool(compile_backend),
                               cache_dir=Path(args.cache) if compile_backend else None)
     if args.random_weights:
-        if device.type != "cuda":
-            raise SystemExit("--random-weights builds the full-size FLUX.1-dev on a GPU; none is present")
         pipe = fullsize.build(device, dtype)
     else:
         from diffusers import FluxPipeline
@@ -188,7 +182,6 @@ def boot(args) -> dict:
 
 
 def _boots(args) -> list[float]:
-    import json
     import subprocess
 
     cmd = [sys.executable, __file__, "boot", "--cache", args.cache, "--compile", args.compile]
@@ -209,8 +202,6 @@ def speed_table(args) -> dict:
     from flux import speed
     from flux.request import Request
 
-    if args.random_weights and not torch.cuda.is_available():
-        raise SystemExit("--random-weights builds the full-size FLUX.1-dev on a GPU; none is present")
     args.cache = args.cache or tempfile.mkdtemp(prefix="flux-compile-cache-")
     boots = _boots(args) if args.boots else []
     engine = _engine(args, None)
@@ -279,8 +270,6 @@ def _table_size(inputs: dict, width: int, height: int) -> dict:
 def _lora_on_fp8(engine, images) -> dict:
     """How strongly a LoRA shows on go_fast compared with bf16: gain = <d_fp8, d_bf16> / |d_bf16|^2 with d the
     image change the LoRA makes; and the distance of go_fast at lora_scale x1 and x1.5 to bf16 at x1."""
-    import base64
-
     import numpy as np
 
     from tests.helpers import loras
@@ -289,7 +278,7 @@ def _lora_on_fp8(engine, images) -> dict:
     gains, dist = [], {1.0: [], 1.5: []}
     for seed in range(3):
         update = loras.make_update(pipe.transformer, "ALL", seed=seed, strength=0.5, rank=16)
-        uri = "data:application/octet-stream;base64," + base64.b64encode(loras.lora_bytes(update, "diffusers")).decode()
+        uri = loras.lora_uri(update)
         a = {"aspect_ratio": "1:1", "megapixels": "0.25"}
         arr = lambda i: np.asarray(i[0], dtype=np.float64)  # noqa: E731
         base, fast = arr(images(a, 1)), arr(images({**a, "go_fast": True}, 1))
@@ -376,6 +365,11 @@ def main() -> int:
     parser.add_argument("--no-batch4", dest="batch4", action="store_false", help="speed: skip num_outputs 4")
     parser.add_argument("--write", action="store_true", help="speed: write the table into docs/benchmarks.md")
     args = parser.parse_args()
+    if args.random_weights:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--random-weights builds the full-size FLUX.1-dev on a GPU; none is present")
     run, default_max, title = BENCHMARKS[args.which]
     result = run(args)
     if args.which == "boot":

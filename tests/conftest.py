@@ -22,9 +22,10 @@ os.environ["FLUX_CIVITAI_URL"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
 os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
-os.environ.pop("COG_WEIGHTS", None)
-os.environ.pop("HF_TOKEN", None)
-for name in ("FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER"):
+# Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights.
+for name in ("COG_WEIGHTS", "HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_SCHNELL_WEIGHTS",
+             "FLUX_SAFETY_CHECKER", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S",
+             "FLUX_LORA_TIMEOUT_S", "FLUX_COMPILE", "FLUX_WARMUP", "FLUX_COMPILE_CACHE"):
     os.environ.pop(name, None)
 
 import pytest  # noqa: E402
@@ -54,7 +55,7 @@ def engine(predictor):
     return predictor.engine
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def predict(predictor):
     """Call predict() with Replicate's defaults filled in, like cog does."""
     from tests.helpers.inputs import defaults

@@ -7,7 +7,6 @@ mapped onto it by configuration (FLUX_REPLICATE_URL, HF_ENDPOINT, FLUX_CIVITAI_U
 
 from __future__ import annotations
 
-import base64
 import logging
 
 import pytest
@@ -16,6 +15,7 @@ from cog import Secret
 
 from flux.errors import UserError
 from tests.helpers import loras
+from tests.helpers.images import data_uri
 from tests.helpers.http import HubServer
 
 TOKEN = "hf_SECRET_abcdef0123456789"
@@ -29,8 +29,6 @@ def hub():
     with HubServer() as server, pytest.MonkeyPatch.context() as mp:
         for name in ("FLUX_REPLICATE_URL", "FLUX_CIVITAI_URL", "HF_ENDPOINT"):
             mp.setenv(name, server.base)
-        for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_LORA_RECHECK_S"):
-            mp.delenv(name, raising=False)
         yield server
 
 
@@ -71,28 +69,13 @@ def no_peft_layers(*modules) -> bool:
 
 
 @pytest.fixture(scope="module")
-def baseline(predict_module) -> bytes:
-    return image(predict_module)
-
-
-@pytest.fixture(scope="module")
-def predict_module(predictor):
-    from tests.helpers.inputs import defaults
-
-    def run(**inputs):
-        return predictor.predict(**{**defaults(), **inputs})
-
-    return run
+def baseline(predict) -> bytes:
+    return image(predict)
 
 
 # ----- layouts -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("subset,layouts", [
-    ("ATTENTION", ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"]),
-    ("XLABS", ["diffusers", "ai-toolkit", "xlabs"]),
-    ("FUSED_OK", ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"]),
-    ("ALL", ["diffusers", "ai-toolkit"]),
-])
+@pytest.mark.parametrize("subset,layouts", list(loras.EXPRESSIBLE.items()))
 def test_one_update_in_every_layout_gives_the_same_image(predict, hub, dev, baseline, subset, layouts):
     """The same low-rank update, written in each layout, gives bit-identical images (the converted tensors are
     identical, alphas being powers of two); and not the image without the LoRA."""
@@ -218,7 +201,7 @@ def test_every_reference_kind(predict, hub, attention, engine):
         "huggingface.co/me/style-lora", "https://huggingface.co/me/style-lora/resolve/main/lora.safetensors",
         "civitai.com/models/77/style", "https://civitai.com/api/download/models/78",
         hub.url("/files/kinds.safetensors") + "?X-Amz-Signature=abc",
-        "data:application/octet-stream;base64," + base64.b64encode(body).decode(),
+        data_uri(body, "application/octet-stream"),
     ]
     for reference in references:
         engine.use_loras(engine_request())  # start from no LoRA each time

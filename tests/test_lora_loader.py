@@ -3,10 +3,7 @@ the refusals, and every layout normalized by diffusers' converters."""
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
-import tarfile
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from flux import tiny
 from flux.cache import DiskCache
 from flux.errors import UserError
 from tests.helpers import loras
+from tests.helpers.images import data_uri
 from tests.helpers.http import FileServer, HubServer
 
 TOKEN = "tok_SECRET_0123456789"
@@ -35,9 +33,6 @@ def lora_file(tiny_pipe) -> bytes:
 def env(tmp_path, monkeypatch):
     """An empty cache and a loader; hosts are mapped per test with monkeypatch."""
     monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
-    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB",
-                 "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S"):
-        monkeypatch.delenv(name, raising=False)
     return tmp_path / "weights" / "loras"
 
 
@@ -330,19 +325,14 @@ def test_not_found_and_unauthorized(env, loader):
 
 def test_data_uris_of_a_file_and_of_a_tar(env, loader, lora_file):
     for body in (lora_file, loras.tar_of({"dir/lora.safetensors": lora_file})):
-        uri = "data:application/octet-stream;base64," + base64.b64encode(body).decode()
+        uri = data_uri(body, "application/octet-stream")
         assert fetch(loader, uri).path.read_bytes() == lora_file
     with pytest.raises(UserError, match="not valid base64"):
         fetch(loader, "data:;base64,@@@")
 
 
 def test_unsafe_tar_is_refused(env, loader):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("../evil.safetensors")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
-    uri = "data:;base64," + base64.b64encode(buf.getvalue()).decode()
+    uri = data_uri(loras.tar_of({"../evil.safetensors": b"x"}), "")
     with pytest.raises(UserError, match="unsafe path"):
         fetch(loader, uri)
     assert not (env.parent / "evil.safetensors").exists() and cache_names(env) == []
@@ -382,12 +372,7 @@ def test_stale_staging_folders_are_cleaned(tmp_path):
 
 # ----- layouts ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("subset,layouts", [
-    ("ATTENTION", ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"]),
-    ("XLABS", ["diffusers", "ai-toolkit", "xlabs"]),
-    ("FUSED_OK", ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"]),
-    ("ALL", ["diffusers", "ai-toolkit"]),
-])
+@pytest.mark.parametrize("subset,layouts", list(loras.EXPRESSIBLE.items()))
 def test_every_layout_normalizes_to_the_same_update(tiny_pipe, tmp_path, subset, layouts):
     """Each layout, through diffusers' converters, gives per module the same B @ A (alphas folded in), exactly."""
     update = loras.make_update(tiny_pipe.transformer, subset)

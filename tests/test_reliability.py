@@ -3,7 +3,6 @@ idempotency, a soak, and setup failures. docs/reliability.md lists these cases w
 
 from __future__ import annotations
 
-import base64
 import io
 import shutil
 import tarfile
@@ -15,6 +14,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import images
+from tests.helpers.images import data_uri as uri
+from tests.helpers.images import encoded
 from tests.helpers.http import FileServer
 from tests.helpers.server import CogServer, WebhookReceiver, decode_image, rss_bytes, worker_pid
 
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.server
 FAULTS = "tests/helpers/fault_predictor.py:FaultPredictor"
 REFERENCE = {"prompt": "a knitted purple prune", "megapixels": "0.25", "num_inference_steps": 2, "seed": 1234,
              "output_format": "png"}
-
-
-def uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def encoded(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **options)
-    return buf.getvalue()
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:

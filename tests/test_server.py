@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import images
 from tests.helpers.http import HubServer
-from tests.helpers.server import CogServer, data_uri, decode_image
+from tests.helpers.server import CogServer, decode_image, file_uri
 
 pytestmark = pytest.mark.server
 TOKEN = "hf_SECRET_server_0123456789"
@@ -37,7 +37,7 @@ def test_health_and_openapi(server):
 def test_img2img_round_trip_with_data_uris(server, tmp_path):
     src = images.save(images.gradient(480, 320), tmp_path, "in.png")
     status, body = server.predict({
-        "prompt": "a knitted purple prune", "image": data_uri(src), "num_inference_steps": 2,
+        "prompt": "a knitted purple prune", "image": file_uri(src), "num_inference_steps": 2,
         "prompt_strength": 1.0, "seed": 9, "num_outputs": 2, "output_format": "png",
     })
     assert status == 200, body
@@ -88,7 +88,7 @@ def test_missing_prompt_is_422(server):
 def test_engine_error_fails_readably_and_server_stays_ready(server, tmp_path):
     bogus = tmp_path / "bogus.png"
     bogus.write_text("this is not a picture")
-    status, body = server.predict({"prompt": "p", "image": data_uri(bogus)})
+    status, body = server.predict({"prompt": "p", "image": file_uri(bogus)})
     assert status == 200 and body["status"] == "failed"
     assert "not an image file" in body["error"] and "Traceback" not in body["error"]
     assert server.wait_status(("READY",), timeout=30)["status"] == "READY"  # coglet frees its slot just after answering
@@ -110,7 +110,6 @@ def test_lora_from_a_gated_repo_with_a_secret_token(server, hub):
     inputs = {"prompt": "p", "megapixels": "0.25", "num_inference_steps": 1, "seed": 3, "disable_safety_checker": True}
 
     def predict(extra):
-        server.wait_status(("READY",), timeout=30)  # coglet frees its slot just after answering
         return server.predict({**inputs, **extra})
 
     plain = predict({})[1]["output"]

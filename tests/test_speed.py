@@ -3,7 +3,6 @@ without recompiles (counted with torch._dynamo's counters), compile caches acros
 
 from __future__ import annotations
 
-import base64
 from contextlib import contextmanager
 
 import numpy as np
@@ -27,10 +26,6 @@ def render(engine, **inputs) -> np.ndarray:
 
 def mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
-
-
-def lora_uri(update, layout: str = "diffusers") -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(loras.lora_bytes(update, layout)).decode()
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:
@@ -154,8 +149,8 @@ def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
     update = loras.make_update(dev.transformer, "ALL", seed=11, strength=2)
     before = fp8_weights(engine)
     plain_fast, plain = render(engine, go_fast=True), render(engine)
-    with_lora = render(engine, go_fast=True, replicate_weights=lora_uri(update))
-    bf16_lora = render(engine, replicate_weights=lora_uri(update))
+    with_lora = render(engine, go_fast=True, replicate_weights=loras.lora_uri(update))
+    bf16_lora = render(engine, replicate_weights=loras.lora_uri(update))
     # The LoRA shows on fp8 as on bf16: go_fast with it is far closer to bf16 with it than to go_fast without.
     assert mad(with_lora, bf16_lora) < 0.5 * mad(with_lora, plain_fast), (mad(with_lora, bf16_lora),
                                                                         mad(with_lora, plain_fast))
@@ -164,7 +159,7 @@ def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
     for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"):
         a, b = live.get_submodule(name).weight, quantized(dev.transformer.get_submodule(name), engine.settings.fp8)
         assert torch.equal(raw(a.qdata), raw(b.qdata)) and torch.equal(a.scale, b.scale)
-    half = render(engine, go_fast=True, replicate_weights=lora_uri(update), lora_scale=0.5)
+    half = render(engine, go_fast=True, replicate_weights=loras.lora_uri(update), lora_scale=0.5)
     assert 0 < mad(half, plain_fast) < mad(with_lora, plain_fast)
     assert np.array_equal(render(engine, go_fast=True), plain_fast)  # no LoRA again: bit-identical
     assert all(torch.equal(x, y) for x, y in zip(fp8_weights(engine), before))
@@ -203,8 +198,8 @@ def test_compiled_paths_never_recompile_for_sizes_loras_scales_or_modes(engine, 
     other = loras.make_update(compiled.pipeline("dev", "txt2img").transformer, "ATTENTION", seed=4)
     requests = [
         {}, {"aspect_ratio": "16:9"}, {"aspect_ratio": "9:21", "num_outputs": 3}, {"go_fast": True},
-        {"replicate_weights": lora_uri(update)}, {"replicate_weights": lora_uri(update), "lora_scale": 0.3},
-        {"replicate_weights": lora_uri(update), "go_fast": True}, {"replicate_weights": lora_uri(other), "go_fast": True},
+        {"replicate_weights": loras.lora_uri(update)}, {"replicate_weights": loras.lora_uri(update), "lora_scale": 0.3},
+        {"replicate_weights": loras.lora_uri(update), "go_fast": True}, {"replicate_weights": loras.lora_uri(other), "go_fast": True},
         *({"speed_mode": m.name} for m in speed.SPEED_MODES), {"speed_mode": "Juiced 🔥 (default)", "go_fast": True},
         {"aspect_ratio": "custom", "width": 400, "height": 304},
     ]

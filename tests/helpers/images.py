@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def encoded(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
 
 
 def gradient(width: int, height: int, seed: int = 0) -> Image.Image:

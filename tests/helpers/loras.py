@@ -38,9 +38,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
+
+from tests.helpers.images import data_uri
 
 RANK = 4
+# Which layouts can express an update over each module subset (see above).
+EXPRESSIBLE = {
+    "ATTENTION": ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"],
+    "XLABS": ["diffusers", "ai-toolkit", "xlabs"],
+    "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"],
+    "ALL": ["diffusers", "ai-toolkit"],
+}
 
 # BFL module -> diffusers module(s) of the tiny FLUX, per double block / single block / the whole model.
 DOUBLE = {
@@ -288,15 +297,18 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     return save(tensors, metadata=metadata)
 
 
+def lora_bytes(update: Update, layout: str, **options) -> bytes:
+    return safetensors_bytes(*LAYOUTS[layout](update, **options))
+
+
 def write(update: Update, layout: str, path: Path, **options) -> Path:
-    tensors, metadata = LAYOUTS[layout](update, **options)
-    save_file(tensors, str(path), metadata=metadata)
+    path.write_bytes(lora_bytes(update, layout, **options))
     return path
 
 
-def lora_bytes(update: Update, layout: str, **options) -> bytes:
-    tensors, metadata = LAYOUTS[layout](update, **options)
-    return save(tensors, metadata=metadata)
+def lora_uri(update: Update, layout: str = "diffusers", **options) -> str:
+    """The update as a LoRA file in a data: URI (no server needed)."""
+    return data_uri(lora_bytes(update, layout, **options), "application/octet-stream")
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.helpers import images
 from tests.helpers.http import LocalServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_uri(path: Path, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+def file_uri(path: Path, mime: str = "image/png") -> str:
+    """A file's bytes as a data: URI input."""
+    return images.data_uri(Path(path).read_bytes(), mime)
 
 
 def decode_image(uri: str) -> Image.Image:
@@ -114,14 +116,20 @@ class CogServer:
         return self.request("GET", path, timeout=5)
 
     def predict(self, inputs: dict, **kwargs):
-        """A sync prediction. coglet answers 409 "at capacity" for a moment after a prediction ends while its
-        slot is released; a client (like Replicate's) waits and tries again."""
-        for _ in range(100):
-            status, body = self.request("POST", "/predictions", {"input": inputs}, **kwargs)
-            if status != 409:
-                return status, body
-            time.sleep(0.05)
-        return status, body
+        """A sync prediction, retried through coglet's brief 409 (see retry_while_busy)."""
+        return retry_while_busy(lambda: self.request("POST", "/predictions", {"input": inputs}, **kwargs),
+                                status=lambda answer: answer[0])
+
+
+def retry_while_busy(send, status, tries: int = 100):
+    """coglet answers 409 "at capacity" for a moment after a prediction ends while its slot is released; a
+    client (like Replicate's) waits and tries again. `status` reads the HTTP status off what `send` returns."""
+    for _ in range(tries):
+        answer = send()
+        if status(answer) != 409:
+            return answer
+        time.sleep(0.05)
+    return answer
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
