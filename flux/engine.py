@@ -26,13 +26,14 @@ from PIL import Image
 
 import lora_loader  # top level beside predict.py, as the design lays it out
 
+from . import compile_cache, compiler, logs, speed, weights
 from . import images as image_io
-from . import speed, weights
 from .errors import UserError
 from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
-from .memory import Residency, module_bytes
+from .memory import Residency, activation_bytes, module_bytes
 from .request import Request
 from .safety import SafetyChecker
+from .settings import Settings, fp8_kind
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 is FLUX's native precision on GPUs; CPUs run fp32 (bf16 matmuls there are slow and rarely exact).
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, settings: Settings | None = None) -> torch.dtype:
+    # bf16 is FLUX's native precision on GPUs; CPUs run fp32 (bf16 matmuls there are slow and rarely exact), except
+    # for the fp8dqrow path, whose per-row float8 quantizes bf16 weights only.
+    if device.type == "cuda":
+        return torch.bfloat16
+    return settings.dtype_on_cpu if settings is not None else torch.float32
 
 
 class Engine:
@@ -90,59 +94,104 @@ class Engine:
         schnell_source: str,
         device: torch.device,
         dtype: torch.dtype,
-        settings: speed.Settings | None = None,
+        settings: Settings | None = None,
+        stages: logs.Stages | None = None,
+        compile_bundle: Path | None | bool = True,
     ):
+        """The engine on a loaded pipeline: every path built (and compiled, if the settings say so). compile_bundle:
+        the compile bundle's local folder (fetched in setup), None for none, True to fetch it here."""
         self.device = device
         self.dtype = dtype
         self.safety = safety
         self.schnell_source = schnell_source
-        self.settings = settings or speed.Settings(compile=None, fp8=speed.fp8_kind(device), warmup=False,
-                                                   cache_dir=None)
+        self.settings = settings or Settings(fp8=fp8_kind(device))
+        self.stages = stages or logs.Stages()
         self._base = pipe
         self._paths: dict[str, speed.FastPath] = {}
         self._lock = threading.Lock()
         pipe.set_progress_bar_config(disable=True)
+        settings = self.settings
+        self._attention = speed.attention_backend(settings.attention, device)  # refuses what cannot run here
+        self._cache_key = None
+        if settings.compile:
+            compiler.configure(settings.inductor_tuning)
+            self._cache_key = compile_cache.key(settings, pipe.transformer, dtype, device)
+            with self.stages("compile cache"):
+                folder = compile_cache.fetch(settings) if compile_bundle is True else compile_bundle
+                compile_cache.load(folder, self._cache_key, weights.shown(settings.compile_cache or str(settings.cache_dir)),
+                                   settings.cache_dir)
+        self._prepare_transformer(pipe.transformer)
+        if settings.channels_last:
+            speed.vae_channels_last(pipe.vae)
+        self._vae_compiled = (compiler.compile_vae_decoder(pipe.vae, settings.compile)
+                              if settings.compile and settings.compile_vae else None)
         self.loras = LoraManager()  # LoRA targets: each model's bf16 transformer (by model name), the shared CLIP
         self.loras.register("dev", pipe.transformer, TRANSFORMER)
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.lora_loader = lora_loader.LoraLoader()
         shared = sum(module_bytes(m) for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae))
-        self.memory = Residency.for_device(device, shared)
-        self._cache = None
-        if self.settings.compile:
-            self._cache = speed.CompileCache.for_setup(self.settings, pipe.transformer, device)
-            if self._cache.load():
-                log.info("setup: compile cache found (%s)", self._cache.file.name)
-        fp8 = speed.fp8_copy(pipe.transformer)  # before dev's blocks are compiled or wrapped
+        self.memory = Residency.for_device(device, shared, mover=speed.move)
+        with self.stages("fp8 copy"):
+            fp8 = speed.fp8_copy(pipe.transformer)  # before dev's blocks are compiled or wrapped
         self._add_path("dev", pipe)
-        self._add_path("dev-fp8", _with_transformer(pipe, fp8), self.settings.fp8)
-        self.fp8_sync = speed.Fp8Sync(pipe.transformer, fp8, self.settings.fp8)
+        with self.stages("fp8 quantize", settings.fp8):
+            self._add_path("dev-fp8", _with_transformer(pipe, fp8), settings.fp8)
+        self.fp8_sync = speed.Fp8Sync(pipe.transformer, fp8, settings.fp8, settings.fp8_forced)
         self._fp8_lora: tuple | None = ()  # the LoRA state quantized into dev-fp8 (None: unknown, resync)
         self._fp8_touched: set[int] = set()  # bf16 weights whose LoRA change dev-fp8 carries
 
+    def _prepare_transformer(self, transformer) -> None:
+        """What every bf16 transformer gets before it is copied, smashed or compiled: the attention backend and the
+        fused projections."""
+        speed.set_attention(transformer, self._attention)
+        if self.settings.fused_projections:
+            speed.fuse_projections(transformer)
+
     def _add_path(self, name: str, pipe, fp8: str | None = None) -> speed.FastPath:
         started = time.monotonic()
+        settings = self.settings
         self.memory.add(name, pipe.transformer, resident=False)
         self.memory.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
-        path = speed.FastPath(speed.smash(pipe, self.device, fp8), _task_pipelines(pipe))
-        if self.settings.compile:  # beneath FORA's wrappers, which are off between calls
-            speed.compile_blocks(pipe.transformer, self.settings.compile)
+        path = speed.FastPath(name, speed.smash(pipe, self.device, fp8, settings.fp8_forced), _task_pipelines(pipe))
+        if settings.compile:  # beneath FORA's wrappers, which are off between calls
+            compiler.configure(settings.inductor_tuning)  # torchao's quantization sets inductor flags of its own
+            # torchao's dynamic float8 asks whether the batch is 1 (flux/compiler.py): that path keeps batch 1 apart
+            batch = "backed" if fp8 == "fp8dqrow" else "unbacked"
+            path.compiled.append(compiler.compile_blocks(pipe.transformer, settings.compile, batch))
+            if self._vae_compiled is not None:
+                path.compiled.append(self._vae_compiled)
         self._paths[name] = path
         log.info("setup: %s path ready (%s%s) in %.2fs", name, f"fp8 {fp8}, " if fp8 else "",
-                 f"compiled with {self.settings.compile}" if self.settings.compile else "eager",
-                 time.monotonic() - started)
+                 f"compiled with {settings.compile}" if settings.compile else "eager", time.monotonic() - started)
         return path
 
     def warm_up(self, shapes: list[tuple[int, int, int]] | None = None) -> None:
-        """Compile both dev paths for every schema size (or these shapes) now, so no request pays for it; keep
-        the artifacts."""
+        """Compile both dev paths for every schema size (or these shapes), and the VAE decoder, now, so that no
+        request pays for it; log the graphs each compiled and keep the artifacts."""
         shapes = shapes or speed.warm_sizes()
         for name in ("dev", "dev-fp8"):
             self.memory.use(name)
-            seconds = speed.warm_up(self._paths[name], MAX_SEQUENCE_LENGTH["dev"], shapes)
-            log.info("setup: %s warmed up at %d sizes in %.2fs", name, len(shapes), seconds)
-        if self._cache is not None:
-            self._cache.save()
+            path = self._paths[name]
+            with compiler.CompileTimes() as times, self.stages(f"warm-up {name}", f"{len(shapes)} sizes"):
+                speed.warm_up(path, MAX_SEQUENCE_LENGTH["dev"], shapes)
+            log.info("setup: compile %s: %s; graphs now held: %s", name, times.summary(),
+                     ", ".join(f"{k} {n}" for k, n in compiler.graph_counts(path.transformer).items()))
+        if self._vae_compiled is not None and self._vae_compiled.regions:
+            self._warm_up_vae()
+        if self._cache_key is not None:
+            with self.stages("compile cache save"):
+                compile_cache.save(self.settings.cache_dir, self._cache_key)
+
+    def _warm_up_vae(self) -> None:
+        vae_shapes = speed.vae_warm_sizes()
+        with compiler.CompileTimes() as times, self.stages("warm-up vae", f"{len(vae_shapes)} shapes"):
+            try:
+                speed.warm_up_vae(self._base.vae, vae_shapes, self.device, self.dtype)
+            except Exception as exc:
+                if not self._paths["dev"].fall_back(exc):
+                    raise
+        log.info("setup: compile VAE decoder: %s; graphs now held: %s", times.summary(),
+                 compiler.graph_counts(vae=self._base.vae)[compiler.VAE_DECODER])
 
     # ----- setup -------------------------------------------------------------------------------
 
@@ -155,27 +204,34 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
+        stages = logs.Stages()
         device = device or default_device()
-        dtype = dtype or default_dtype(device)
+        settings = Settings.from_env(device, weights.weights_dir())
+        log.info("setup: speed settings: %s", settings.describe())
+        if settings.fp8_forced:
+            log.warning("FLUX_FP8=fp8dqrow on a machine torchao's hardware check refuses (%s): the check is skipped and "
+                        "fp8 matmuls run through torch's own _scaled_mm, in bf16", device)
+        dtype = dtype or default_dtype(device, settings)
         if srcs.tiny:
             log.warning(
                 "=" * 78 + "\nUSING THE TINY RANDOM-WEIGHT FLUX: its images are noise. Set FLUX_WEIGHTS (or run on a "
                 "GPU) for FLUX.1-dev.\n" + "=" * 78
             )
-        path = weights.locate(srcs.dev, "dev")
-        started = time.monotonic()
-        with weights.loading("dev", path):
-            pipe = FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
-        log.info("setup: FLUX.1-dev pipeline loaded onto %s (%s) in %.2fs", device, dtype, time.monotonic() - started)
-        started = time.monotonic()
-        path = weights.locate(srcs.safety, "safety")
-        with weights.loading("safety", path):
-            safety = SafetyChecker.load(path, device, dtype)
-        log.info("setup: safety checker loaded in %.2fs", time.monotonic() - started)
-        settings = speed.Settings.from_env(device, weights.weights_dir())
-        engine = cls(pipe, safety, srcs.schnell, device, dtype, settings)
+        # Each component fetched, then loaded (a broken download is reported before the next one is fetched); the
+        # stages add up: "fetch" and "load" are each logged twice and totalled once.
+        with stages("fetch", "FLUX.1-dev and the compile bundle"):
+            dev_path = weights.locate(srcs.dev, "dev")
+            bundle = compile_cache.fetch(settings) if settings.compile else None
+        with stages("load", f"FLUX.1-dev on {device}, {dtype}"), weights.loading("dev", dev_path):
+            pipe = FluxPipeline.from_pretrained(dev_path, dtype=dtype, use_safetensors=True).to(device)
+        with stages("fetch", "safety checker"):
+            safety_path = weights.locate(srcs.safety, "safety")
+        with stages("load", "safety checker"), weights.loading("safety", safety_path):
+            safety = SafetyChecker.load(safety_path, device, dtype)
+        engine = cls(pipe, safety, srcs.schnell, device, dtype, settings, stages, compile_bundle=bundle)
         if settings.warmup:
             engine.warm_up()
+        stages.total()
         return engine
 
     def _load_schnell(self) -> speed.FastPath:
@@ -188,6 +244,7 @@ class Engine:
                 path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        self._prepare_transformer(transformer)
         pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
         fast = self._add_path("schnell", pipe)
         self.loras.register("schnell", transformer, TRANSFORMER)
@@ -206,6 +263,22 @@ class Engine:
         return self.path(model).models[task].model
 
     # ----- one prediction ----------------------------------------------------------------------
+
+    def graphs(self) -> dict[str, int]:
+        """The compiled graphs dynamo holds, by region kind (empty when not compiling)."""
+        if not self.settings.compile:
+            return {}
+        return compiler.graph_counts(self._base.transformer, self._base.vae if self._vae_compiled else None)
+
+    def working_bytes(self, req: Request) -> int:
+        """The GPU memory a request needs beside its transformer: activations and the VAE decode, plus what FORA
+        holds in a speed mode that caches."""
+        working = activation_bytes(req.width, req.height, req.num_outputs)
+        if speed.mode(req.speed_mode).caches:
+            transformer = self._paths[req.path].transformer if req.path in self._paths else self._base.transformer
+            working += speed.fora_bytes(transformer.config, req.width, req.height, req.num_outputs,
+                                        MAX_SEQUENCE_LENGTH[req.model], torch.finfo(self.dtype).bits // 8)
+        return working
 
     def check_prompt(self, req: Request) -> None:
         limit = MAX_SEQUENCE_LENGTH[req.model]
@@ -260,7 +333,7 @@ class Engine:
     def _generate(self, req: Request) -> Result:
         self.check_prompt(req)
         path = self.path(req.path)
-        self.memory.use(req.path)
+        self.memory.use(req.path, self.working_bytes(req))
         started = time.monotonic()
         self.use_loras(req)
         lora_seconds = time.monotonic() - started
@@ -324,6 +397,7 @@ class Engine:
     def run(self, req: Request, out_dir: Path) -> list[Path]:
         """Generate, check, write files: the whole prediction after validation."""
         started = time.monotonic()
+        graphs = self.graphs()
         log.info("Using seed: %d", req.seed)
         for note in req.notes:
             log.info("note: %s", note)
@@ -334,6 +408,8 @@ class Engine:
             result.timings["encode"] = time.monotonic() - t
         finally:
             _release_host_memory()
+            if self.graphs() != graphs:  # setup's warm-up should have compiled everything a request needs
+                log.warning("compile: this prediction compiled new graphs (%s, now %s)", graphs, self.graphs())
         log.info(
             "prediction: path=%s speed_mode=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
             req.path, req.speed_mode, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from . import download as dl
 from . import netguard, tiny
+from .paths import weights_dir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
@@ -49,6 +49,10 @@ PIPELINE_FILES = [
 ]
 SCHNELL_FILES = ["model_index.json", "scheduler/*", "transformer/*"]
 SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
+COMPILE_CACHE = "compile-cache"  # a compile bundle (flux/compile_cache.py) comes in the same forms as the weights
+PATTERNS = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES, COMPILE_CACHE: None}
+LAYOUT = {"dev": ["model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2"],
+          "schnell": ["transformer"], "safety": ["config.json"], COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
 MAX_TAR_BYTES = 64 * 1024**3
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,10 +73,6 @@ class Sources:
         return self.dev == TINY
 
 
-def weights_dir() -> Path:
-    return Path(os.environ.get("FLUX_WEIGHTS_DIR") or ROOT / "weights")
-
-
 def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
     """The configured source of each component, defaults filled in."""
     env = os.environ if env is None else env
@@ -88,23 +88,23 @@ def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
 def locate(source: str, kind: str) -> Path:
     """A local folder holding the component named by source, fetching it if needed.
 
-    kind is "dev", "schnell" or "safety": it picks the tiny build and the files to fetch.
+    kind is "dev", "schnell", "safety" or "compile-cache": it picks the tiny build and the files to fetch.
     """
     started = time.monotonic()
     root = weights_dir()
-    if source == TINY:
+    if source == TINY and kind != COMPILE_CACHE:
         path = _tiny(root, kind)
     elif source.startswith(("https://", "http://")):
         path = _from_tar_url(source, root / "url" / _url_folder(source), kind)
     elif Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise WeightsError(f"{kind} weights: the folder {path} does not exist. Fix the setting or download them first.")
+            raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
     elif _REPO_ID.match(source):
         path = _from_hub(source, root / "hf" / source.replace("/", "--"), kind)
     else:
         raise WeightsError(
-            f"{kind} weights: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
+            f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
         )
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
@@ -121,10 +121,14 @@ def loading(kind: str, path: Path):
     except Exception as exc:  # safetensors, diffusers and transformers raise many types for a bad file
         detail = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise WeightsError(
-            f"{kind} weights in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
+            f"{_what(kind)} in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
             f"corrupt or not FLUX in diffusers format: download them again (delete the folder if it is a download "
             f"under {weights_dir()}) or fix the setting."
         ) from exc
+
+
+def _what(kind: str) -> str:
+    return "compile bundle" if kind == COMPILE_CACHE else f"{kind} weights"
 
 
 def shown(source: str) -> str:
@@ -138,13 +142,10 @@ def _tiny(root: Path, kind: str) -> Path:
 
 
 def _check_layout(path: Path, kind: str, source: str) -> None:
-    needed = {"dev": ["model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2"],
-              "schnell": ["transformer"],
-              "safety": ["config.json"]}[kind]
-    missing = [n for n in needed if not (path / n).exists()]
+    missing = [n for n in LAYOUT[kind] if not (path / n).exists()]
     if missing:
         raise WeightsError(
-            f"{kind} weights at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
+            f"{_what(kind)} at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
         )
 
 
@@ -159,7 +160,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES}[kind]
+    patterns = PATTERNS[kind]
     token = os.environ.get("HF_TOKEN") or None
     netguard.install_for_huggingface_hub()
     log.info("weights %s: downloading %s from Hugging Face into %s", kind, repo_id, dest)
@@ -195,7 +196,7 @@ def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         archive = dl.download(
-            url, Path(tmp) / "weights.tar", what=f"{kind} weights",
+            url, Path(tmp) / "weights.tar", what=f"{_what(kind)}",
             limits=dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=256 * dl.MiB, workers=16),
         )
         unpacked = Path(tmp) / "unpacked"

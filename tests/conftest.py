@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,10 +23,15 @@ os.environ["FLUX_CIVITAI_URL"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
 os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
+# Compile caches of this test run, never the checkout's weights/ (flux/__init__.py would put them there).
+_caches = tempfile.mkdtemp(prefix="flux-test-compile-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
 # Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights.
 for name in ("COG_WEIGHTS", "HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_SCHNELL_WEIGHTS",
              "FLUX_SAFETY_CHECKER", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S",
-             "FLUX_LORA_TIMEOUT_S", "FLUX_COMPILE", "FLUX_WARMUP", "FLUX_COMPILE_CACHE"):
+             "FLUX_LORA_TIMEOUT_S", "FLUX_COMPILE", "FLUX_WARMUP", "FLUX_COMPILE_CACHE", "FLUX_FP8", "FLUX_ATTENTION",
+             "FLUX_FUSED_PROJECTIONS", "FLUX_COMPILE_VAE", "FLUX_CHANNELS_LAST", "FLUX_INDUCTOR_TUNING_FLAGS"):
     os.environ.pop(name, None)
 
 import pytest  # noqa: E402

@@ -332,9 +332,18 @@ def test_setup_fails_clearly_on_missing_weights(server_env, tmp_path_factory):
     assert "/nonexistent/FLUX.1-dev does not exist" in logs
 
 
+@pytest.mark.parametrize("setting,value", [("FLUX_FP8", "fp4"), ("FLUX_COMPILE_CACHE", "/nonexistent/compile-bundle")])
+def test_setup_fails_clearly_on_a_bad_speed_setting(server_env, tmp_path_factory, setting, value):
+    env, _ = server_env(**{setting: value, "FLUX_COMPILE": "eager"})
+    logs = setup_failure(env, tmp_path_factory.mktemp("setting") / "cog.log")
+    assert f"{setting}=" in logs and "Traceback" not in logs
+
+
 def test_setup_fails_clearly_on_corrupt_weights(server_env, weights_dir, tmp_path_factory):
+    from flux import tiny
+
     broken = tmp_path_factory.mktemp("corrupt") / "FLUX.1-dev"
-    shutil.copytree(weights_dir / "tiny" / "FLUX.1-dev", broken)
+    shutil.copytree(tiny.ensure_pipeline(weights_dir / "tiny" / "FLUX.1-dev"), broken)
     shard = next((broken / "transformer").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])
     env, _ = server_env(FLUX_WEIGHTS=str(broken))

@@ -1,5 +1,7 @@
-"""The fast paths on the tiny FLUX: go_fast's fp8 transformer, pruna's speed modes, LoRAs on fp8, compilation
-without recompiles (counted with torch._dynamo's counters), compile caches across boots."""
+"""The fast paths on the tiny FLUX: go_fast's fp8 transformer, pruna's speed modes, fused projections, LoRAs on fp8,
+compilation without recompiles (dynamo's graphs counted), the fallback to eager, the settings.
+
+The H100 code path (dynamic per-row float8 compiled by inductor) runs in tests/test_h100_path.py."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
-from flux import speed, weights
+from flux import compiler, speed, weights
 from flux.engine import Engine
 from flux.request import Request
+from flux.settings import Settings, SettingsError
 from tests.helpers import loras
 
 STEPS = 6
@@ -34,7 +36,7 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 
 def fp8_weights(engine) -> list[torch.Tensor]:
     return [raw(t).clone() for m in engine.path("dev-fp8").transformer.modules()
-            if isinstance(m, torch.nn.Linear) for t in (m.weight.qdata, m.weight.scale)]
+            if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata") for t in (m.weight.qdata, m.weight.scale)]
 
 
 def quantized(linear: torch.nn.Linear, kind: str):
@@ -43,7 +45,8 @@ def quantized(linear: torch.nn.Linear, kind: str):
 
     fresh = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
     fresh.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-    quantize_(fresh, speed.quant_config(kind))
+    with speed.hardware_check_skipped(kind == "fp8dqrow" and not torch.cuda.is_available()):
+        quantize_(fresh, speed.quant_config(kind))
     return fresh.weight
 
 
@@ -51,12 +54,24 @@ def quantized(linear: torch.nn.Linear, kind: str):
 def block_calls(transformer):
     """Counts the times the first double-stream block really computes (FORA's cached steps do not reach it)."""
     calls = [0]
-    layer = transformer.transformer_blocks[0].attn.to_q
-    handle = layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    handle = transformer.transformer_blocks[0].norm1.register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         yield calls
     finally:
         handle.remove()
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Another engine on the tiny weights, with these settings (no safety checker). dynamo's graphs of earlier
+    engines are dropped first: every engine of a process shares the blocks' code objects."""
+    from diffusers import FluxPipeline
+
+    torch._dynamo.reset()
+    sources = weights.sources(has_cuda=False)
+    dtype = settings.dtype_on_cpu
+    pipe = FluxPipeline.from_pretrained(weights.locate(sources.dev, "dev"), dtype=dtype)
+    return Engine(pipe, None, sources.schnell, torch.device("cpu"), dtype, settings, compile_bundle=None)
 
 
 # ----- requests ------------------------------------------------------------------------------------------------
@@ -78,6 +93,36 @@ def test_fp8_is_chosen_by_go_fast_and_fastest_modes_except_custom_sizes_and_schn
     assert schnell.path == "schnell" and any("schnell runs bf16" in n for n in schnell.notes)
 
 
+# ----- settings --------------------------------------------------------------------------------------------------
+
+
+def test_settings_read_once_and_unknown_values_name_the_setting(tmp_path):
+    cpu = torch.device("cpu")
+    default = Settings.from_env(cpu, tmp_path, {})
+    assert (default.compile, default.fp8, default.fp8_forced, default.attention) == (None, "fp8wo", False, "sdpa")
+    assert default.fused_projections and default.channels_last and not default.warmup and default.cache_dir is None
+    h100_path = Settings.from_env(cpu, tmp_path, {"FLUX_FP8": "fp8dqrow", "FLUX_COMPILE": "inductor"})
+    assert (h100_path.fp8, h100_path.fp8_forced, h100_path.dtype_on_cpu) == ("fp8dqrow", True, torch.bfloat16)
+    assert h100_path.warmup and h100_path.compile_vae and h100_path.cache_dir == tmp_path / "compile-cache"
+    assert not h100_path.inductor_tuning  # the tuning flags default on only on a GPU
+    switches = Settings.from_env(cpu, tmp_path, {"FLUX_COMPILE": "eager", "FLUX_FUSED_PROJECTIONS": "0",
+                                                  "FLUX_COMPILE_VAE": "off", "FLUX_WARMUP": "0"})
+    assert (switches.compile, switches.fused_projections, switches.compile_vae, switches.warmup) == ("eager", False,
+                                                                                                      False, False)
+    for name, value in (("FLUX_FP8", "fp4"), ("FLUX_ATTENTION", "flash2"), ("FLUX_COMPILE", "tensorrt-ish"),
+                        ("FLUX_FUSED_PROJECTIONS", "maybe")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env(cpu, tmp_path, {name: value})
+
+
+def test_attention_backends_that_cannot_run_here_are_setup_errors():
+    cpu = torch.device("cpu")
+    assert speed.attention_backend("sdpa", cpu) == "native"
+    for name in ("cudnn", "fa3"):
+        with pytest.raises(SettingsError, match=f"FLUX_ATTENTION={name} needs an NVIDIA GPU"):
+            speed.attention_backend(name, cpu)
+
+
 # ----- the session engine (eager, as the CPU runs by default) ----------------------------------------------------
 
 
@@ -85,8 +130,9 @@ def test_go_fast_runs_an_fp8_copy_sharing_encoders_and_vae(engine):
     bf16, fp8 = engine.pipeline("dev", "txt2img"), engine.path("dev-fp8").models["txt2img"].model
     assert fp8.transformer is not bf16.transformer
     assert all(getattr(fp8, c) is getattr(bf16, c) for c in ("text_encoder", "text_encoder_2", "vae", "scheduler"))
-    assert type(fp8.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Float8Tensor"
-    assert type(bf16.transformer.transformer_blocks[0].attn.to_q.weight).__name__ != "Float8Tensor"
+    attn, twin = bf16.transformer.transformer_blocks[0].attn, fp8.transformer.transformer_blocks[0].attn
+    assert type(twin.to_qkv.weight).__name__ == "Float8Tensor" and not hasattr(twin, "to_q")  # fused, quantized
+    assert type(attn.to_qkv.weight).__name__ != "Float8Tensor"
 
     base, fast = render(engine), render(engine, go_fast=True)
     assert 0 < mad(base, fast) < 8, mad(base, fast)  # fp8 rounding: close to bf16, not identical
@@ -112,7 +158,7 @@ def test_speed_modes_skip_transformer_steps_and_stay_close(engine, mode):
 
 def test_a_speed_mode_call_that_fails_midway_leaves_no_caching_behind(engine):
     base = render(engine, num_inference_steps=8)
-    layer = engine.path("dev").transformer.transformer_blocks[0].attn.to_q
+    layer = engine.path("dev").transformer.transformer_blocks[0].norm1
     seen = [0]
 
     def fail_at_third_step(*_):
@@ -154,9 +200,10 @@ def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
     # The LoRA shows on fp8 as on bf16: go_fast with it is far closer to bf16 with it than to go_fast without.
     assert mad(with_lora, bf16_lora) < 0.5 * mad(with_lora, plain_fast), (mad(with_lora, bf16_lora),
                                                                         mad(with_lora, plain_fast))
-    # The fp8 twins of the LoRA's layers are a fresh quantization of the fused bf16 weights.
+    # The fp8 twins of the LoRA's layers are a fresh quantization of the fused bf16 weights (q, k and v in one).
     live = engine.path("dev-fp8").transformer
-    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"):
+    for name in ("transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_added_qkv",
+                 "single_transformer_blocks.0.attn.to_qkv", "single_transformer_blocks.0.proj_mlp"):
         a, b = live.get_submodule(name).weight, quantized(dev.transformer.get_submodule(name), engine.settings.fp8)
         assert torch.equal(raw(a.qdata), raw(b.qdata)) and torch.equal(a.scale, b.scale)
     half = render(engine, go_fast=True, replicate_weights=loras.lora_uri(update), lora_scale=0.5)
@@ -166,56 +213,112 @@ def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
     assert np.array_equal(render(engine), plain)
 
 
-# ----- a compiled engine ------------------------------------------------------------------------------------------
+# ----- fused projections ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def compiled_engine(engine, tmp_path, monkeypatch):
-    """A second engine on the tiny weights, its paths compiled with a backend; compile caches under tmp_path."""
-    from diffusers import FluxPipeline
-
-    def build(backend: str) -> Engine:
-        cache = tmp_path / "cache"
-        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-        monkeypatch.setenv("TRITON_CACHE_DIR", str(cache / "triton"))
-        settings = speed.Settings(compile=backend, fp8="fp8wo", warmup=False, cache_dir=cache)
-        sources = weights.sources(has_cuda=False)
-        pipe = FluxPipeline.from_pretrained(weights.locate(sources.dev, "dev"), dtype=torch.float32)
-        return Engine(pipe, None, sources.schnell, torch.device("cpu"), torch.float32, settings)
-
-    return build
+def _storage_of(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
-def test_compiled_paths_never_recompile_for_sizes_loras_scales_or_modes(engine, compiled_engine):
-    counters.clear()
-    compiled = compiled_engine("eager")
-    shapes = [(512, 512, 1), (512, 512, 2)]
-    for name in ("dev", "dev-fp8"):
-        speed.warm_up(compiled.path(name), 512, shapes)
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0
+def _projections(transformer) -> list[tuple[torch.nn.Module, str, tuple[str, ...]]]:
+    return [(attn, fused, parts) for attn in transformer.modules() if getattr(attn, "fused_projections", False)
+            for fused, parts in speed.FUSED.items() if hasattr(attn, fused)]
+
+
+def test_fused_projections_keep_views_so_loras_fuse_and_restore_exactly(engine):
+    """With fused projections (the default) a LoRA fused into to_q, to_k, to_v is in to_qkv bit for bit: the same
+    weights an engine without fusion gets; removing it restores every fused weight exactly."""
+    unfused = build_engine(Settings(fused_projections=False))
+    fused_t, plain_t = engine.pipeline("dev", "txt2img").transformer, unfused.pipeline("dev", "txt2img").transformer
+    assert len(_projections(fused_t)) == 1 * 2 + 2 * 1  # tiny: 1 double-stream block (two fused), 2 single-stream
+    originals = {name: p.detach().clone() for name, p in fused_t.named_parameters()}
+    update = loras.make_update(plain_t, "ALL", seed=5, strength=2)
+
+    def fused_rows_equal(reference):
+        for attn, fused, parts in _projections(fused_t):
+            rows = torch.cat([reference(attn, part) for part in parts])
+            assert torch.equal(getattr(attn, fused).weight, rows)
+            assert all(_storage_of(getattr(attn, p).weight) == _storage_of(getattr(attn, fused).weight) for p in parts)
+
+    for scale in (1.0, 0.3):
+        reqs = [Request.build(prompt="p", replicate_weights=loras.lora_uri(update), lora_scale=scale)] * 2
+        engine.use_loras(reqs[0]), unfused.use_loras(reqs[1])
+        names = {id(m): n for n, m in fused_t.named_modules()}
+        fused_rows_equal(lambda attn, part: plain_t.get_submodule(f"{names[id(attn)]}.{part}").weight)
+    images = [render(e, replicate_weights=loras.lora_uri(update)) for e in (engine, unfused)]
+    assert mad(*images) < 0.5  # one matmul instead of three: the same function, rounded alike
+    engine.use_loras(Request.build(prompt="p"))
+    assert all(torch.equal(p, originals[name]) for name, p in fused_t.named_parameters())
+
+
+def test_fused_projections_stay_tied_through_a_move(engine):
+    import copy
+
+    transformer = copy.deepcopy(engine.pipeline("dev", "txt2img").transformer)  # a scratch copy, fused
+    transformer._apply(lambda t: t.clone())  # what .to() does: every parameter gets its own storage
+    attn = transformer.transformer_blocks[0].attn
+    assert _storage_of(attn.to_q.weight) != _storage_of(attn.to_qkv.weight)
+    speed.tie_projections(transformer)
+    assert _storage_of(attn.to_q.weight) == _storage_of(attn.to_qkv.weight)
+    speed.move(transformer, torch.device("cpu"))
+    assert all(_storage_of(getattr(a, p).weight) == _storage_of(getattr(a, f).weight)
+               for a, f, parts in _projections(transformer) for p in parts)
+
+
+# ----- compiled engines --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """An engine compiled with dynamo's eager backend (graphs captured, no code generated: cheap on a CPU)."""
+    return build_engine(Settings(compile="eager", compile_vae=True, cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+def test_one_graph_per_block_kind_and_precision_and_none_for_new_sizes_loras_scales_or_modes(engine, compiled):
+    compiled.warm_up([(512, 512, 1), (512, 512, 2)])
+    # bf16 and weight-only fp8: batches 1 to 4 and every size share one graph per block kind (flux/compiler.py)
+    assert compiled.graphs() == {compiler.DOUBLE: 2, compiler.SINGLE: 2, compiler.VAE_DECODER: 2}
+    graphs = compiled.graphs()
     update = loras.make_update(compiled.pipeline("dev", "txt2img").transformer, "ALL", seed=3)
     other = loras.make_update(compiled.pipeline("dev", "txt2img").transformer, "ATTENTION", seed=4)
     requests = [
         {}, {"aspect_ratio": "16:9"}, {"aspect_ratio": "9:21", "num_outputs": 3}, {"go_fast": True},
-        {"replicate_weights": loras.lora_uri(update)}, {"replicate_weights": loras.lora_uri(update), "lora_scale": 0.3},
-        {"replicate_weights": loras.lora_uri(update), "go_fast": True}, {"replicate_weights": loras.lora_uri(other), "go_fast": True},
+        {"go_fast": True, "num_outputs": 4}, {"replicate_weights": loras.lora_uri(update)},
+        {"replicate_weights": loras.lora_uri(update), "lora_scale": 0.3},
+        {"replicate_weights": loras.lora_uri(update), "go_fast": True},
+        {"replicate_weights": loras.lora_uri(other), "go_fast": True},
         *({"speed_mode": m.name} for m in speed.SPEED_MODES), {"speed_mode": "Juiced 🔥 (default)", "go_fast": True},
-        {"aspect_ratio": "custom", "width": 400, "height": 304},
     ]
     for inputs in requests:
         out = render(compiled, **inputs)
-        assert counters["stats"]["unique_graphs"] == graphs, f"recompiled for {inputs}"
-        if inputs in ({}, {"go_fast": True}, {"speed_mode": "Juiced 🔥 (default)"}):
+        assert compiled.graphs() == graphs, f"recompiled for {inputs}"
+        if inputs in ({}, {"go_fast": True}, {"speed_mode": "Juiced 🔥 (default)"}, {"go_fast": True, "num_outputs": 4}):
             assert np.array_equal(out, render(engine, **inputs))  # dynamo (eager backend) changes no number
+    # Custom sizes: the transformer blocks compile nothing new. On a CPU torch picks a convolution kernel by the
+    # input's size (mkldnn or not), so the VAE decoder may compile for a size range the table does not reach; on a
+    # GPU every convolution is cuDNN's.
+    for width, height in ((400, 304), (720, 528)):
+        render(compiled, aspect_ratio="custom", width=width, height=height)
+    assert {k: n for k, n in compiled.graphs().items() if k != compiler.VAE_DECODER} == {
+        k: n for k, n in graphs.items() if k != compiler.VAE_DECODER}
 
 
-def test_inductor_compiles_on_cpu_and_a_second_boot_reuses_the_cache(engine, compiled_engine):
-    first = compiled_engine("inductor")
-    out = render(first)
-    assert 0 < mad(out, render(engine)) < 1.0  # inductor's kernels round differently, by little
-    first._cache.save()
-    assert first._cache.file.is_file()
-    second = compiled_engine("inductor")  # a second boot: loads the artifacts the first one saved
-    assert second._cache.file == first._cache.file and second._cache.load()
-    assert np.array_equal(render(second), out)
+def test_a_compile_failure_on_one_path_falls_back_to_eager_and_never_fails_the_boot(engine, tmp_path, caplog):
+    """A backend that fails on every graph holding fp8 weights: the dev-fp8 path goes eager with a loud log line,
+    dev stays compiled, the boot succeeds and go_fast gives the eager engine's images."""
+    from torch._dynamo import register_backend
+
+    @register_backend(name="flux_test_fails_on_fp8")
+    def fails_on_fp8(gm, example_inputs):
+        if any(type(t).__name__ == "Float8Tensor" for t in example_inputs):
+            raise RuntimeError("fault injected into the fp8 compile")
+        return gm.forward
+
+    caplog.set_level("INFO", logger="flux")
+    broken = build_engine(Settings(compile="flux_test_fails_on_fp8", cache_dir=tmp_path))
+    broken.warm_up([(512, 512, 1)])
+    assert "COMPILE FAILED on the dev-fp8 path" in caplog.text and "fault injected into the fp8 compile" in caplog.text
+    assert "COMPILE FAILED on the dev path" not in caplog.text
+    assert broken.path("dev").compiled[0].regions and not broken.path("dev-fp8").compiled[0].regions
+    assert np.array_equal(render(broken, go_fast=True), render(engine, go_fast=True))
+    assert np.array_equal(render(broken), render(engine))
