@@ -22,6 +22,7 @@ Each layout can express a different set of modules, so updates are built over a 
              `linear1` with FLUX.1's sizes (3072, 12288) written in, which the tiny FLUX (32, 128) cannot match;
              everything else converts at any size
   ALL        every Linear of the transformer (diffusers and ai-toolkit layouts)
+  BLOCKS     every attention and MLP Linear of every block: what a trainer's LoRA usually holds (script/benchmark gpu)
 Modules that a fused layout stores as one (q, k, v) share one A, so the fused file holds the update exactly.
 Alphas are powers of two times the rank, so alpha scaling is exact in floating point and every layout of an update
 converts to bit-identical tensors.
@@ -49,6 +50,7 @@ EXPRESSIBLE = {
     "XLABS": ["diffusers", "ai-toolkit", "xlabs"],
     "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"],
     "ALL": ["diffusers", "ai-toolkit"],
+    "BLOCKS": ["diffusers", "ai-toolkit"],
 }
 
 # BFL module -> diffusers module(s) of the tiny FLUX, per double block / single block / the whole model.
@@ -116,6 +118,9 @@ def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
         return {b: ds for b, ds in groups.items() if not b.endswith(".linear1")}
     if name == "ALL":
         return groups
+    if name == "BLOCKS":  # every attention and MLP linear of every block (no modulation, no embedders)
+        return {b: ds for b, ds in groups.items()
+                if b.startswith(("double_blocks.", "single_blocks.")) and not b.endswith(".lin")}
     raise ValueError(name)
 
 

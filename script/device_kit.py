@@ -1,0 +1,516 @@
+r"""The wheels a GPU machine (the workplace's nvidia-h200 image, no network) needs to run `script/benchmark gpu`.
+
+  script/device-kit [DIR]                  download the kit into DIR (default .whl, git-ignored), write DIR/README.txt
+  script/device-kit --list                 what the kit carries and leaves out, and why; downloads nothing
+  script/device-kit --make-mirror VENV     build a CPU virtualenv that mirrors the GPU image (torch 2.11, ...)
+  script/device-kit DIR --check [--mirror VENV] [--site SITE] [--bench] [--tests]
+                                           (re)make DIR, install it as the GPU machine does into a fresh SITE
+                                           (default /tmp/site312) and run, with VENV's python (default
+                                           /tmp/mirror312) and no network: 1. the imports, 2. a tiny engine smoke
+                                           run (go_fast + Juiced), 3. with --bench, `benchmark.py gpu --tiny` when
+                                           it exists, 4. with --tests, the test suite (cog and pytest added in a
+                                           folder of their own, SITE-tests, never in the kit)
+  script/device-kit DIR --verify           on the GPU machine, after the install below: each carried wheel's
+                                           requirements against what that python sees, then the imports
+
+On the GPU machine (carry `.whl`):
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+
+What it carries: the exact pins of requirements.txt for the packages the image lacks (diffusers, pruna, torchao),
+the one whose image version does not fit (peft: pruna 0.3.4 needs peft>=0.18,<0.19; the image's peft version is
+unknown, so it is carried), and what those need at import time that the image lacks. pruna declares ~40
+requirements; most are for algorithms or metrics this project never runs, imported lazily by them (or by an
+algorithm module that pruna skips with a warning when its import fails). The set below was found by importing, in a
+mirror of the image (`--make-mirror`), with each candidate left out in turn; `--check` repeats the proof.
+
+Safe to run again: a wheel already in DIR at the right version is kept; another version of a kit package is removed
+(two versions of one package would stop the install). It fails if DIR's wheels exceed 56 MiB in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.version import Version
+except ImportError:  # a python without packaging: pip's own copy
+    from pip._vendor.packaging.markers import default_environment
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
+    from pip._vendor.packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT_MIB = 56
+
+# ----- the GPU image ---------------------------------------------------------------------------------------------
+# The workplace's nvidia-h200 image, 'cuda' (device KINDS.md, read 2026-11-17): Python 3.12.3 at
+# /opt/torch/.venv/bin/python3. Versions known (seen in sessions' pip list there); the rest are unknown.
+IMAGE_VERSIONS = {
+    "torch": "2.11.0", "triton": "3.6.0", "torchvision": "0.26.0", "torchaudio": "2.11.0",
+    "transformers": "5.17.0", "accelerate": "1.15.0", "huggingface-hub": "1.33.0", "safetensors": "0.8.0",
+    "tokenizers": "0.23.2", "sentencepiece": "0.2.2", "numpy": "2.5.2", "jaxtyping": "0.3.11",
+    "torchmetrics": "1.9.0", "pytorch-lightning": "2.6.6", "onnx": "1.23.1", "onnxruntime": "1.30.0",
+    "sentence-transformers": "6.0.1", "tiktoken": "0.14.0",
+}
+# Every package on the image (names only), as KINDS.md lists them.
+IMAGE_PACKAGES = {canonicalize_name(n) for n in """
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
+charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
+cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
+formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna
+imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe
+matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals
+networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13
+nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
+opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy
+peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist
+python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image scikit-learn
+scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels
+sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz
+torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
+typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+""".split()}
+
+# ----- the kit ---------------------------------------------------------------------------------------------------
+# name -> why it travels. Versions are requirements.txt's pins.
+KIT = {
+    "diffusers": "not on the image (the FLUX pipelines)",
+    "pruna": "not on the image (smash: fora, torchao)",
+    "torchao": "not on the image (fp8 quantization; pruna<0.17 wants 0.12..0.16)",
+    "peft": "the image's peft is of unknown version; pruna 0.3.4 needs peft>=0.18,<0.19 (diffusers' LoRA loading)",
+    "configspace": "pruna.config.smash_config imports ConfigSpace",
+    "more-itertools": "ConfigSpace imports more_itertools",
+    "datasets": "pruna.config.smash_config imports pruna.data, which imports datasets",
+    "dill": "datasets reads dill's version at import; multiprocess needs it",
+    "multiprocess": "datasets.arrow_dataset imports multiprocess",
+    "importlib-metadata": "pruna/__init__ does `from importlib_metadata import version`",
+    "lazy-importer": "importlib_metadata 10 imports lazy_importer",
+    "opentelemetry-api": "pruna.telemetry imports the OTLP HTTP exporter at import (exporting stays off: "
+                         "PRUNA_METRICS_ENABLED=false)",
+    "opentelemetry-sdk": "pruna.telemetry (MeterProvider)",
+    "opentelemetry-semantic-conventions": "opentelemetry-sdk",
+    "opentelemetry-proto": "the OTLP exporter",
+    "opentelemetry-exporter-otlp-proto-http": "pruna.telemetry (OTLPMetricExporter)",
+    "opentelemetry-exporter-otlp-proto-common": "the OTLP HTTP exporter",
+    "opentelemetry-exporter-otlp-common": "the OTLP HTTP exporter",
+    "opentelemetry-exporter-http-transport": "the OTLP HTTP exporter",
+}
+
+# Requirements of carried wheels that are left out on purpose, and why that is safe.
+LEFT_OUT = {
+    "aenum": "only pruna.algorithms.flash_attn3 imports it; pruna skips that algorithm module with a warning "
+             "('Skipping pruna.algorithms.flash_attn3 (import error)'); this project does not use flash_attn3",
+    "kernels": "as aenum (flash_attn3 only); also brings kernels-data (1.2 MiB)",
+    "bitsandbytes": "4/8-bit algorithms (llm_int8, diffusers_int8) import it when used; diffusers imports it only "
+                    "if installed",
+    "codecarbon": "pruna's energy metric (evaluation) only",
+    "deepcache": "the deepcache algorithm only, imported when it runs",
+    "gliner": "an evaluation metric only",
+    "hqq": "the hqq algorithms only",
+    "imageio-ffmpeg": "video saving / evaluation only",
+    "librosa": "audio datasets, loaded when used",
+    "soundfile": "audio datasets, loaded when used",
+    "numpydoc": "pruna's docstring checks (development) only",
+    "opencv-python": "upscale / evaluation only (the image has opencv-python-headless)",
+    "opentelemetry-exporter-otlp": "a meta-package (HTTP + gRPC exporters): pruna imports only the HTTP one, "
+                                   "which is carried",
+    "openvino": "the openvino compiler only",
+    "optimum-quanto": "the quanto algorithm only",
+    "piq": "evaluation metrics only",
+    "termcolor": "not imported by the paths used here",
+    "thop": "evaluation (MACs) only",
+    "torch-pruning": "the structured pruning algorithm only",
+    "trl": "distillation / LLM algorithms only",
+    "googleapis-common-protos": "the OTLP exporter imports it when it exports (never: telemetry is off)",
+    "tomlkit": "kernels' lock files only (kernels is not carried)",
+}
+
+PLATFORMS = (["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+              "manylinux1_x86_64"]
+             + [f"manylinux_2_{n}_x86_64" for n in (24, 31, 34, 35, 39, 26, 25, 23, 22, 21, 20, 19, 18)])
+
+TARGET_ENV = dict(default_environment(), python_version="3.12", python_full_version="3.12.3",
+                  sys_platform="linux", platform_system="Linux", platform_machine="x86_64",
+                  implementation_name="cpython", platform_python_implementation="CPython", os_name="posix")
+
+# The image's Python packages as the mirror gets them: the known versions, and the others our code, pruna or the
+# kit's wheels import (the image's versions of those are unknown; these are the newest that fit).
+MIRROR_PACKAGES = [
+    "torch==2.11.0", "triton==3.6.0", "torchvision==0.26.0", "transformers==5.17.0", "accelerate==1.15.0",
+    "huggingface_hub==1.33.0", "safetensors==0.8.0", "tokenizers==0.23.2", "sentencepiece==0.2.2", "numpy==2.5.2",
+    "jaxtyping==0.3.11", "torchmetrics==1.9.0", "pytorch-lightning==2.6.6",
+    "pillow", "httpx", "pandas", "scipy", "scikit-learn", "requests", "rich", "tqdm", "pyyaml", "psutil", "einops",
+    "timm", "packaging", "filelock", "fsspec", "jinja2", "networkx", "sympy", "regex",
+    "colorama", "protobuf", "pyarrow", "xxhash", "zipp", "pyparsing", "typing-extensions", "nvidia-ml-py", "six",
+]
+
+IMPORTS = ("import flux, flux.engine, flux.speed, flux.fullsize, flux.tiny, lora_loader, tests.helpers.loras, "
+           "pruna, torchao, diffusers, peft; "
+           "from pruna.algorithms import AlgorithmRegistry as R; "
+           "missing = {'fora', 'torchao'} - set(R._registry); assert not missing, missing; "
+           "print('imports ok: pruna', pruna.__version__, 'diffusers', diffusers.__version__, "
+           "'torchao', torchao.__version__, 'peft', peft.__version__)")
+
+SMOKE = """
+import flux, logging
+from flux import logs, weights
+logs.configure()
+from flux.engine import Engine
+from flux.request import Request
+e = Engine.load(weights.sources(has_cuda=False))
+r = e.generate(Request.build(prompt='a prune', num_inference_steps=2, megapixels='0.25', go_fast=True,
+                             speed_mode='Juiced \U0001F525 (default)'))
+print('smoke ok: images', len(r.images))
+"""
+
+
+def pins(files: tuple[str, ...] = ("requirements.txt",)) -> dict[str, str]:
+    out = {}
+    for line in "\n".join((ROOT / f).read_text() for f in files).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[canonicalize_name(name.split("[", 1)[0])] = version.strip()
+    return out
+
+
+def mib(n: int) -> float:
+    return n / 2 ** 20
+
+
+# ----- download --------------------------------------------------------------------------------------------------
+
+
+def wheels_in(folder: Path) -> dict[str, list[tuple[Path, Version]]]:
+    found: dict[str, list[tuple[Path, Version]]] = {}
+    for path in sorted(folder.glob("*.whl")):
+        name, version, _, _ = parse_wheel_filename(path.name)
+        found.setdefault(canonicalize_name(name), []).append((path, version))
+    return found
+
+
+def download(folder: Path, name: str, version: str) -> Path:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".dl-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+               "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
+        for platform in PLATFORMS:
+            cmd += ["--platform", platform]
+        cmd += ["-d", tmp, f"{name}=={version}"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        got = list(Path(tmp).glob("*.whl"))
+        if run.returncode or len(got) != 1:
+            sys.exit(f"device-kit: could not download {name}=={version}:\n{run.stderr.strip()}")
+        final = folder / got[0].name
+        os.replace(got[0], final)
+        return final
+
+
+def build(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    pinned = pins()
+    missing = [n for n in KIT if canonicalize_name(n) not in pinned]
+    if missing:
+        sys.exit(f"device-kit: requirements.txt pins none of: {', '.join(missing)}")
+    have = wheels_in(folder)
+    for name in KIT:
+        key = canonicalize_name(name)
+        want = Version(pinned[key])
+        for path, version in have.get(key, []):
+            if version != want:
+                print(f"device-kit: removing {path.name} (the kit pins {name}=={want})")
+                path.unlink()
+        if any(v == want for _, v in have.get(key, [])):
+            continue
+        print(f"device-kit: downloading {name}=={want}", flush=True)
+        download(folder, name, str(want))
+    have = wheels_in(folder)
+    strangers = sorted(set(have) - {canonicalize_name(n) for n in KIT})
+    for key in strangers:
+        for path, _ in have[key]:
+            print(f"device-kit: warning: {path.name} is not part of the kit; it travels and installs too")
+    doubles = [key for key, found in have.items() if len(found) > 1]
+    if doubles:
+        sys.exit(f"device-kit: more than one version of {', '.join(doubles)} in {folder}: keep one")
+    report = describe(folder)
+    print(report)
+    (folder / "README.txt").write_text(report)
+    total = sum(p.stat().st_size for p in folder.glob("*.whl"))
+    if mib(total) > LIMIT_MIB:
+        sys.exit(f"device-kit: FAIL: the wheels in {folder} take {mib(total):.1f} MiB, over the {LIMIT_MIB} MiB "
+                 "that may travel")
+    return 0
+
+
+# ----- what it carries, what it leaves out -----------------------------------------------------------------------
+
+
+def wheel_requires(path: Path) -> list[Requirement]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode("utf-8", "replace")
+    reqs = []
+    for line in text.splitlines():
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(dict(TARGET_ENV, extra="")):
+                reqs.append(req)
+    return reqs
+
+
+def describe(folder: Path | None) -> str:
+    pinned = pins()
+    carried = {canonicalize_name(n): Version(pinned[canonicalize_name(n)]) for n in KIT}
+    lines = ["The device kit: wheels for the GPU machine's image (nvidia-h200, Python 3.12, torch 2.11), made by",
+             "script/device-kit (script/device_kit.py says why each one travels and how the set was found).",
+             "",
+             "Install on the GPU machine (carry this folder):",
+             "  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\",
+             f"    --target /tmp/site {folder.name if folder else '.whl'}/*.whl && export PYTHONPATH=/tmp/site",
+             "", "Carried:"]
+    total = 0
+    files = wheels_in(folder) if folder else {}
+    for name, why in KIT.items():
+        key = canonicalize_name(name)
+        size = files[key][0][0].stat().st_size if key in files else 0
+        total += size
+        shown = f"{mib(size):6.2f} MiB" if key in files else "   (not downloaded)" if files else "         "
+        lines.append(f"  {name:42s} {str(carried[key]):10s} {shown}  {why}")
+    lines.append(f"  {'total':42s} {'':10s} {mib(total):6.2f} MiB  (limit {LIMIT_MIB} MiB)")
+
+    # Every requirement of every carried wheel: carried, on the image (checked where its version is known), or
+    # left out (and why).
+    problems, unknown, left, image_ok = [], {}, {}, set()
+    for name in KIT:
+        key = canonicalize_name(name)
+        if key not in files:
+            continue
+        for req in wheel_requires(files[key][0][0]):
+            dep = canonicalize_name(req.name)
+            if dep in carried:
+                if not req.specifier.contains(carried[dep], prereleases=True):
+                    problems.append(f"{name} needs {req}, the kit carries {dep} {carried[dep]}")
+            elif dep in IMAGE_VERSIONS:
+                if not req.specifier.contains(IMAGE_VERSIONS[dep], prereleases=True):
+                    problems.append(f"{name} needs {req}, the image has {dep} {IMAGE_VERSIONS[dep]}")
+                image_ok.add(dep)
+            elif dep in IMAGE_PACKAGES:
+                if str(req.specifier):
+                    unknown.setdefault(f"{dep}{req.specifier}", []).append(name)
+            else:
+                left.setdefault(dep, []).append(name)
+    lines += ["", "Left out (required by a carried wheel, on neither the image nor the kit; not needed to import",
+              "pruna and run pruna.smash with fora and torchao, as `script/device-kit --check` shows):"]
+    if not files:  # nothing downloaded (--list): what the kit is known to leave out
+        left = {dep: ["pruna"] for dep in LEFT_OUT}
+    for dep in sorted(left):
+        lines.append(f"  {dep:30s} (of {', '.join(left[dep])}): {LEFT_OUT.get(dep, 'not imported at import time')}")
+    if files:
+        pruna_reqs = {canonicalize_name(r.name) for r in wheel_requires(files["pruna"][0][0])}
+        on_image = sorted(d for d in pruna_reqs if d not in carried and d in IMAGE_PACKAGES)
+        lines += ["", f"pruna's declared requirements on the image, not carried: {', '.join(on_image)}"]
+    if unknown:
+        lines += ["", "Constraints on image packages whose image version is unknown (not checked here; "
+                  "`--verify` checks them there):"]
+        lines += [f"  {spec} (from {', '.join(sorted(set(by)))})" for spec, by in sorted(unknown.items())]
+    lines += ["", "Image versions against the project's pins (requirements.txt); the API differences to expect:"]
+    for dep, version in sorted(IMAGE_VERSIONS.items()):
+        if dep in pinned and pinned[dep] != version:
+            lines.append(f"  {dep:20s} image {version:10s} project {pinned[dep]}")
+    if problems:
+        lines += ["", "PROBLEMS:"] + [f"  {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+# ----- mirror and checks -----------------------------------------------------------------------------------------
+
+
+def find_python312() -> str:
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
+    for cand in [shutil.which("python3.12"), *pyenv, "/usr/bin/python3.12"]:
+        if cand and subprocess.run([cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                   capture_output=True).returncode == 0:
+            return cand
+    sys.exit("device-kit: no Python 3.12 found (install one, or pass --python)")
+
+
+def make_mirror(venv: Path, python: str | None) -> int:
+    """A CPU virtualenv with the GPU image's versions (torch 2.11.0 CUDA build and its nvidia-* wheels, several GB):
+        python3.12 -m venv VENV && VENV/bin/python -m pip install -U pip
+        VENV/bin/python -m pip install <MIRROR_PACKAGES>
+        VENV/bin/python -m pip uninstall -y <whatever that pulled in that the image does not have>
+    No diffusers, pruna, torchao or peft: those come from the kit."""
+    python = python or find_python312()
+    steps = [[python, "-m", "venv", str(venv)],
+             [str(venv / "bin/python"), "-m", "pip", "install", "-q", "-U", "pip"],
+             [str(venv / "bin/python"), "-m", "pip", "install", "-q", *MIRROR_PACKAGES]]
+    for cmd in steps:
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    listed = subprocess.run([str(venv / "bin/python"), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout
+    extra = [line.split("==")[0] for line in listed.splitlines()
+             if "==" in line and canonicalize_name(line.split("==")[0]) not in IMAGE_PACKAGES]
+    if extra:  # e.g. pydantic (typer's), tzdata (python-dateutil's): not on the image, so not in its mirror
+        cmd = [str(venv / "bin/python"), "-m", "pip", "uninstall", "-q", "-y", *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    print(f"device-kit: mirror ready: {venv}/bin/python")
+    return 0
+
+
+def offline(cmd: list[str]) -> list[str]:
+    """The command without network (loopback only), as on the GPU machine, where this machine allows it."""
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+    return cmd
+
+
+# What the test suite needs beyond the image and the kit (cog is not on the image): for `--check --tests` only, in a
+# folder of its own beside the kit's site; never part of the kit.
+TEST_OVERLAY = ["cog", "coglet", "structlog", "pytest", "iniconfig", "pluggy"]
+
+
+def check(folder: Path, venv: Path, site: Path, bench: bool, tests: bool = False) -> int:
+    python = str(venv / "bin/python")
+    shutil.rmtree(site, ignore_errors=True)
+    install = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--upgrade", "--target", str(site), *sorted(map(str, folder.glob("*.whl")))]
+    print("+", " ".join(install[:11]), f"{site} {folder}/*.whl", flush=True)
+    subprocess.run(install, check=True)
+    weights_dir = Path(tempfile.mkdtemp(prefix="kitcheck-weights-"))
+    env = dict(os.environ, PYTHONPATH=f"{site}:{ROOT}", PYTHONUNBUFFERED="1", FLUX_WEIGHTS="tiny",
+               FLUX_WEIGHTS_DIR=str(weights_dir))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    results = []
+
+    def step(label: str, cmd: list[str], timeout: int) -> None:
+        print(f"\n== {label}", flush=True)
+        start = time.monotonic()
+        try:
+            rc = subprocess.run(offline(cmd), env=env, cwd=ROOT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        results.append((label, rc, time.monotonic() - start))
+
+    if tests:
+        overlay = Path(f"{site}-tests")
+        shutil.rmtree(overlay, ignore_errors=True)
+        dev = pins(("requirements.txt", "requirements-dev.txt"))
+        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--target", str(overlay), *(f"{n}=={dev[n]}" for n in TEST_OVERLAY)], check=True)
+    step("1. imports", [python, "-c", IMPORTS], 600)
+    step("2. smoke run (tiny engine, go_fast, Juiced)", [python, "-c", SMOKE], 1200)
+    if bench:
+        probe = subprocess.run([python, "script/benchmark.py", "gpu", "--help"], env=env, cwd=ROOT,
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and "--tiny" in probe.stdout:
+            out = Path(tempfile.mkdtemp(prefix="kitbench-"))
+            # dynamo's eager backend: every section runs in minutes on a CPU (as tests/test_benchmark.py runs it)
+            step("3. benchmark gpu --tiny", [python, "script/benchmark.py", "gpu", "--tiny", "--backend", "eager",
+                                             "--size", "256x256", "--steps", "2", "--repeats", "1", "--budget", "900",
+                                             "--out", str(out)], 1800)
+        else:
+            print("\n== 3. benchmark gpu --tiny: script/benchmark.py has no 'gpu --tiny' command yet")
+            results.append(("3. benchmark gpu --tiny", "absent", 0.0))
+    if tests:
+        env["PYTHONPATH"] = f"{site}:{overlay}:{ROOT}"
+        step("4. the test suite (no tests/test_fuzz.py: schemathesis is not there)",
+             [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ignore=tests/test_fuzz.py", "-rf", "tests"],
+             3600)
+    shutil.rmtree(weights_dir, ignore_errors=True)
+    print("\nResults:")
+    for label, rc, secs in results:
+        verdict = "SKIP" if rc == "absent" else "PASS" if rc == 0 else "FAIL"
+        print(f"  {verdict} {label} (rc {rc}, {secs:.0f} s)")
+    return 0 if all(rc in (0, "absent") for _, rc, _ in results) else 1
+
+
+def verify(folder: Path) -> int:
+    """On the GPU machine, with the kit installed and on PYTHONPATH: each carried wheel's requirements against what
+    this python sees (the image's unknown versions included), then the imports."""
+    import importlib.metadata as md
+
+    bad, conflicts, seen = 0, 0, {}
+    kit = wheels_in(folder)
+    for key, found in sorted(kit.items()):
+        for req in wheel_requires(found[0][0]):
+            dep = canonicalize_name(req.name)
+            try:
+                have = md.version(req.name)
+            except md.PackageNotFoundError:
+                if dep not in LEFT_OUT:
+                    print(f"  MISSING {req} (of {key})")
+                    bad += 1
+                continue
+            if dep not in kit:
+                seen[dep] = have
+            if not req.specifier.contains(have, prereleases=True):
+                # A warning: declared bounds are often wider than what an import needs (datasets 5.2 declares
+                # pyarrow>=24 and imports with pyarrow 21); the imports below decide.
+                print(f"  CONFLICT (warning) {key} declares {req}, found {dep} {have}")
+                conflicts += 1
+    print("device-kit: versions found here for the kit's requirements:",
+          ", ".join(f"{d} {v}" for d, v in sorted(seen.items())))
+    kit_paths = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(":") if p}
+    below = [p for p in sys.path if p and os.path.realpath(p) not in kit_paths]
+    shadowed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions(path=below)
+                if canonicalize_name(d.metadata["Name"]) in kit}
+    if shadowed:
+        print("device-kit: the kit shadows these of this python's own:",
+              ", ".join(f"{d} {v}" for d, v in sorted(shadowed.items())))
+    print(f"device-kit: verify: {bad} missing requirement(s), {conflicts} version conflict(s) (warnings)")
+    rc = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=f"{os.environ.get('PYTHONPATH', '')}:{ROOT}")).returncode
+    return 1 if bad or rc else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="script/device-kit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", default=str(ROOT / ".whl"), help="the kit folder (default: .whl)")
+    p.add_argument("--list", action="store_true", help="print what the kit carries and leaves out; download nothing")
+    p.add_argument("--make-mirror", metavar="VENV", help="build the CPU mirror of the GPU image at VENV")
+    p.add_argument("--python", help="the Python 3.12 for --make-mirror (default: found)")
+    p.add_argument("--check", action="store_true", help="install DIR into --site and run the checks with --mirror")
+    p.add_argument("--mirror", metavar="VENV", default="/tmp/mirror312", help="the mirror for --check")
+    p.add_argument("--site", default="/tmp/site312", help="where --check installs the kit (emptied first)")
+    p.add_argument("--bench", action="store_true", help="--check also runs `benchmark.py gpu --tiny`")
+    p.add_argument("--tests", action="store_true", help="--check also runs the test suite (cog and pytest from "
+                   "PyPI into SITE-tests, beside the kit)")
+    p.add_argument("--verify", action="store_true", help="on the GPU machine: check the installed kit")
+    args = p.parse_args(argv)
+    folder = Path(args.dir).resolve()
+    if args.make_mirror:
+        return make_mirror(Path(args.make_mirror), args.python)
+    if args.list:
+        print(describe(folder if any(folder.glob("*.whl")) else None))
+        return 0
+    if args.verify:
+        return verify(folder)
+    build(folder)
+    if args.check:
+        return check(folder, Path(args.mirror), Path(args.site), args.bench, args.tests)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
