@@ -431,8 +431,9 @@ def _pickle_message(shown: str) -> str:
 @dataclass(frozen=True)
 class Fetched:
     key: str
-    shown: str
+    shown: str  # safe to log and to return: never a token or a query string
     path: Path
+    cached: bool  # it was in the disk cache already
 
 
 class LoraLoader:
@@ -452,12 +453,12 @@ class LoraLoader:
         path = files.get(source.key)
         if path is not None:
             log.info("lora: %s from the cache in %.2fs", ref.shown, time.monotonic() - started)
-            return Fetched(source.key, ref.shown, path)
+            return Fetched(source.key, ref.shown, path, cached=True)
         with files.staging() as folder:
             raw = source.fetch(folder, tokens)
             path = files.put(source.key, _as_safetensors(raw, folder, ref.shown))
         log.info("lora: %s fetched into the cache in %.2fs", ref.shown, time.monotonic() - started)
-        return Fetched(source.key, ref.shown, path)
+        return Fetched(source.key, ref.shown, path, cached=False)
 
     def _locate(self, reference: str, ref: Ref, tokens: Tokens) -> Source:
         if ref.pinned:

@@ -175,7 +175,10 @@ class Predictor(BasePredictor):
             go_fast=go_fast,
             speed_mode=speed_mode,
         )
-        return [Path(p) for p in self.engine.run(request, self._new_out_dir())]
+        prediction = self.engine.run(request, self._new_out_dir())
+        for name, value in prediction.metrics.items():  # beside predict_time in the response's metrics
+            self.record_metric(name, value)
+        return [Path(p) for p in prediction.paths]
 
     def _new_out_dir(self) -> _Path:
         """A fresh folder name per prediction, created only when outputs are written (a cancelled or failed

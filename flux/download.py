@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from . import netguard
+from .progress import Meter, human_bytes
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Limits:
     part_size: int = 64 * MiB
     workers: int = 8
     retries: int = 4
+    progress_bytes: int = 4 * MiB  # a download this big (or of unknown size) logs its progress as it goes
 
 
 class DownloadError(UserError):
@@ -93,14 +95,6 @@ def _headers_for(url: str, original: str, headers: dict[str, str]) -> dict[str, 
     if same_origin(url, original):
         return headers
     return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class _Deadline:
@@ -163,15 +157,16 @@ def download(
             found = _probe(session, url, headers, what, auth_hint)
             if found.size is not None and found.size > limits.max_bytes:
                 raise DownloadError(
-                    f"{what}: {redact(url)} is {_human(found.size)}, over the {_human(limits.max_bytes)} limit."
+                    f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
                 )
             # Parts come from where the redirects led (one version of the file, one hop), without credentials
             # meant for the first host.
             target, target_headers = found.url, _headers_for(found.url, url, headers)
+            meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
             if found.ranges and found.size is not None and found.size > limits.part_size:
-                _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint)
+                _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             else:
-                _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint)
+                _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             os.replace(part, dest)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -228,7 +223,8 @@ def _probe(client: httpx.Client, url: str, headers: dict, what: str, auth_hint: 
         raise _status_error(response, what, url, auth_hint)
 
 
-def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline, auth_hint) -> None:
+def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline, auth_hint,
+            meter: Meter | None) -> None:
     """One GET, resumed with a Range header after a dropped connection where the server allows it."""
     received = 0
     attempt = 0
@@ -245,13 +241,17 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                         fh.seek(0)
                         fh.truncate()
                         received = 0
+                        if meter is not None:
+                            meter.done = 0
                     for chunk in response.iter_bytes(MiB):
                         received += len(chunk)
                         if received > limits.max_bytes:
-                            raise DownloadError(f"{what}: {redact(url)} is over the {_human(limits.max_bytes)} limit.")
+                            raise DownloadError(f"{what}: {redact(url)} is over the {human_bytes(limits.max_bytes)} limit.")
                         if size is not None and received > size:
                             raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
                         fh.write(chunk)
+                        if meter is not None:
+                            meter.advance(len(chunk))
                         deadline.check(what, url)
                 if size is None or received == size:
                     return
@@ -266,7 +266,8 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                 deadline.check(what, url, problem)
 
 
-def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline, auth_hint) -> None:
+def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline, auth_hint,
+              meter: Meter | None) -> None:
     """Ranged GETs in parallel, each written at its offset; each range retried from where it stopped."""
     with open(part, "wb") as fh:
         fh.truncate(size)
@@ -289,6 +290,8 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
                             raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
                         os.pwrite(fd, chunk, offset)
                         offset += len(chunk)
+                        if meter is not None:
+                            meter.advance(len(chunk))
                         deadline.check(what, url)
                 if offset <= last:
                     raise httpx.RemoteProtocolError("short range")

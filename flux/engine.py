@@ -26,7 +26,7 @@ from PIL import Image
 
 import lora_loader  # top level beside predict.py, as the design lays it out
 
-from . import compile_cache, compiler, logs, speed, weights
+from . import compile_cache, compiler, logs, progress, speed, weights
 from . import images as image_io
 from .errors import UserError
 from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
@@ -46,6 +46,17 @@ class Result:
     seeds: list[int]
     flagged: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # denoising steps each output ran
+    passes: int = 0  # transformer passes that computed (FORA's cached steps do not), over every pipeline call
+    loras: list[lora_loader.Fetched] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    """What a prediction returns: its files, and its facts for the response's metrics (README, "Response")."""
+
+    paths: list[Path]
+    metrics: dict[str, object]
 
 
 def _free_memory() -> None:
@@ -288,8 +299,9 @@ class Engine:
                 f"prompt is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the prompt."
             )
 
-    def use_loras(self, req: Request) -> None:
-        """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing."""
+    def use_loras(self, req: Request) -> list[lora_loader.Fetched]:
+        """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing.
+        Returns what was fetched, for the metrics."""
         loader = self.lora_loader
         tokens = lora_loader.Tokens.of(req.hf_api_token, req.civitai_api_token)
         targets = [req.model, TEXT_ENCODER]
@@ -306,6 +318,7 @@ class Engine:
         self.loras.use(adapters, targets)
         if req.fp8:
             self._sync_fp8()
+        return [got for got, _ in fetched.values()]
 
     def _sync_fp8(self) -> None:
         """Bring dev-fp8 to dev's LoRA state: re-quantize the layers that either state touches."""
@@ -335,46 +348,71 @@ class Engine:
         path = self.path(req.path)
         self.memory.use(req.path, self.working_bytes(req))
         started = time.monotonic()
-        self.use_loras(req)
-        lora_seconds = time.monotonic() - started
+        fetched = self.use_loras(req)
+        timings = {"lora": time.monotonic() - started}
         kwargs = dict(
-            prompt=req.prompt,
             width=req.width,
             height=req.height,
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
-            max_sequence_length=MAX_SEQUENCE_LENGTH[req.model],
             output_type="pil",
         )
         if req.image is not None:
             kwargs.update(image=req.image, strength=req.prompt_strength)
         if req.mask is not None:
             kwargs.update(mask_image=req.mask)
-        started = time.monotonic()
-        images = self._run(path, req.task, speed.mode(req.speed_mode), kwargs, req.seeds)
+        result = self._run(path, req, speed.mode(req.speed_mode), kwargs, timings)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
+            started = time.monotonic()
             processor = self._base.image_processor
-            images = [processor.apply_overlay(req.mask, req.image, img) for img in images]
-        return Result(images=images, seeds=req.seeds, timings={"lora": lora_seconds, "generate": time.monotonic() - started})
+            result.images = [processor.apply_overlay(req.mask, req.image, img) for img in result.images]
+            timings["decode"] += time.monotonic() - started
+        result.loras = fetched
+        return result
 
-    def _run(self, path: speed.FastPath, task: str, mode: speed.Mode, kwargs: dict,
-             seeds: list[int]) -> list[Image.Image]:
-        """All outputs in one batch through the transformer; one at a time if that runs out of memory."""
+    def encode_prompt(self, req: Request, outputs: int) -> dict[str, torch.Tensor]:
+        """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
+        the embeddings the pipeline is then given, so that text encoding is timed apart."""
+        prompt_embeds, pooled, _ = self._base.encode_prompt(
+            prompt=req.prompt, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
+            max_sequence_length=MAX_SEQUENCE_LENGTH[req.model])
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _run(self, path: speed.FastPath, req: Request, mode: speed.Mode, kwargs: dict,
+             timings: dict[str, float]) -> Result:
+        """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
+        progress bar over every call; the time of each stage and the transformer passes added up over them."""
+        steps = progress.Steps(calls=1)
+        timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
+        passes = [0]
+
         def call(batch_seeds: list[int]) -> list[Image.Image]:
             # CPU generators: the same seed gives the same noise on any device.
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with torch.inference_mode():
-                return path.run(task, mode, num_images_per_prompt=len(batch_seeds), generator=generators,
-                                **kwargs).images
+                started = time.monotonic()
+                embeds = self.encode_prompt(req, len(batch_seeds))
+                denoising = time.monotonic()
+                timings["text_encode"] += denoising - started
+                output, cached = path.run(req.task, mode, generator=generators, callback_on_step_end=steps,
+                                          **embeds, **kwargs)
+            ended = time.monotonic()
+            timings["denoise"] += (steps.last_step_at or ended) - denoising
+            timings["decode"] += ended - (steps.last_step_at or ended)
+            passes[0] += steps.steps_per_call - cached
+            return output.images
 
+        seeds = req.seeds
         try:
-            return call(seeds)
+            images = call(seeds)
         except torch.OutOfMemoryError:
             if len(seeds) == 1:
                 raise
             _free_memory()
             log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
-            return [img for s in seeds for img in call([s])]
+            steps.expect(len(seeds))
+            images = [img for s in seeds for img in call([s])]
+        return Result(images=images, seeds=seeds, timings=timings, steps=steps.steps_per_call, passes=passes[0])
 
     def check_safety(self, req: Request, result: Result) -> Result:
         """Drop flagged images; fail if none is left."""
@@ -392,9 +430,10 @@ class Engine:
                 f"All {len(flags)} generated images were flagged as NSFW by the safety checker. "
                 "Try a different prompt or seed."
             )
-        return Result([i for i, _ in kept], [s for _, s in kept], flagged, result.timings)
+        result.images, result.seeds, result.flagged = [i for i, _ in kept], [s for _, s in kept], flagged
+        return result
 
-    def run(self, req: Request, out_dir: Path) -> list[Path]:
+    def run(self, req: Request, out_dir: Path) -> Prediction:
         """Generate, check, write files: the whole prediction after validation."""
         started = time.monotonic()
         graphs = self.graphs()
@@ -412,10 +451,32 @@ class Engine:
                 log.warning("compile: this prediction compiled new graphs (%s, now %s)", graphs, self.graphs())
         log.info(
             "prediction: path=%s speed_mode=%s task=%s size=%dx%d steps=%d outputs=%d seeds=%s %s total=%.2fs",
-            req.path, req.speed_mode, req.task, req.width, req.height, req.num_inference_steps, len(paths), result.seeds,
+            req.path, req.speed_mode, req.task, req.width, req.height, result.steps, len(paths), result.seeds,
             " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), time.monotonic() - started,
         )
-        return paths
+        return Prediction(paths, metrics(req, result, len(paths)))
+
+
+def metrics(req: Request, result: Result, image_count: int) -> dict[str, object]:
+    """The prediction's facts under the names callers key on (README, "Response"). Never a token: LoRAs appear as
+    the logs show them, without query strings."""
+    facts: dict[str, object] = {
+        "seed": result.seeds[0],
+        "seeds": list(result.seeds),
+        "image_count": image_count,
+        "nsfw_count": result.flagged,
+        "width": req.width,
+        "height": req.height,
+        "num_inference_steps": result.steps,
+        "transformer_passes": result.passes,
+        "path": req.path,
+        "speed_mode": req.speed_mode,
+    }
+    if result.loras:
+        facts["lora"] = [got.shown for got in result.loras]
+        facts["lora_cached"] = all(got.cached for got in result.loras)
+    facts.update({f"timing.{stage}": round(seconds, 4) for stage, seconds in result.timings.items()})
+    return facts
 
 
 def _with_transformer(pipe, transformer, **changes):

@@ -38,7 +38,7 @@ from typing import Iterable
 
 import torch
 
-from . import compiler, sizes
+from . import compiler, progress, sizes
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,8 @@ class FastPath:
                        for task, pipe in pipelines.items()}
         self.compiled: list[compiler.Compiled] = []  # its blocks, and the VAE decoder it shares with other paths
 
-    def run(self, task: str, mode: Mode, **kwargs):
+    def run(self, task: str, mode: Mode, **kwargs) -> tuple[object, int]:
+        """The pipeline's output, and how many denoising steps FORA served from its cache (0 with mode Off)."""
         try:
             return self._run(task, mode, **kwargs)
         except Exception as exc:
@@ -358,13 +359,15 @@ class FastPath:
     def _run(self, task: str, mode: Mode, **kwargs):
         model = self.models[task]
         if not mode.caches:
-            return model(**kwargs)
+            return model(**kwargs), 0
         helper = self.helper
         helper.pipe = model.model  # FORA reads the step count from the pipeline it wraps
         helper.set_params(interval=mode.interval, start_step=mode.start_step)
         helper.enable()  # wraps the blocks' (compiled) forwards and the pipeline's __call__, which resets it
         try:
-            return model(**kwargs)
+            output = model(**kwargs)
+            ran = helper.step  # FORA's schedule: 1 computes the step, 0 reuses the cached block outputs
+            return output, ran - sum(helper.cache_schedule[:ran])
         finally:
             helper.disable()
 
@@ -405,11 +408,14 @@ def warm_up(path: FastPath, max_sequence_length: int, shapes: list[tuple[int, in
     """One denoising step at every size through a compiled path (latents only: the VAE decoder is warmed apart)."""
     started = time.monotonic()
     off = mode(OFF)
-    for width, height, batch in shapes or warm_sizes():
+    shapes = shapes or warm_sizes()
+    meter = progress.Meter(f"setup: warm-up {path.name}", len(shapes), unit="sizes", every_percent=25)
+    for width, height, batch in shapes:
         with torch.inference_mode():
             path.run("txt2img", off, prompt="warm-up", width=width, height=height, num_inference_steps=1,
                      num_images_per_prompt=batch, max_sequence_length=max_sequence_length, output_type="latent",
                      generator=torch.Generator("cpu").manual_seed(0))
+        meter.advance(1, f"{width}x{height} x{batch}")
     return time.monotonic() - started
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import download as dl
-from . import netguard, tiny
+from . import netguard, progress, tiny
 from .paths import weights_dir
 from .errors import UserError
 
@@ -167,6 +167,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
     try:
         snapshot_download(
             repo_id, local_dir=dest, allow_patterns=patterns, token=token, max_workers=16,
+            tqdm_class=progress.HubBytes.named(_what(kind)),  # bytes, percent and rate in the setup log
             endpoint=os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror can be set at run time
         )
     except GatedRepoError:

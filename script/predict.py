@@ -4,16 +4,19 @@
 
 Like `cog predict`: each -i is name=value (value typed by the schema; @path sends a
 file), outputs are written to output.<i>.<ext> in the current folder (or -o), and
-the prediction's logs are printed. The server's own log goes to stderr.
+the prediction's logs are printed as they come (its progress bar live: the server's
+`logs` webhooks, received on 127.0.0.1), then its metrics. The server's own log goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.server
 import json
 import mimetypes
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -73,9 +76,9 @@ def parse_inputs(pairs: list[str], schema: dict) -> dict:
     return inputs
 
 
-def request(url: str, body: dict | None = None, timeout: float = 5.0):
+def request(url: str, body: dict | None = None, timeout: float = 5.0, headers: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as response:
         return response.status, json.loads(response.read() or b"null")
 
@@ -108,6 +111,50 @@ def echo_setup_log(stream) -> None:
             message = fields.get("message", "")
             if message.strip() and "\r" not in message:
                 print(message, file=sys.stderr, flush=True)
+
+
+class Webhooks:
+    """A webhook receiver on 127.0.0.1: the server posts the prediction to it as it starts, as its logs grow and
+    when it completes."""
+
+    def __init__(self):
+        self.received: queue.Queue = queue.Queue()
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.end_headers()
+                received.put(json.loads(body or b"{}"))
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
+
+    def follow(self, server: subprocess.Popen) -> dict:
+        """Print the prediction's new log text as each webhook brings it; return the completed prediction."""
+        shown = 0
+        try:
+            while True:
+                try:
+                    prediction = self.received.get(timeout=1)
+                except queue.Empty:
+                    if server.poll() is not None:
+                        raise SystemExit(f"the cog server exited during the prediction (code {server.returncode})")
+                    continue
+                logs = prediction.get("logs") or ""
+                if len(logs) > shown:
+                    sys.stderr.write(logs[shown:])
+                    sys.stderr.flush()
+                    shown = len(logs)
+                if prediction.get("status") in ("succeeded", "failed", "canceled"):
+                    return prediction
+        finally:
+            self.server.shutdown()
 
 
 def write_outputs(output, out: str | None) -> list[Path]:
@@ -148,17 +195,21 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, server)
+        hooks = Webhooks()
         try:
-            status, prediction = request(base + "/predictions", {"input": inputs}, timeout=None)
+            request(base + "/predictions", {"input": inputs, "webhook": hooks.url,
+                                            "webhook_events_filter": ["start", "logs", "completed"]},
+                    headers={"Prefer": "respond-async"})
         except urllib.error.HTTPError as exc:
             detail = json.loads(exc.read() or b"{}").get("detail", [])
             for d in detail:
                 print(f"invalid input {'.'.join(map(str, d['loc'][2:]))}: {d['msg']}", file=sys.stderr)
             return 1
-        sys.stderr.write(prediction.get("logs") or "")
+        prediction = hooks.follow(server)
         if prediction.get("status") != "succeeded":
             print(f"prediction {prediction.get('status')}: {prediction.get('error')}", file=sys.stderr)
             return 1
+        print(f"metrics: {json.dumps(prediction.get('metrics') or {}, ensure_ascii=False)}", file=sys.stderr)
         for path in write_outputs(prediction.get("output"), args.output):
             print(f"Written output to: {path}")
         return 0

@@ -17,7 +17,7 @@ from tests.helpers import images
 from tests.helpers.images import data_uri as uri
 from tests.helpers.images import encoded
 from tests.helpers.http import FileServer
-from tests.helpers.server import CogServer, WebhookReceiver, decode_image, rss_bytes, worker_pid
+from tests.helpers.server import CogServer, WebhookReceiver, client_progress, decode_image, rss_bytes, worker_pid
 
 pytestmark = pytest.mark.server
 
@@ -181,6 +181,8 @@ def test_out_of_memory_fails_cleanly_then_recovers(server_env, tmp_path_factory)
         status, body = srv.predict({**REFERENCE, "num_outputs": 4})
         assert body["status"] == "succeeded" and len(body["output"]) == 4
         assert "one at a time" in body["logs"]
+        bar = client_progress(body)  # one bar over the four calls; their passes add up
+        assert (bar.current, bar.total) == (8, 8) and body["metrics"]["transformer_passes"] == 8
         # And the next prediction is the same as anywhere else.
         status, body = srv.predict(REFERENCE)
         assert body["status"] == "succeeded"
@@ -241,6 +243,28 @@ def test_client_dropping_a_sync_request_cancels_it(slow_server):
         slow_server.predict({**REFERENCE, "num_inference_steps": 40}, timeout=2 * STEP_SECONDS)
     slow_server.wait_status(timeout=STEP_SECONDS + 5)  # back to READY within about a step, not 40 steps
     assert reference_output(slow_server) == reference
+
+
+def test_progress_advances_while_the_prediction_runs(slow_server):
+    """The logs webhooks of a slow prediction, read as the real replicate client reads prediction.progress: the bar
+    moves step by step before the prediction completes, and ends full."""
+    steps = 6
+    with WebhookReceiver() as hook:
+        status, _ = slow_server.request(
+            "POST", "/predictions",
+            {"input": {**REFERENCE, "num_inference_steps": steps, "num_outputs": 2}, "webhook": hook.hook_url,
+             "webhook_events_filter": ["logs", "completed"]},
+            headers={"Prefer": "respond-async"},
+        )
+        assert status == 202
+        events = hook.wait_for(lambda e: any(x["status"] == "succeeded" for x in e))
+    seen = [client_progress(e) for e in events]
+    running = [(p.current, p.total) for p, e in zip(seen, events) if p is not None and e["status"] == "processing"]
+    assert len(set(running)) >= 3, running  # several distinct points while it ran
+    assert all(total == steps for _, total in running) and all(c < steps for c, _ in running[:-1])
+    assert [c for c, _ in running] == sorted(c for c, _ in running)
+    final = seen[-1]
+    assert events[-1]["status"] == "succeeded" and (final.current, final.total, final.percentage) == (steps, steps, 1.0)
 
 
 def test_async_webhooks_start_output_logs_completed(slow_server):

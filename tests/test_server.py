@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import images
+from tests.helpers.fault_predictor import NSFW_MARK
 from tests.helpers.http import HubServer
-from tests.helpers.server import CogServer, decode_image, file_uri
+from tests.helpers.server import CogServer, client_progress, decode_image, file_uri
 
 pytestmark = pytest.mark.server
 TOKEN = "hf_SECRET_server_0123456789"
+FAULTS = "tests/helpers/fault_predictor.py:FaultPredictor"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,9 @@ def hub():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, weights_dir, hub):
     log = tmp_path_factory.mktemp("server") / "cog.log"
-    env = {"FLUX_WEIGHTS": "tiny", "FLUX_WEIGHTS_DIR": str(weights_dir), "HF_ENDPOINT": hub.base}
+    # The production predictor; its safety checker also flags the second output when a prompt holds NSFW_MARK.
+    env = {"FLUX_WEIGHTS": "tiny", "FLUX_WEIGHTS_DIR": str(weights_dir), "HF_ENDPOINT": hub.base,
+           "COG_PREDICT_TYPE_STUB": FAULTS, "FLUX_TEST_FAULT": "nsfw-marked"}
     with CogServer(log, env=env) as srv:
         srv.wait_status()
         yield srv
@@ -119,3 +123,98 @@ def test_lora_from_a_gated_repo_with_a_secret_token(server, hub):
     status, body = predict({"replicate_weights": "huggingface.co/me/gated-style"})
     assert body["status"] == "failed" and "pass hf_api_token" in body["error"]  # no token, no LoRA: even cached
     assert predict({})[1]["output"] == plain
+
+
+# ----- what callers see: progress, metrics, errors ------------------------------------------------------------------
+
+SMALL = {"prompt": "a knitted purple prune", "megapixels": "0.25", "num_inference_steps": 3, "seed": 5}
+
+
+def succeeded(server, inputs: dict) -> dict:
+    status, body = server.predict(inputs)
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    return body
+
+
+def progress_lines(logs: str) -> list:
+    """Each log line that the real replicate client reads as progress, parsed by it."""
+    from replicate.prediction import Prediction
+
+    return [p for p in (Prediction.Progress.parse(line) for line in logs.splitlines()) if p is not None]
+
+
+@pytest.mark.parametrize("inputs,steps", [
+    ({"num_outputs": 2}, 3),  # one bar for the whole batch
+    ({"num_inference_steps": 8, "prompt_strength": 0.5, "image": "gradient"}, 4),  # img2img runs 8 x 0.5
+    ({"num_inference_steps": 6, "speed_mode": "Juiced 🔥 (default)", "go_fast": True}, 6),  # cached steps count too
+    ({"model": "schnell", "num_inference_steps": 28}, 4),  # schnell runs at most 4
+], ids=["batch", "img2img", "speed-mode", "schnell"])
+def test_progress_is_one_bar_the_replicate_client_parses_over_the_steps_that_run(server, tmp_path, inputs, steps):
+    if inputs.get("image") == "gradient":
+        inputs = {**inputs, "image": file_uri(images.save(images.gradient(320, 256), tmp_path, "in.png"))}
+    body = succeeded(server, {**SMALL, **inputs})
+    bar = progress_lines(body["logs"])
+    assert [(p.current, p.total) for p in bar] == [(i, steps) for i in range(1, steps + 1)]
+    last = client_progress(body)  # what prediction.progress says
+    assert (last.percentage, last.current, last.total) == (1.0, steps, steps)
+    assert "\r" not in body["logs"]
+
+
+def test_metrics_carry_the_facts_of_a_prediction(server):
+    from flux import speed
+
+    body = succeeded(server, {**SMALL, "num_outputs": 2, "output_format": "png"})
+    m = body["metrics"]
+    assert {k: m[k] for k in ("seed", "seeds", "image_count", "nsfw_count", "width", "height", "num_inference_steps",
+                              "transformer_passes", "path", "speed_mode")} == {
+        "seed": 5, "seeds": [5, 6], "image_count": 2, "nsfw_count": 0, "width": 512, "height": 512,
+        "num_inference_steps": 3, "transformer_passes": 3, "path": "dev", "speed_mode": "Off"}
+    assert set(m["timing"]) == {"lora", "text_encode", "denoise", "decode", "safety", "encode"}
+    assert all(v >= 0 for v in m["timing"].values()) and m["timing"]["denoise"] > 0
+    assert m["predict_time"] >= sum(m["timing"].values()) * 0.9 and "lora" not in m
+
+    mode = "Extra Juiced 🔥 (more speed)"  # on the fp8 path
+    m = succeeded(server, {**SMALL, "num_inference_steps": 12, "speed_mode": mode})["metrics"]
+    assert (m["path"], m["speed_mode"], m["num_inference_steps"]) == ("dev-fp8", mode, 12)
+    assert m["transformer_passes"] == speed.computed_steps(speed.mode(mode), 12) < 12
+    m = succeeded(server, {**SMALL, "go_fast": True, "model": "schnell", "disable_safety_checker": True})["metrics"]
+    assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == ("schnell", 3, 3)
+    assert "safety" not in m["timing"]  # the checker did not run
+
+
+def test_metrics_of_img2img_count_the_steps_that_ran_at_the_image_size(server, tmp_path):
+    src = file_uri(images.save(images.gradient(480, 320), tmp_path, "in.png"))
+    m = succeeded(server, {**SMALL, "image": src, "num_inference_steps": 10, "prompt_strength": 0.3})["metrics"]
+    assert (m["width"], m["height"], m["num_inference_steps"], m["transformer_passes"]) == (480, 320, 3, 3)
+
+
+def test_metrics_count_what_the_safety_checker_removed(server):
+    m = succeeded(server, {**SMALL, "prompt": f"a prune {NSFW_MARK}", "num_outputs": 3, "seed": 20})
+    assert len(m["output"]) == 2
+    m = m["metrics"]
+    assert (m["image_count"], m["nsfw_count"], m["seed"], m["seeds"]) == (2, 1, 20, [20, 22])
+
+
+def test_metrics_say_whether_a_lora_was_cached_and_never_carry_a_secret(server, hub):
+    from flux import tiny
+    from tests.helpers import loras
+
+    update = loras.make_update(tiny.build_pipeline().transformer, "ATTENTION", seed=41)
+    url = hub.add("/signed/style.safetensors", loras.lora_bytes(update, "diffusers"))
+    secret_url = f"{url}?X-Amz-Signature=SIGNED{TOKEN}"
+    inputs = {**SMALL, "replicate_weights": secret_url, "hf_api_token": TOKEN, "lora_scale": 0.8}
+    first, again = succeeded(server, inputs)["metrics"], succeeded(server, inputs)["metrics"]
+    assert (first["lora_cached"], again["lora_cached"]) == (False, True)
+    assert first["lora"] == again["lora"] == [url] and first["timing"]["lora"] > 0
+    for m in (first, again):
+        assert TOKEN not in repr(m) and "SIGNED" not in repr(m)
+
+
+def test_a_failure_reads_as_coglets_prefix_then_our_message(server):
+    """coglet 0.23.1 writes a failed prediction's error as "Prediction failed: " (its PredictionError) + "Prediction
+    failed: " (its predict wrapper) + the exception as pyo3 shows it ("<class name>: <message>"); nothing in the
+    predictor can change that prefix (README, "Response")."""
+    status, body = server.predict({"prompt": "p", "aspect_ratio": "custom", "width": 512})
+    assert status == 200 and body["status"] == "failed"
+    assert body["error"] == ("Prediction failed: Prediction failed: UserError: aspect_ratio is custom: give both width "
+                             "and height (256 to 1440 pixels).")

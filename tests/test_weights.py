@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flux import tiny, weights
+from flux import progress, tiny, weights
 from flux.errors import UserError
 from tests.helpers.http import FileServer, HubServer
 
@@ -81,14 +81,18 @@ def test_unrecognised_source(weights_root):
         weights.locate("ftp:/what", "dev")
 
 
-def test_tar_url_downloaded_in_parallel_and_extracted_once(tiny_dev, weights_root, monkeypatch):
+def test_tar_url_downloaded_in_parallel_and_extracted_once(tiny_dev, weights_root, monkeypatch, caplog):
     from flux import download
 
     monkeypatch.setattr(download.Limits, "__init__", _small_parts(download.Limits.__init__))
+    caplog.set_level("INFO", logger="flux")
     body = tar_of(tiny_dev)
     with FileServer() as srv:
         url = srv.add("/weights/flux-dev.tar", body) + "?signature=SECRET"
         path = weights.locate(url, "dev")
+        meter = [r.getMessage() for r in caplog.records if r.name == "flux.progress"]
+        assert meter and meter[-1].startswith("dev weights: ") and "(100%)" in meter[-1] and "/s" in meter[-1]
+        assert len(meter) <= 21 and "SECRET" not in caplog.text  # every 5% at most, parts in parallel
         assert (path / "model_index.json").is_file() and (path / "transformer").is_dir()
         ranged = [r for r in srv.requests if r.headers.get("Range", "").startswith("bytes=") and r.headers["Range"] != "bytes=0-0"]
         assert len(ranged) > 1, "expected parallel ranged requests"
@@ -102,6 +106,7 @@ def _small_parts(original_init):
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         object.__setattr__(self, "part_size", 64 * 1024)
+        object.__setattr__(self, "progress_bytes", 64 * 1024)  # the tiny FLUX is small: show its progress too
     return init
 
 
@@ -162,12 +167,17 @@ def hub_files(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def test_hugging_face_repo(tiny_dev, weights_root, monkeypatch):
+def test_hugging_face_repo(tiny_dev, weights_root, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="flux")
     with HubServer() as hub:
         hub.add_repo("black-forest-labs/FLUX.1-dev", hub_files(tiny_dev), gated_token="hf_secret")
         monkeypatch.setenv("HF_ENDPOINT", hub.base)
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
         path = weights.locate("black-forest-labs/FLUX.1-dev", "dev")
+        meter = [r.getMessage() for r in caplog.records if r.name == "flux.progress"]
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and ".cache" not in f.parts and f.name != ".complete")
+        assert meter and meter[-1].startswith("dev weights: ") and "(100%)" in meter[-1]
+        assert progress.human_bytes(size) in meter[-1] and "hf_secret" not in caplog.text
         assert (path / "transformer" / "config.json").is_file()
         assert not (path / "flux1-dev.safetensors").exists()  # only what diffusers loads
         count = len(hub.requests)

@@ -4,6 +4,7 @@ FLUX_TEST_FAULT selects the fault (comma-separated):
   oom-once     the transformer raises torch.OutOfMemoryError on its first call (a GPU running out of memory)
   oom-batch    the transformer raises OutOfMemoryError whenever it sees more than one image at once
   slow-steps   every transformer call (one denoising step) first sleeps FLUX_TEST_STEP_SECONDS (default 0.5)
+  nsfw-marked  the safety checker also flags the second output of a prediction whose prompt holds NSFW_MARK
 Nothing else differs from predict.py:Predictor.
 """
 
@@ -15,6 +16,8 @@ import time
 import torch
 
 from predict import Predictor
+
+NSFW_MARK = "[rigged: flag the second output]"
 
 
 class FaultPredictor(Predictor):
@@ -36,3 +39,21 @@ class FaultPredictor(Predictor):
 
         transformer = self.engine.pipeline("dev", "txt2img").transformer
         transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        if "nsfw-marked" in faults:
+            self._rig_safety_checker()
+
+    def _rig_safety_checker(self) -> None:
+        engine, marked = self.engine, [False]
+        run, flags = engine.run, engine.safety.flags
+
+        def rigged_run(req, out_dir):
+            marked[0] = NSFW_MARK in req.prompt
+            return run(req, out_dir)
+
+        def rigged_flags(imgs):
+            got = list(flags(imgs))
+            if marked[0] and len(got) > 1:
+                got[1] = True
+            return got
+
+        engine.run, engine.safety.flags = rigged_run, rigged_flags

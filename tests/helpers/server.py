@@ -188,3 +188,11 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def client_progress(prediction: dict):
+    """`prediction.progress` as the real replicate client (replicate-python) computes it from a prediction's logs."""
+    from replicate.prediction import Prediction
+
+    return Prediction(id=prediction.get("id") or "local", model="local/flux", version="local",
+                      status=prediction.get("status") or "processing", logs=prediction.get("logs") or "").progress
