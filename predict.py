@@ -1,10 +1,10 @@
 """Cog entry point for FLUX.1-dev on Replicate.
 
 This file only declares the inputs (with Replicate's FLUX.1-dev names, defaults
-and bounds) and hands a validated Request to the engine in flux/. The values in
+and bounds) and hands them, by name, to the engine's Request in flux/. The values in
 Input(...) are literals because cog's schema generator reads this file without
-running it; flux/request.py:SPEC holds the same values for the engine, and
-tests/test_schema.py fails if the two ever disagree.
+running it; flux/request.py:SPEC holds the same values for the engine (the one other
+place an input is declared), and tests/test_schema.py fails if the two ever disagree.
 """
 
 import logging
@@ -34,6 +34,11 @@ class Predictor(BasePredictor):
     def predict(
         self,
         prompt: str = Input(description="Prompt for generated image"),
+        negative_prompt: Optional[str] = Input(
+            description="What the image should not show. Used only with true_cfg_scale above 1 (true classifier-free "
+            "guidance: two transformer passes per step, so about twice the denoising time).",
+            default=None,
+        ),
         image: Optional[Path] = Input(
             description="Input image for image to image or inpainting mode. The output keeps its aspect ratio "
             "(each side within 256..1440, a multiple of 16); aspect_ratio, width, height and megapixels are ignored.",
@@ -92,6 +97,13 @@ class Predictor(BasePredictor):
             le=10,
             default=3,
         ),
+        true_cfg_scale: float = Input(
+            description="True classifier-free guidance scale, against negative_prompt. 1 turns it off (one pass per "
+            "step); above 1 runs the transformer twice per step. Try 1.5 to 4.",
+            ge=1,
+            le=10,
+            default=1,
+        ),
         seed: Optional[int] = Input(
             description="Random seed. Set for reproducible generation; output i uses seed + i.", default=None
         ),
@@ -136,8 +148,8 @@ class Predictor(BasePredictor):
             description="CivitAI token, for CivitAI downloads that need one.", default=None
         ),
         go_fast: bool = Input(
-            description="Run faster predictions: the transformer in fp8, compiled. Images differ slightly from "
-            "the bf16 ones. With aspect_ratio custom it runs bf16.",
+            description="Run faster predictions: the transformer in fp8, compiled, at every size and for img2img and "
+            "inpainting. Images differ slightly from the bf16 ones.",
             default=False,
         ),
         speed_mode: str = Input(
@@ -149,32 +161,8 @@ class Predictor(BasePredictor):
             default="Off",
         ),
     ) -> List[Path]:
-        request = Request.build(
-            prompt=prompt,
-            image=image,
-            mask=mask,
-            aspect_ratio=aspect_ratio,
-            width=width,
-            height=height,
-            megapixels=megapixels,
-            prompt_strength=prompt_strength,
-            model=model,
-            num_outputs=num_outputs,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            output_format=output_format,
-            output_quality=output_quality,
-            disable_safety_checker=disable_safety_checker,
-            replicate_weights=replicate_weights,
-            lora_scale=lora_scale,
-            extra_lora=extra_lora,
-            extra_lora_scale=extra_lora_scale,
-            hf_api_token=_secret(hf_api_token),
-            civitai_api_token=_secret(civitai_api_token),
-            go_fast=go_fast,
-            speed_mode=speed_mode,
-        )
+        inputs = {name: value for name, value in locals().items() if name != "self"}  # every input, as SPEC names
+        request = Request.build(**inputs)
         prediction = self.engine.run(request, self._new_out_dir())
         for name, value in prediction.metrics.items():  # beside predict_time in the response's metrics
             self.record_metric(name, value)
@@ -187,10 +175,6 @@ class Predictor(BasePredictor):
             shutil.rmtree(self._out_dir, ignore_errors=True)
         self._out_dir = _Path(tempfile.gettempdir()) / f"flux-out-{uuid.uuid4().hex}"
         return self._out_dir
-
-
-def _secret(value: Optional[Secret]) -> Optional[str]:
-    return value.get_secret_value() if value is not None else None
 
 
 def _has_cuda() -> bool:

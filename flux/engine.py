@@ -287,17 +287,21 @@ class Engine:
         working = activation_bytes(req.width, req.height, req.num_outputs)
         if speed.mode(req.speed_mode).caches:
             transformer = self._paths[req.path].transformer if req.path in self._paths else self._base.transformer
-            working += speed.fora_bytes(transformer.config, req.width, req.height, req.num_outputs,
-                                        MAX_SEQUENCE_LENGTH[req.model], torch.finfo(self.dtype).bits // 8)
+            working += passes_per_step(req) * speed.fora_bytes(  # FORA caches each pass of a step apart
+                transformer.config, req.width, req.height, req.num_outputs, MAX_SEQUENCE_LENGTH[req.model],
+                torch.finfo(self.dtype).bits // 8)
         return working
 
     def check_prompt(self, req: Request) -> None:
         limit = MAX_SEQUENCE_LENGTH[req.model]
-        tokens = len(self._base.tokenizer_2(req.prompt, truncation=False).input_ids)
-        if tokens > limit:
-            raise UserError(
-                f"prompt is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the prompt."
-            )
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt if req.true_cfg else None)):
+            if text is None:
+                continue
+            tokens = len(self._base.tokenizer_2(text, truncation=False).input_ids)
+            if tokens > limit:
+                raise UserError(
+                    f"{name} is {tokens} tokens long; FLUX.1-{req.model} reads at most {limit}. Shorten the {name}."
+                )
 
     def use_loras(self, req: Request) -> list[lora_loader.Fetched]:
         """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing.
@@ -361,6 +365,8 @@ class Engine:
             kwargs.update(image=req.image, strength=req.prompt_strength)
         if req.mask is not None:
             kwargs.update(mask_image=req.mask)
+        if req.true_cfg:  # otherwise the call is exactly the one without these inputs
+            kwargs.update(true_cfg_scale=req.true_cfg_scale)
         result = self._run(path, req, speed.mode(req.speed_mode), kwargs, timings)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
             started = time.monotonic()
@@ -373,10 +379,15 @@ class Engine:
     def encode_prompt(self, req: Request, outputs: int) -> dict[str, torch.Tensor]:
         """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
         the embeddings the pipeline is then given, so that text encoding is timed apart."""
-        prompt_embeds, pooled, _ = self._base.encode_prompt(
-            prompt=req.prompt, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
-            max_sequence_length=MAX_SEQUENCE_LENGTH[req.model])
-        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+        embeds = {}
+        for prefix, text in (("", req.prompt), ("negative_", req.negative_prompt if req.true_cfg else None)):
+            if text is None:
+                continue
+            prompt_embeds, pooled, _ = self._base.encode_prompt(
+                prompt=text, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
+                max_sequence_length=MAX_SEQUENCE_LENGTH[req.model])
+            embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
+        return embeds
 
     def _run(self, path: speed.FastPath, req: Request, mode: speed.Mode, kwargs: dict,
              timings: dict[str, float]) -> Result:
@@ -394,12 +405,12 @@ class Engine:
                 embeds = self.encode_prompt(req, len(batch_seeds))
                 denoising = time.monotonic()
                 timings["text_encode"] += denoising - started
-                output, cached = path.run(req.task, mode, generator=generators, callback_on_step_end=steps,
-                                          **embeds, **kwargs)
+                output, cached = path.run(req.task, mode, passes_per_step(req), generator=generators,
+                                          callback_on_step_end=steps, **embeds, **kwargs)
             ended = time.monotonic()
             timings["denoise"] += (steps.last_step_at or ended) - denoising
             timings["decode"] += ended - (steps.last_step_at or ended)
-            passes[0] += steps.steps_per_call - cached
+            passes[0] += (steps.steps_per_call - cached) * passes_per_step(req)
             return output.images
 
         seeds = req.seeds
@@ -457,6 +468,12 @@ class Engine:
         return Prediction(paths, metrics(req, result, len(paths)))
 
 
+def passes_per_step(req: Request) -> int:
+    """Transformer passes per denoising step: two with true classifier-free guidance (the prompt and the negative
+    prompt, one after the other, as diffusers runs them), else one."""
+    return 2 if req.true_cfg else 1
+
+
 def metrics(req: Request, result: Result, image_count: int) -> dict[str, object]:
     """The prediction's facts under the names callers key on (README, "Response"). Never a token: LoRAs appear as
     the logs show them, without query strings."""
@@ -471,6 +488,7 @@ def metrics(req: Request, result: Result, image_count: int) -> dict[str, object]
         "transformer_passes": result.passes,
         "path": req.path,
         "speed_mode": req.speed_mode,
+        "true_cfg": req.true_cfg,
     }
     if result.loras:
         facts["lora"] = [got.shown for got in result.loras]

@@ -35,12 +35,16 @@ class InputSpec:
     le: float | None = None
     choices: tuple | None = None
     required: bool = False
+    shown: bool = True  # False: never in a repr (secrets; decoded images)
 
 
+# Every input, once: predict.py's signature repeats these as literals (cog reads that file without running it) and
+# tests/test_schema.py keeps the two equal. A Request has a field for each, holding the validated value.
 SPEC: dict[str, InputSpec] = {
     "prompt": InputSpec(required=True),
-    "image": InputSpec(),
-    "mask": InputSpec(),
+    "negative_prompt": InputSpec(),
+    "image": InputSpec(shown=False),
+    "mask": InputSpec(shown=False),
     "aspect_ratio": InputSpec(default="1:1", choices=(*sizes.ASPECT_RATIOS, sizes.CUSTOM)),
     "width": InputSpec(ge=sizes.MIN_SIDE, le=sizes.MAX_SIDE),
     "height": InputSpec(ge=sizes.MIN_SIDE, le=sizes.MAX_SIDE),
@@ -50,6 +54,7 @@ SPEC: dict[str, InputSpec] = {
     "num_outputs": InputSpec(default=1, ge=1, le=4),
     "num_inference_steps": InputSpec(default=28, ge=1, le=50),
     "guidance_scale": InputSpec(default=3, ge=0, le=10),
+    "true_cfg_scale": InputSpec(default=1, ge=1, le=10),
     "seed": InputSpec(),
     "output_format": InputSpec(default="webp", choices=OUTPUT_FORMATS),
     "output_quality": InputSpec(default=80, ge=0, le=100),
@@ -58,8 +63,8 @@ SPEC: dict[str, InputSpec] = {
     "lora_scale": InputSpec(default=1, ge=-1, le=3),
     "extra_lora": InputSpec(),
     "extra_lora_scale": InputSpec(default=1, ge=-1, le=3),
-    "hf_api_token": InputSpec(),
-    "civitai_api_token": InputSpec(),
+    "hf_api_token": InputSpec(shown=False),
+    "civitai_api_token": InputSpec(shown=False),
     "go_fast": InputSpec(default=False),
     "speed_mode": InputSpec(default=speed.OFF, choices=speed.SPEED_MODE_NAMES),
 }
@@ -69,30 +74,10 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "big")
 
 
-@dataclass(frozen=True)
-class Request:
-    """A validated prediction request. Build it with `Request.build(**inputs)`."""
-
-    prompt: str
-    width: int
-    height: int
-    num_outputs: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    model: str = "dev"
-    image: Image.Image | None = field(default=None, repr=False)  # RGB, already at width x height
-    mask: Image.Image | None = field(default=None, repr=False)  # L, white = repaint, at width x height
-    prompt_strength: float = 0.8
-    output_format: str = "webp"
-    output_quality: int = 80
-    disable_safety_checker: bool = False
-    loras: tuple[tuple[str, float], ...] = ()  # (reference, scale): the main LoRA first, at most two
-    hf_api_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a message
-    civitai_api_token: str | None = field(default=None, repr=False)
-    speed_mode: str = speed.OFF
-    fp8: bool = False  # runs the fp8 transformer (go_fast, or a speed mode that uses it)
-    notes: tuple[str, ...] = ()  # what validation changed or ignored, for the log
+class _Request:
+    """A validated prediction request: a field per input of SPEC (after validation: width and height resolved,
+    image and mask decoded at the output size, schnell's step cap and guidance applied, secrets as plain strings
+    that no repr shows) and what validation derives. Build it with `Request.build(**inputs)`."""
 
     @property
     def task(self) -> str:
@@ -111,71 +96,47 @@ class Request:
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_outputs)]
 
+    @property
+    def true_cfg(self) -> bool:
+        """True classifier-free guidance: a negative prompt and true_cfg_scale over 1 (two transformer passes per
+        step); otherwise the request is the same as without them."""
+        return bool(self.negative_prompt) and self.true_cfg_scale > 1
+
     def replace(self, **changes: Any) -> "Request":
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def build(
-        cls,
-        prompt: str,
-        image: Path | str | None = None,
-        mask: Path | str | None = None,
-        aspect_ratio: str = SPEC["aspect_ratio"].default,
-        width: int | None = None,
-        height: int | None = None,
-        megapixels: str = SPEC["megapixels"].default,
-        prompt_strength: float = SPEC["prompt_strength"].default,
-        model: str = SPEC["model"].default,
-        num_outputs: int = SPEC["num_outputs"].default,
-        num_inference_steps: int = SPEC["num_inference_steps"].default,
-        guidance_scale: float = SPEC["guidance_scale"].default,
-        seed: int | None = None,
-        output_format: str = SPEC["output_format"].default,
-        output_quality: int = SPEC["output_quality"].default,
-        disable_safety_checker: bool = SPEC["disable_safety_checker"].default,
-        replicate_weights: str | None = None,
-        lora_scale: float = SPEC["lora_scale"].default,
-        extra_lora: str | None = None,
-        extra_lora_scale: float = SPEC["extra_lora_scale"].default,
-        hf_api_token: str | None = None,
-        civitai_api_token: str | None = None,
-        go_fast: bool = SPEC["go_fast"].default,
-        speed_mode: str = SPEC["speed_mode"].default,
-    ) -> "Request":
-        """Check every input against SPEC and their combinations; resolve the size and seed.
-
-        Image and mask files are decoded here (a bad file is a UserError before any
-        GPU work) and resized to the output size.
-        """
+    def build(cls, **inputs: Any) -> "Request":
+        """Check every input against SPEC and their combinations; resolve the size and seed. Inputs not given take
+        SPEC's default. Image and mask files are decoded here (a bad file is a UserError before any GPU work) and
+        resized to the output size."""
+        unknown = set(inputs) - set(SPEC)
+        if unknown:
+            raise TypeError(f"unknown inputs: {', '.join(sorted(unknown))}")
+        v = {name: _plain(inputs.get(name, spec.default)) for name, spec in SPEC.items()}
+        for name in SPEC:
+            _check_spec(name, v[name])
         notes: list[str] = []
-        values = dict(
-            aspect_ratio=aspect_ratio, megapixels=megapixels, prompt_strength=prompt_strength, model=model,
-            num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            output_format=output_format, output_quality=output_quality, width=width, height=height,
-            lora_scale=lora_scale, extra_lora_scale=extra_lora_scale, speed_mode=speed_mode,
-        )
-        for name, value in values.items():
-            _check_spec(name, value)
-
+        prompt, image, mask = v["prompt"], v["image"], v["mask"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("prompt is empty: describe the image you want.")
         if mask is not None and image is None:
             raise UserError("mask was given without image: inpainting needs the image the mask applies to.")
-        if seed is None:
-            seed = random_seed()
-        elif not -MAX_SEED <= int(seed) <= MAX_SEED:
+        if v["seed"] is None:
+            v["seed"] = random_seed()
+        elif not -MAX_SEED <= int(v["seed"]) <= MAX_SEED:
             raise UserError(f"seed must be between {-MAX_SEED} and {MAX_SEED}.")
 
-        init_image = init_mask = None
+        aspect_ratio, megapixels, width, height = v["aspect_ratio"], v["megapixels"], v["width"], v["height"]
         if image is not None:
-            init_image = images.load_image(image, "image")
-            out_w, out_h = sizes.size_for_image(*init_image.size)
-            if (out_w, out_h) != init_image.size:
-                notes.append(f"image {init_image.width}x{init_image.height} resized to {out_w}x{out_h}")
-                init_image = init_image.resize((out_w, out_h), Image.Resampling.LANCZOS)
+            v["image"] = images.load_image(image, "image")
+            out_w, out_h = sizes.size_for_image(*v["image"].size)
+            if (out_w, out_h) != v["image"].size:
+                notes.append(f"image {v['image'].width}x{v['image'].height} resized to {out_w}x{out_h}")
+                v["image"] = v["image"].resize((out_w, out_h), Image.Resampling.LANCZOS)
             if mask is not None:
-                init_mask = images.load_mask(mask, (out_w, out_h))
-            ignored = [n for n, v in (("width", width), ("height", height)) if v is not None]
+                v["mask"] = images.load_mask(mask, (out_w, out_h))
+            ignored = [n for n, value in (("width", width), ("height", height)) if value is not None]
             if aspect_ratio != SPEC["aspect_ratio"].default:
                 ignored.append("aspect_ratio")
             if megapixels != SPEC["megapixels"].default:
@@ -192,46 +153,71 @@ class Request:
             if width is not None or height is not None:
                 notes.append(f"width/height ignored: they apply only when aspect_ratio is custom (it is {aspect_ratio})")
             out_w, out_h = sizes.table_size(aspect_ratio, megapixels)
+        v["width"], v["height"] = out_w, out_h
 
-        if model == "schnell":
-            if num_inference_steps > SCHNELL_MAX_STEPS:
-                notes.append(f"schnell runs at most {SCHNELL_MAX_STEPS} steps: num_inference_steps {num_inference_steps} -> {SCHNELL_MAX_STEPS}")
-                num_inference_steps = SCHNELL_MAX_STEPS
-            if guidance_scale != 0:
+        if v["model"] == "schnell":
+            if v["num_inference_steps"] > SCHNELL_MAX_STEPS:
+                notes.append(f"schnell runs at most {SCHNELL_MAX_STEPS} steps: num_inference_steps "
+                             f"{v['num_inference_steps']} -> {SCHNELL_MAX_STEPS}")
+                v["num_inference_steps"] = SCHNELL_MAX_STEPS
+            if v["guidance_scale"] != 0:
                 notes.append("schnell has no guidance: guidance_scale ignored")
-                guidance_scale = 0.0
+                v["guidance_scale"] = 0.0
 
-        if image is not None and int(num_inference_steps * prompt_strength) < 1:
+        if image is not None and int(v["num_inference_steps"] * v["prompt_strength"]) < 1:
             raise UserError(
-                f"prompt_strength {prompt_strength} x num_inference_steps {num_inference_steps} leaves no denoising step "
-                "for the image: raise prompt_strength or num_inference_steps so that their product is at least 1."
+                f"prompt_strength {v['prompt_strength']} x num_inference_steps {v['num_inference_steps']} leaves no "
+                "denoising step for the image: raise prompt_strength or num_inference_steps so that their product is "
+                "at least 1."
             )
+        v["negative_prompt"] = _negative_prompt(v["negative_prompt"], v["true_cfg_scale"], notes)
 
-        loras = _loras(replicate_weights, lora_scale, extra_lora, extra_lora_scale, notes)
-        fp8 = _fp8(bool(go_fast), speed.mode(speed_mode), model, aspect_ratio if image is None else None, notes)
-
-        return cls(
-            prompt=prompt, width=out_w, height=out_h, num_outputs=int(num_outputs),
-            num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale), seed=int(seed),
-            model=model, image=init_image, mask=init_mask,
-            prompt_strength=float(prompt_strength), output_format=output_format, output_quality=int(output_quality),
-            disable_safety_checker=bool(disable_safety_checker), loras=loras,
-            hf_api_token=hf_api_token or None, civitai_api_token=civitai_api_token or None,
-            speed_mode=speed_mode, fp8=fp8, notes=tuple(notes),
+        v.update(
+            num_outputs=int(v["num_outputs"]), num_inference_steps=int(v["num_inference_steps"]),
+            guidance_scale=float(v["guidance_scale"]), true_cfg_scale=float(v["true_cfg_scale"]), seed=int(v["seed"]),
+            prompt_strength=float(v["prompt_strength"]), output_quality=int(v["output_quality"]),
+            disable_safety_checker=bool(v["disable_safety_checker"]), go_fast=bool(v["go_fast"]),
+            hf_api_token=v["hf_api_token"] or None, civitai_api_token=v["civitai_api_token"] or None,
         )
+        loras = _loras(v["replicate_weights"], v["lora_scale"], v["extra_lora"], v["extra_lora_scale"], notes)
+        fp8 = _fp8(v["go_fast"], speed.mode(v["speed_mode"]), v["model"], notes)
+        return cls(**v, loras=loras, fp8=fp8, notes=tuple(notes))
 
 
-def _fp8(go_fast: bool, mode: "speed.Mode", model: str, aspect_ratio: str | None, notes: list[str]) -> bool:
-    """Whether the request runs the fp8 transformer: go_fast, or a speed mode that uses it; dev only, and not
-    with a custom size (like Replicate's go_fast)."""
+Request = dataclasses.make_dataclass(
+    "Request",
+    [(name, Any, field(default=spec.default, repr=spec.shown)) for name, spec in SPEC.items()] + [
+        ("loras", tuple, field(default=())),  # (reference, scale): the main LoRA first, at most two
+        ("fp8", bool, field(default=False)),  # runs the fp8 transformer (go_fast, or a speed mode that uses it)
+        ("notes", tuple, field(default=())),  # what validation changed or ignored, for the log
+    ],
+    bases=(_Request,), frozen=True,
+)
+Request.__module__ = __name__
+
+
+def _plain(value: Any) -> Any:
+    """cog's Secret as its string (the Request keeps it out of every repr)."""
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
+def _negative_prompt(negative: str | None, true_cfg_scale: float, notes: list[str]) -> str | None:
+    negative = negative if isinstance(negative, str) and negative.strip() else None
+    if negative and true_cfg_scale <= 1:
+        notes.append("negative_prompt is used only with true_cfg_scale above 1 (it is 1): ignored")
+    elif not negative and true_cfg_scale > 1:
+        notes.append(f"true_cfg_scale {true_cfg_scale:g} needs a negative_prompt to guide away from: ignored")
+    return negative
+
+
+def _fp8(go_fast: bool, mode: "speed.Mode", model: str, notes: list[str]) -> bool:
+    """Whether the request runs the fp8 transformer: go_fast, or a speed mode that uses it, at every size and for
+    every task (the compiled graphs have dynamic shapes); FLUX.1-dev only for now."""
     if not (go_fast or mode.fp8):
         return False
     why = "go_fast" if go_fast else f"speed_mode {mode.name}"
     if model != "dev":
         notes.append(f"{why}: the fp8 transformer is FLUX.1-dev's; schnell runs bf16")
-        return False
-    if aspect_ratio == sizes.CUSTOM:
-        notes.append(f"{why} with aspect_ratio custom runs bf16, not fp8")
         return False
     notes.append(f"{why}: runs the fp8 transformer")
     return True

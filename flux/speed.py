@@ -333,14 +333,16 @@ class FastPath:
                        for task, pipe in pipelines.items()}
         self.compiled: list[compiler.Compiled] = []  # its blocks, and the VAE decoder it shares with other paths
 
-    def run(self, task: str, mode: Mode, **kwargs) -> tuple[object, int]:
-        """The pipeline's output, and how many denoising steps FORA served from its cache (0 with mode Off)."""
+    def run(self, task: str, mode: Mode, passes_per_step: int = 1, **kwargs) -> tuple[object, int]:
+        """The pipeline's output, and how many denoising steps FORA served from its cache (0 with mode Off).
+        passes_per_step: transformer calls per denoising step (2 with true classifier-free guidance), which FORA
+        caches apart."""
         try:
-            return self._run(task, mode, **kwargs)
+            return self._run(task, mode, passes_per_step, **kwargs)
         except Exception as exc:
             if not self.fall_back(exc):
                 raise
-            return self._run(task, mode, **kwargs)
+            return self._run(task, mode, passes_per_step, **kwargs)
 
     def fall_back(self, exc: BaseException) -> bool:
         """After a compile error: make the failing compiled region eager again, loudly. False: not a compile error."""
@@ -356,13 +358,13 @@ class FastPath:
                   "results.\n" + "=" * 78, self.name, region or "compiled regions", type(cause).__name__, detail)
         return True
 
-    def _run(self, task: str, mode: Mode, **kwargs):
+    def _run(self, task: str, mode: Mode, passes_per_step: int, **kwargs):
         model = self.models[task]
         if not mode.caches:
             return model(**kwargs), 0
         helper = self.helper
         helper.pipe = model.model  # FORA reads the step count from the pipeline it wraps
-        helper.set_params(interval=mode.interval, start_step=mode.start_step)
+        helper.set_params(interval=mode.interval, start_step=mode.start_step, backbone_calls_per_step=passes_per_step)
         helper.enable()  # wraps the blocks' (compiled) forwards and the pipeline's __call__, which resets it
         try:
             output = model(**kwargs)

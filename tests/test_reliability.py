@@ -65,6 +65,8 @@ BAD_422 = [
     ("prompt not a string", {"prompt": 123}, "prompt"),
     ("num_outputs 0", {"num_outputs": 0}, "num_outputs"),
     ("num_outputs 5", {"num_outputs": 5}, "num_outputs"),
+    ("true_cfg_scale 0.5", {"true_cfg_scale": 0.5}, "true_cfg_scale"),
+    ("true_cfg_scale 11", {"true_cfg_scale": 11}, "true_cfg_scale"),
     ("steps 0", {"num_inference_steps": 0}, "num_inference_steps"),
     ("steps 51", {"num_inference_steps": 51}, "num_inference_steps"),
     ("guidance -1", {"guidance_scale": -1}, "guidance_scale"),
@@ -103,6 +105,8 @@ BAD_FAILED = [
     ("empty prompt", lambda: {"prompt": ""}, "prompt is empty"),
     ("blank prompt", lambda: {"prompt": "   \n  "}, "prompt is empty"),
     ("10,000-character prompt", lambda: {"prompt": "a purple prune, " * 625}, "Shorten the prompt"),
+    ("10,000-character negative_prompt", lambda: {"negative_prompt": "blurry, " * 1250, "true_cfg_scale": 2},
+     "Shorten the negative_prompt"),
     ("seed out of range", lambda: {"seed": 2**63}, "seed must be between"),
 ]
 

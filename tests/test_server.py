@@ -182,6 +182,16 @@ def test_metrics_carry_the_facts_of_a_prediction(server):
     assert "safety" not in m["timing"]  # the checker did not run
 
 
+def test_true_cfg_over_http_makes_two_passes_per_step_and_says_so(server):
+    plain = succeeded(server, {**SMALL, "output_format": "png"})
+    ignored = succeeded(server, {**SMALL, "output_format": "png", "negative_prompt": "blurry"})
+    assert ignored["output"] == plain["output"] and "used only with true_cfg_scale above 1" in ignored["logs"]
+    guided = succeeded(server, {**SMALL, "output_format": "png", "negative_prompt": "blurry", "true_cfg_scale": 2.5})
+    assert guided["output"] != plain["output"]
+    assert (guided["metrics"]["transformer_passes"], guided["metrics"]["true_cfg"]) == (6, True)
+    assert (plain["metrics"]["transformer_passes"], plain["metrics"]["true_cfg"]) == (3, False)
+
+
 def test_metrics_of_img2img_count_the_steps_that_ran_at_the_image_size(server, tmp_path):
     src = file_uri(images.save(images.gradient(480, 320), tmp_path, "in.png"))
     m = succeeded(server, {**SMALL, "image": src, "num_inference_steps": 10, "prompt_strength": 0.3})["metrics"]

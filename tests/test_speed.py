@@ -15,7 +15,7 @@ from flux import compiler, speed, weights
 from flux.engine import Engine
 from flux.request import Request
 from flux.settings import Settings, SettingsError
-from tests.helpers import loras
+from tests.helpers import images, loras
 
 STEPS = 6
 
@@ -82,13 +82,12 @@ def test_speed_modes_cache_more_steps_as_they_rise():
     assert steps[0] == 28 and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps), steps
 
 
-def test_fp8_is_chosen_by_go_fast_and_fastest_modes_except_custom_sizes_and_schnell():
+def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_but_not_for_schnell():
     assert Request.build(prompt="x", go_fast=True).path == "dev-fp8"
     assert Request.build(prompt="x").path == "dev"
     assert Request.build(prompt="x", speed_mode="Blink of an eye 👁️").path == "dev-fp8"
     assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").path == "dev"
-    custom = Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768)
-    assert custom.path == "dev" and any("custom runs bf16" in n for n in custom.notes)
+    assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).path == "dev-fp8"
     schnell = Request.build(prompt="x", go_fast=True, model="schnell")
     assert schnell.path == "schnell" and any("schnell runs bf16" in n for n in schnell.notes)
 
@@ -154,6 +153,57 @@ def test_speed_modes_skip_transformer_steps_and_stay_close(engine, mode):
         assert np.array_equal(again, fast) and calls[0] == speed.computed_steps(mode, steps)
     with block_calls(engine.path("dev").transformer) as calls:  # Off: every step computes, as before
         assert np.array_equal(render(engine, num_inference_steps=steps), base) and calls[0] == steps
+
+
+# ----- true classifier-free guidance ------------------------------------------------------------------------------
+
+
+def test_true_cfg_off_unless_both_a_negative_prompt_and_a_scale_over_1(engine):
+    base = render(engine)
+    for inputs, note in (({"negative_prompt": "blurry"}, "used only with true_cfg_scale above 1"),
+                         ({"true_cfg_scale": 3.0}, "needs a negative_prompt"), ({"negative_prompt": "  "}, None)):
+        req = Request.build(prompt="x", **inputs)
+        assert not req.true_cfg and (note is None or any(note in n for n in req.notes)), req.notes
+        assert np.array_equal(render(engine, **inputs), base)  # bit-identical to a request without them
+    assert Request.build(prompt="x", negative_prompt="blurry", true_cfg_scale=1.5).true_cfg
+
+
+@pytest.mark.parametrize("mode", [speed.SPEED_MODES[0], speed.SPEED_MODES[2], speed.SPEED_MODES[4]],
+                         ids=lambda m: m.name.split()[0])
+def test_true_cfg_runs_two_passes_per_computed_step_and_fora_counts_steps(engine, mode):
+    """FORA's schedule counts denoising steps, not transformer calls: with true CFG each computed step is two
+    passes (the prompt and the negative prompt, cached apart), each cached step none."""
+    steps, cfg = 12, {"negative_prompt": "blurry, low quality", "true_cfg_scale": 3.0}
+    transformer = engine.path("dev-fp8" if mode.fp8 else "dev").transformer
+    with block_calls(transformer) as calls:
+        plain = render(engine, speed_mode=mode.name, num_inference_steps=steps)
+        calls[0] = 0
+        guided = render(engine, speed_mode=mode.name, num_inference_steps=steps, **cfg)
+        assert calls[0] == 2 * speed.computed_steps(mode, steps)
+        assert 0 < mad(plain, guided) and np.isfinite(guided).all()
+        req = Request.build(prompt="a knitted purple prune", seed=7, num_inference_steps=steps, megapixels="0.25",
+                            speed_mode=mode.name, **cfg)
+        assert engine.generate(req).passes == 2 * speed.computed_steps(mode, steps)
+    assert np.array_equal(render(engine, speed_mode=mode.name, num_inference_steps=steps, **cfg), guided)
+
+
+def test_true_cfg_with_go_fast_a_batch_a_lora_img2img_and_inpainting(engine, tmp_path):
+    cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.5}
+    src = images.save(images.gradient(320, 256), tmp_path, "in.png")
+    mask = images.save(images.box_mask(320, 256, (0, 0, 160, 256)), tmp_path, "mask.png")
+    update = loras.make_update(engine.pipeline("dev", "txt2img").transformer, "ATTENTION", seed=8)
+    for inputs in ({"go_fast": True, "num_outputs": 2}, {"replicate_weights": loras.lora_uri(update)},
+                   {"image": src, "prompt_strength": 0.7}, {"image": src, "mask": mask, "go_fast": True}):
+        plain, guided = render(engine, **inputs), render(engine, **inputs, **cfg)
+        assert plain.shape == guided.shape and 0 < mad(plain, guided) and np.isfinite(guided).all(), inputs
+
+
+def test_a_negative_prompt_over_the_t5_window_is_refused(engine):
+    from flux.errors import UserError
+
+    req = Request.build(prompt="x", negative_prompt="blur " * 600, true_cfg_scale=2.0)
+    with pytest.raises(UserError, match="negative_prompt is .* tokens long; FLUX.1-dev reads at most 512"):
+        engine.generate(req)
 
 
 def test_a_speed_mode_call_that_fails_midway_leaves_no_caching_behind(engine):
@@ -298,7 +348,10 @@ def test_one_graph_per_block_kind_and_precision_and_none_for_new_sizes_loras_sca
     # input's size (mkldnn or not), so the VAE decoder may compile for a size range the table does not reach; on a
     # GPU every convolution is cuDNN's.
     for width, height in ((400, 304), (720, 528)):
-        render(compiled, aspect_ratio="custom", width=width, height=height)
+        for go_fast in (False, True):  # go_fast runs fp8 at custom sizes too
+            render(compiled, aspect_ratio="custom", width=width, height=height, go_fast=go_fast)
+    # True classifier-free guidance: a second pass per step through the same graphs.
+    render(compiled, negative_prompt="blurry", true_cfg_scale=2.0, go_fast=True, num_outputs=2)
     assert {k: n for k, n in compiled.graphs().items() if k != compiler.VAE_DECODER} == {
         k: n for k, n in graphs.items() if k != compiler.VAE_DECODER}
 
