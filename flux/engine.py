@@ -32,7 +32,7 @@ from .errors import UserError
 from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
 from .memory import Residency, activation_bytes, module_bytes
 from .request import Request
-from .safety import SafetyChecker
+from .safety import NsfwClassifier, SafetyChecker
 from .settings import Settings, fp8_kind
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,14 @@ class Engine:
         settings: Settings | None = None,
         stages: logs.Stages | None = None,
         compile_bundle: Path | None | bool = True,
+        second_safety: NsfwClassifier | None = None,
     ):
         """The engine on a loaded pipeline: every path built (and compiled, if the settings say so). compile_bundle:
         the compile bundle's local folder (fetched in setup), None for none, True to fetch it here."""
         self.device = device
         self.dtype = dtype
         self.safety = safety
+        self.second_safety = second_safety  # re-checks what `safety` flags; None: its flags stand
         self.schnell_source = schnell_source
         self.settings = settings or Settings(fp8=fp8_kind(device))
         self.stages = stages or logs.Stages()
@@ -239,7 +241,16 @@ class Engine:
             safety_path = weights.locate(srcs.safety, "safety")
         with stages("load", "safety checker"), weights.loading("safety", safety_path):
             safety = SafetyChecker.load(safety_path, device, dtype)
-        engine = cls(pipe, safety, srcs.schnell, device, dtype, settings, stages, compile_bundle=bundle)
+        second = None
+        if srcs.safety_second is not None:
+            with stages("fetch", "second safety checker"):
+                second_path = weights.locate(srcs.safety_second, weights.SAFETY_SECOND)
+            with stages("load", "second safety checker"), weights.loading(weights.SAFETY_SECOND, second_path):
+                second = NsfwClassifier.load(second_path, device, dtype)
+        else:
+            log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
+        engine = cls(pipe, safety, srcs.schnell, device, dtype, settings, stages, compile_bundle=bundle,
+                     second_safety=second)
         if settings.warmup:
             engine.warm_up()
         stages.total()
@@ -426,11 +437,19 @@ class Engine:
         return Result(images=images, seeds=seeds, timings=timings, steps=steps.steps_per_call, passes=passes[0])
 
     def check_safety(self, req: Request, result: Result) -> Result:
-        """Drop flagged images; fail if none is left."""
+        """Drop the images both checkers flag (CompVis', then the second opinion on what it flagged); fail if none is
+        left."""
         if req.disable_safety_checker or self.safety is None:
             return result
         started = time.monotonic()
         flags = self.safety.flags(result.images)
+        first = [i for i, flag in enumerate(flags) if flag]
+        if first and self.second_safety is not None:
+            confirmed = self.second_safety.flags([result.images[i] for i in first])
+            for i, flag in zip(first, confirmed):
+                flags[i] = flag
+            log.info("safety checker: CompVis flagged %d of %d outputs; the second opinion (NSFW classifier) "
+                     "confirmed %d", len(first), len(flags), sum(confirmed))
         kept = [(img, s) for img, s, flag in zip(result.images, result.seeds, flags) if not flag]
         flagged = len(flags) - len(kept)
         result.timings["safety"] = time.monotonic() - started

@@ -1,4 +1,7 @@
-"""The CompVis Stable Diffusion safety checker, used to drop NSFW outputs."""
+"""The safety checkers: CompVis' Stable Diffusion checker flags outputs, and a second opinion (Falconsai's ViT NSFW
+classifier, FLUX_SAFETY_SECOND) re-checks each flagged image; an output is dropped only when both flag it. CompVis'
+checker flags many harmless images, and false positives are a top complaint; Replicate's containers re-check the
+same way."""
 
 from __future__ import annotations
 
@@ -37,3 +40,32 @@ class SafetyChecker:
         placeholders = np.zeros((len(images), 1, 1, 3), dtype=np.float32)
         _, has_nsfw = self.model(clip_input=pixels, images=placeholders)
         return [bool(flag) for flag in has_nsfw]
+
+
+class NsfwClassifier:
+    """An image classifier with an "nsfw" label (Falconsai/nsfw_image_detection: a ViT with labels normal, nsfw)."""
+
+    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
+        labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
+        if "nsfw" not in labels:
+            raise ValueError(f"the classifier has no 'nsfw' label (its labels: {', '.join(labels)})")
+        self.nsfw = labels["nsfw"]
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "NsfwClassifier":
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls(model, AutoImageProcessor.from_pretrained(path), device, dtype)
+
+    @torch.inference_mode()
+    def flags(self, images: list[Image.Image]) -> list[bool]:
+        """True for each image the classifier labels nsfw."""
+        if not images:
+            return []
+        pixels = self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        return [int(i) == self.nsfw for i in self.model(pixel_values=pixels).logits.argmax(-1)]

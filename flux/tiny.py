@@ -186,6 +186,27 @@ def build_safety_checker():
     return checker, processor
 
 
+def build_nsfw_classifier():
+    """A tiny ViT image classifier with Falconsai/nsfw_image_detection's labels, and its image processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(7)
+    config = ViTConfig(hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=64, patch_size=16, num_labels=2, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    processor = ViTImageProcessor(size={"height": 64, "width": 64})
+    return ViTForImageClassification(config), processor
+
+
+def ensure_nsfw_classifier(dest: Path) -> Path:
+    def write(tmp: Path) -> None:
+        model, processor = build_nsfw_classifier()
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return _save_atomically(dest, write)
+
+
 def _save_atomically(dest: Path, write) -> Path:
     """Write into a temporary sibling, then rename: a crash never leaves a half-built folder."""
     marker = dest / ".tiny-version"

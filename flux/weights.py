@@ -10,6 +10,8 @@ Settings (environment):
   FLUX_WEIGHTS (or cog's COG_WEIGHTS)  FLUX.1-dev pipeline   default: the HF repo on a GPU, tiny without one
   FLUX_SCHNELL_WEIGHTS                 FLUX.1-schnell        default: its HF repo, or tiny when dev is tiny
   FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
+  FLUX_SAFETY_SECOND                   second opinion on flagged images (or off)  default: Falconsai's HF repo,
+                                       or tiny when dev is tiny
   FLUX_WEIGHTS_DIR                     where downloads land    default: weights/ beside predict.py
 
 Nothing already complete on disk is fetched again: a finished download leaves a
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
+SAFETY_SECOND_REPO = "Falconsai/nsfw_image_detection"
+SAFETY_SECOND = "safety-second"
+OFF = "off"
 TINY = "tiny"
 
 # Only what diffusers loads: FLUX repos also hold single-file checkpoints we never read.
@@ -50,9 +55,11 @@ PIPELINE_FILES = [
 SCHNELL_FILES = ["model_index.json", "scheduler/*", "transformer/*"]
 SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
 COMPILE_CACHE = "compile-cache"  # a compile bundle (flux/compile_cache.py) comes in the same forms as the weights
-PATTERNS = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES, COMPILE_CACHE: None}
+PATTERNS = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES, SAFETY_SECOND: SAFETY_FILES,
+            COMPILE_CACHE: None}
 LAYOUT = {"dev": ["model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2"],
-          "schnell": ["transformer"], "safety": ["config.json"], COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
+          "schnell": ["transformer"], "safety": ["config.json"], SAFETY_SECOND: ["config.json"],
+          COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
 MAX_TAR_BYTES = 64 * 1024**3
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,6 +74,7 @@ class Sources:
     dev: str
     schnell: str
     safety: str
+    safety_second: str | None = None  # None: off
 
     @property
     def tiny(self) -> bool:
@@ -82,13 +90,19 @@ def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
         dev=dev,
         schnell=env.get("FLUX_SCHNELL_WEIGHTS") or (TINY if fallback_tiny else SCHNELL_REPO),
         safety=env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO),
+        safety_second=_off_or(env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)),
     )
+
+
+def _off_or(source: str) -> str | None:
+    return None if source.strip().lower() == OFF else source
 
 
 def locate(source: str, kind: str) -> Path:
     """A local folder holding the component named by source, fetching it if needed.
 
-    kind is "dev", "schnell", "safety" or "compile-cache": it picks the tiny build and the files to fetch.
+    kind is "dev", "schnell", "safety", "safety-second" or "compile-cache": it picks the tiny build and the files to
+    fetch.
     """
     started = time.monotonic()
     root = weights_dir()
@@ -128,6 +142,8 @@ def loading(kind: str, path: Path):
 
 
 def _what(kind: str) -> str:
+    if kind == SAFETY_SECOND:
+        return "second safety checker (FLUX_SAFETY_SECOND) weights"
     return "compile bundle" if kind == COMPILE_CACHE else f"{kind} weights"
 
 
@@ -138,6 +154,8 @@ def shown(source: str) -> str:
 def _tiny(root: Path, kind: str) -> Path:
     if kind == "safety":
         return tiny.ensure_safety_checker(root / "tiny" / "safety-checker")
+    if kind == SAFETY_SECOND:
+        return tiny.ensure_nsfw_classifier(root / "tiny" / "nsfw-classifier")
     return tiny.ensure_pipeline(root / "tiny" / f"FLUX.1-{kind}", schnell=kind == "schnell")
 
 

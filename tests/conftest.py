@@ -29,7 +29,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
 # Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights.
 for name in ("COG_WEIGHTS", "HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_SCHNELL_WEIGHTS",
-             "FLUX_SAFETY_CHECKER", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S",
+             "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S",
              "FLUX_LORA_TIMEOUT_S", "FLUX_COMPILE", "FLUX_WARMUP", "FLUX_COMPILE_CACHE", "FLUX_FP8", "FLUX_ATTENTION",
              "FLUX_FUSED_PROJECTIONS", "FLUX_COMPILE_VAE", "FLUX_CHANNELS_LAST", "FLUX_INDUCTOR_TUNING_FLAGS"):
     os.environ.pop(name, None)

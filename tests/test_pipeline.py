@@ -161,6 +161,40 @@ def rigged_checker(engine, concept: torch.Tensor | None = None, threshold: float
         model.concept_embeds_weights.data.copy_(saved[1])
 
 
+@contextlib.contextmanager
+def rigged_second(engine, confirm):
+    """Make the second opinion's classifier head say nsfw for every image (confirm=True), for none (False), or for
+    the images on the positive side of a hyperplane (confirm=(direction, offset) on its pooled feature). The real
+    ViT runs its real forward pass; only its last linear layer is changed."""
+    head = engine.second_safety.model.classifier
+    saved = head.weight.detach().clone(), head.bias.detach().clone()
+    nsfw = engine.second_safety.nsfw
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        if confirm is True or confirm is False:
+            head.bias[nsfw] = 1.0 if confirm else -1.0
+        else:
+            direction, offset = confirm
+            head.weight[nsfw] = direction
+            head.bias[nsfw] = offset
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(saved[0])
+            head.bias.copy_(saved[1])
+
+
+def second_features(engine, paths):
+    """The second opinion's pooled feature of each image (what its classifier head reads)."""
+    model, processor = engine.second_safety.model, engine.second_safety.processor
+    imgs = [Image.open(p).convert("RGB") for p in paths]
+    with torch.inference_mode():
+        pixels = processor(imgs, return_tensors="pt").pixel_values
+        return model.vit(pixel_values=pixels).last_hidden_state[:, 0, :].clone()
+
+
 def image_embeds(engine, paths):
     """The checker's CLIP image embedding of each output, as its forward computes it."""
     model, processor = engine.safety.model, engine.safety.processor
@@ -171,7 +205,8 @@ def image_embeds(engine, paths):
 
 
 def test_safety_checker_flags_all_fails_with_a_clear_message(predict, engine):
-    with rigged_checker(engine, threshold=-2.0), pytest.raises(UserError, match="All 2 generated images were flagged"):
+    with rigged_checker(engine, threshold=-2.0), rigged_second(engine, True), \
+            pytest.raises(UserError, match="All 2 generated images were flagged"):
         predict(num_outputs=2, megapixels="0.25", seed=1, **FAST)  # cos - (-2) > 0 for every image
 
 
@@ -183,12 +218,59 @@ def test_safety_checker_drops_only_flagged_images(predict, engine, caplog):
     concept = unit[0] + unit[1] - unit[2] - unit[3]  # towards outputs 0 and 1, away from 2 and 3
     scores = torch.nn.functional.cosine_similarity(unit, concept[None], dim=-1)
     assert (scores[:2] > 0.002).all() and (scores[2:] < -0.002).all()  # clear of the checker's 3-decimal rounding
-    with rigged_checker(engine, concept, threshold=0.0), caplog.at_level("WARNING", logger="flux"):
+    with rigged_checker(engine, concept, threshold=0.0), rigged_second(engine, True), \
+            caplog.at_level("INFO", logger="flux"):
         kept = predict(**kwargs)
     assert [p.read_bytes() for p in kept] == unchecked_bytes[2:]
-    assert "removed 2 of 4" in caplog.text
+    assert "removed 2 of 4" in caplog.text and "CompVis flagged 2 of 4 outputs" in caplog.text
     with rigged_checker(engine, concept, threshold=0.0):  # and the switch really skips the checker
         assert len(predict(disable_safety_checker=True, **kwargs)) == 4
+
+
+@pytest.mark.parametrize("first,second,dropped", [
+    ("none", "all", []),          # nothing flagged: the second opinion is never asked
+    ("two", "none", []),          # CompVis' false positives, cleared by the second opinion
+    ("two", "all", [0, 1]),
+    ("two", "one", [0]),          # the second opinion confirms one of the two
+    ("all", "none", []),
+    ("all", "all", [0, 1, 2, 3]),  # every image dropped: the prediction fails
+])
+def test_an_output_is_dropped_only_when_both_checkers_flag_it(predict, engine, caplog, first, second, dropped):
+    kwargs = dict(num_outputs=4, megapixels="0.25", seed=11, output_format="png", **FAST)
+    unchecked = predict(disable_safety_checker=True, **kwargs)
+    unchecked_bytes = [p.read_bytes() for p in unchecked]
+    unit = torch.nn.functional.normalize(image_embeds(engine, unchecked), dim=-1)
+    concept = {"none": None, "two": unit[0] + unit[1] - unit[2] - unit[3], "all": None}[first]
+    threshold = {"none": 10.0, "two": 0.0, "all": -2.0}[first]
+    features = second_features(engine, unchecked)
+    apart = features[0] - features[1]  # image 0 on the nsfw side, image 1 on the other
+    confirm = {"none": False, "all": True, "one": (apart, -float(apart @ (features[0] + features[1])) / 2)}[second]
+    if second == "one":
+        margins = features @ confirm[0] + confirm[1]
+        assert margins[0] > 0 > margins[1], margins
+    asked = []
+    with rigged_checker(engine, concept, threshold=threshold), rigged_second(engine, confirm), \
+            caplog.at_level("INFO", logger="flux"):
+        original = engine.second_safety.flags
+        engine.second_safety.flags = lambda imgs: asked.append(len(imgs)) or original(imgs)
+        try:
+            if len(dropped) == 4:
+                with pytest.raises(UserError, match="All 4 generated images were flagged"):
+                    predict(**kwargs)
+                return
+            kept = predict(**kwargs)
+        finally:
+            del engine.second_safety.flags
+    assert [p.read_bytes() for p in kept] == [b for i, b in enumerate(unchecked_bytes) if i not in dropped]
+    assert asked == ({"none": [], "two": [2], "all": [4]}[first])
+
+
+def test_the_second_opinion_can_be_turned_off(weights_dir):
+    from flux import weights
+
+    assert weights.sources(False, {"FLUX_SAFETY_SECOND": "off"}).safety_second is None
+    assert weights.sources(False, {}).safety_second == "tiny"
+    assert weights.sources(True, {}).safety_second == "Falconsai/nsfw_image_detection"
 
 
 def test_overlong_prompt_is_refused(predict):

@@ -32,10 +32,11 @@ def tar_of(folder: Path, prefix: str = "FLUX.1-dev") -> bytes:
 
 
 def test_defaults(monkeypatch):
-    for name in ("FLUX_WEIGHTS", "COG_WEIGHTS", "FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER"):
+    for name in ("FLUX_WEIGHTS", "COG_WEIGHTS", "FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND"):
         monkeypatch.delenv(name, raising=False)
-    assert weights.sources(has_cuda=False) == weights.Sources("tiny", "tiny", "tiny")
-    assert weights.sources(has_cuda=True) == weights.Sources(weights.DEV_REPO, weights.SCHNELL_REPO, weights.SAFETY_REPO)
+    assert weights.sources(has_cuda=False) == weights.Sources("tiny", "tiny", "tiny", "tiny")
+    assert weights.sources(has_cuda=True) == weights.Sources(weights.DEV_REPO, weights.SCHNELL_REPO, weights.SAFETY_REPO,
+                                                             weights.SAFETY_SECOND_REPO)
     monkeypatch.setenv("COG_WEIGHTS", "/models/flux")
     assert weights.sources(has_cuda=True).dev == "/models/flux"
     monkeypatch.setenv("FLUX_WEIGHTS", "me/my-flux")

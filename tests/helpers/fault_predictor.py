@@ -4,7 +4,8 @@ FLUX_TEST_FAULT selects the fault (comma-separated):
   oom-once     the transformer raises torch.OutOfMemoryError on its first call (a GPU running out of memory)
   oom-batch    the transformer raises OutOfMemoryError whenever it sees more than one image at once
   slow-steps   every transformer call (one denoising step) first sleeps FLUX_TEST_STEP_SECONDS (default 0.5)
-  nsfw-marked  the safety checker also flags the second output of a prediction whose prompt holds NSFW_MARK
+  nsfw-marked  the safety checker (and its second opinion) also flags the second output of a prediction whose
+               prompt holds NSFW_MARK
 Nothing else differs from predict.py:Predictor.
 """
 
@@ -57,3 +58,5 @@ class FaultPredictor(Predictor):
             return got
 
         engine.run, engine.safety.flags = rigged_run, rigged_flags
+        if engine.second_safety is not None:  # and the second opinion agrees on what the first flags
+            engine.second_safety.flags = lambda imgs: [marked[0]] * len(imgs)
