@@ -4,7 +4,7 @@ One set of components (text encoders, VAE, transformer) serves text-to-image,
 img2img and inpainting: diffusers' three Flux pipelines built on the same module objects.
 FLUX.1-schnell loads on first use and shares the text encoders and VAE.
 Each transformer is a path (flux/speed.py): "dev" (bf16), "dev-fp8" (go_fast: an fp8 copy of
-dev) and "schnell", each compiled per block and smashed by pruna for the speed modes; flux/memory.py
+dev), "schnell" and "schnell-fp8" (both built on first use), each compiled per block and smashed by pruna for the speed modes; flux/memory.py
 decides which stay on the GPU.
 LoRAs (lora_loader.py fetches and normalizes them, flux/lora.py fuses them) are made
 to match each request on the bf16 transformer it uses and the CLIP text encoder; the fp8 copy
@@ -49,6 +49,16 @@ class Result:
     steps: int = 0  # denoising steps each output ran
     passes: int = 0  # transformer passes that computed (FORA's cached steps do not), over every pipeline call
     loras: list[lora_loader.Fetched] = field(default_factory=list)
+
+
+@dataclass
+class Fp8Twin:
+    """An fp8 path's link to its bf16 model: the re-quantizer, the LoRA state quantized into it (None: unknown,
+    resync) and the bf16 weights whose LoRA change it carries."""
+
+    sync: speed.Fp8Sync
+    lora: tuple | None = ()
+    touched: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -149,9 +159,9 @@ class Engine:
         self._add_path("dev", pipe)
         with self.stages("fp8 quantize", settings.fp8):
             self._add_path("dev-fp8", _with_transformer(pipe, fp8), settings.fp8)
-        self.fp8_sync = speed.Fp8Sync(pipe.transformer, fp8, settings.fp8, settings.fp8_forced)
-        self._fp8_lora: tuple | None = ()  # the LoRA state quantized into dev-fp8 (None: unknown, resync)
-        self._fp8_touched: set[int] = set()  # bf16 weights whose LoRA change dev-fp8 carries
+        # Each fp8 path follows its bf16 model's LoRA state: model name -> its twin.
+        self._fp8: dict[str, Fp8Twin] = {"dev": Fp8Twin(speed.Fp8Sync(pipe.transformer, fp8, settings.fp8,
+                                                                      settings.fp8_forced))}
 
     def _prepare_transformer(self, transformer) -> None:
         """What every bf16 transformer gets before it is copied, smashed or compiled: the attention backend and the
@@ -273,11 +283,35 @@ class Engine:
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
         return fast
 
+    def _load_schnell_fp8(self) -> speed.FastPath:
+        """schnell's fp8 path, built on first use: a second copy of schnell's transformer read from the disk (the
+        bf16 one may be compiled and carry a LoRA), prepared like every transformer and quantized; it then follows
+        the bf16 schnell's LoRA state as dev-fp8 follows dev's."""
+        from diffusers import FluxTransformer2DModel
+
+        started = time.monotonic()
+        bf16 = self._paths["schnell"].transformer
+        path = weights.locate(self.schnell_source, "schnell")
+        with weights.loading("schnell", path):
+            fp8 = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=self.dtype,
+                                                         use_safetensors=True)
+        self._prepare_transformer(fp8)
+        fp8.requires_grad_(False)
+        speed.drop_unfused(fp8)  # only the fused projections are quantized (speed.fp8_copy)
+        schnell_pipe = self._paths["schnell"].models["txt2img"].model  # the caller holds the lock
+        fast = self._add_path("schnell-fp8", _with_transformer(schnell_pipe, fp8), self.settings.fp8)
+        self._fp8["schnell"] = Fp8Twin(speed.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
+        log.info("schnell-fp8: built on first use in %.2fs", time.monotonic() - started)
+        return fast
+
     def path(self, name: str) -> speed.FastPath:
-        """A transformer's path ("dev", "dev-fp8", "schnell"), schnell loaded on first use."""
+        """A transformer's path ("dev", "dev-fp8", "schnell", "schnell-fp8"), the schnell ones built on first use
+        (a failure caches nothing)."""
         with self._lock:
-            if name not in self._paths:
-                self._load_schnell()  # a failure here caches nothing
+            if "schnell" in name and "schnell" not in self._paths:
+                self._load_schnell()
+            if name == "schnell-fp8" and name not in self._paths:
+                self._load_schnell_fp8()
             return self._paths[name]
 
     def pipeline(self, model: str, task: str):
@@ -332,20 +366,21 @@ class Engine:
         ]
         self.loras.use(adapters, targets)
         if req.fp8:
-            self._sync_fp8()
+            self._sync_fp8(req.model)
         return [got for got, _ in fetched.values()]
 
-    def _sync_fp8(self) -> None:
-        """Bring dev-fp8 to dev's LoRA state: re-quantize the layers that either state touches."""
-        state = self.loras.state("dev")
-        if state == self._fp8_lora:
+    def _sync_fp8(self, model: str) -> None:
+        """Bring a model's fp8 path to its bf16 LoRA state: re-quantize the layers that either state touches."""
+        twin = self._fp8[model]
+        state = self.loras.state(model)
+        if state == twin.lora:
             return
         started = time.monotonic()
-        touched = self.loras.touched("dev")
-        self._fp8_lora = None  # until the sync completes
-        count = self.fp8_sync.sync(self._fp8_touched | touched)
-        self._fp8_touched, self._fp8_lora = touched, state
-        log.info("lora: %d fp8 layers re-quantized in %.2fs", count, time.monotonic() - started)
+        touched = self.loras.touched(model)
+        twin.lora = None  # until the sync completes
+        count = twin.sync.sync(twin.touched | touched)
+        twin.touched, twin.lora = touched, state
+        log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, model, time.monotonic() - started)
 
     def generate(self, req: Request) -> Result:
         """Run the pipeline for a request: images in output order, before the safety check."""

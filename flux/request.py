@@ -89,8 +89,8 @@ class _Request:
 
     @property
     def path(self) -> str:
-        """The transformer that runs this request (engine paths: dev, dev-fp8, schnell)."""
-        return "dev-fp8" if self.fp8 else self.model
+        """The transformer that runs this request (engine paths: dev, dev-fp8, schnell, schnell-fp8)."""
+        return f"{self.model}-fp8" if self.fp8 else self.model
 
     @property
     def seeds(self) -> list[int]:
@@ -211,15 +211,11 @@ def _negative_prompt(negative: str | None, true_cfg_scale: float, notes: list[st
 
 
 def _fp8(go_fast: bool, mode: "speed.Mode", model: str, notes: list[str]) -> bool:
-    """Whether the request runs the fp8 transformer: go_fast, or a speed mode that uses it, at every size and for
-    every task (the compiled graphs have dynamic shapes); FLUX.1-dev only for now."""
+    """Whether the request runs its model's fp8 transformer: go_fast, or a speed mode that uses it, at every size,
+    for every task (the compiled graphs have dynamic shapes) and for both models (schnell's built on first use)."""
     if not (go_fast or mode.fp8):
         return False
-    why = "go_fast" if go_fast else f"speed_mode {mode.name}"
-    if model != "dev":
-        notes.append(f"{why}: the fp8 transformer is FLUX.1-dev's; schnell runs bf16")
-        return False
-    notes.append(f"{why}: runs the fp8 transformer")
+    notes.append(f"{'go_fast' if go_fast else f'speed_mode {mode.name}'}: runs the fp8 {model} transformer")
     return True
 
 

@@ -178,7 +178,7 @@ def test_metrics_carry_the_facts_of_a_prediction(server):
     assert (m["path"], m["speed_mode"], m["num_inference_steps"]) == ("dev-fp8", mode, 12)
     assert m["transformer_passes"] == speed.computed_steps(speed.mode(mode), 12) < 12
     m = succeeded(server, {**SMALL, "go_fast": True, "model": "schnell", "disable_safety_checker": True})["metrics"]
-    assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == ("schnell", 3, 3)
+    assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == ("schnell-fp8", 3, 3)
     assert "safety" not in m["timing"]  # the checker did not run
 
 

@@ -35,7 +35,11 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_weights(engine) -> list[torch.Tensor]:
-    return [raw(t).clone() for m in engine.path("dev-fp8").transformer.modules()
+    return fp8_weights_of(engine.path("dev-fp8").transformer)
+
+
+def fp8_weights_of(transformer) -> list[torch.Tensor]:
+    return [raw(t).clone() for m in transformer.modules()
             if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata") for t in (m.weight.qdata, m.weight.scale)]
 
 
@@ -89,7 +93,9 @@ def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_but_not_for_sc
     assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").path == "dev"
     assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).path == "dev-fp8"
     schnell = Request.build(prompt="x", go_fast=True, model="schnell")
-    assert schnell.path == "schnell" and any("schnell runs bf16" in n for n in schnell.notes)
+    assert schnell.path == "schnell-fp8" and any("fp8 schnell transformer" in n for n in schnell.notes)
+    assert Request.build(prompt="x", model="schnell", speed_mode="Extra Juiced 🔥 (more speed)").path == "schnell-fp8"
+    assert Request.build(prompt="x", model="schnell").path == "schnell"
 
 
 # ----- settings --------------------------------------------------------------------------------------------------
@@ -238,6 +244,22 @@ def test_speed_mode_applies_to_img2img_and_inpainting(engine, tmp_path):
         with block_calls(engine.path("dev").transformer) as calls:
             out = render(engine, speed_mode=juiced.name, prompt_strength=1.0, **extra)
         assert out.shape[1:3] == (512, 512) and calls[0] == speed.computed_steps(juiced, STEPS)
+
+
+def test_schnell_with_go_fast_runs_an_fp8_schnell_built_on_first_use_and_loras_follow_it(engine):
+    kw = {"model": "schnell", "num_inference_steps": 2}
+    bf16 = render(engine, **kw)
+    fast = render(engine, go_fast=True, **kw)
+    schnell, schnell_fp8 = engine.path("schnell").transformer, engine.path("schnell-fp8").transformer
+    before = fp8_weights_of(schnell_fp8)
+    assert before  # its linear layers are torchao fp8 tensors (qdata and scale)
+    assert schnell_fp8 is not schnell and 0 < mad(bf16, fast) < 20
+    update = loras.make_update(schnell, "ATTENTION", seed=9)
+    with_lora = render(engine, go_fast=True, replicate_weights=loras.lora_uri(update), **kw)
+    assert mad(with_lora, fast) > 0
+    assert np.array_equal(render(engine, go_fast=True, **kw), fast)  # removed: bit-identical
+    assert all(torch.equal(a, b) for a, b in zip(before, fp8_weights_of(schnell_fp8)))
+    assert np.array_equal(render(engine, **kw), bf16)  # the bf16 schnell is untouched by its fp8 twin
 
 
 def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
