@@ -17,7 +17,7 @@ from typing import List, Optional
 from cog import BasePredictor, Input, Path, Secret
 
 import flux  # noqa: F401  (sets library environment defaults before anything imports diffusers)
-from flux import logs, weights
+from flux import gpu, logs, weights
 from flux.engine import Engine
 from flux.request import Request
 
@@ -27,7 +27,7 @@ log = logging.getLogger("flux.predict")
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logs.configure()
-        sources = weights.sources(has_cuda=_has_cuda())
+        sources = weights.sources(has_cuda=gpu.cuda_available())  # a GPU torch cannot use is a setup error
         self.engine = Engine.load(sources)
         self._out_dir: Optional[_Path] = None
 
@@ -175,9 +175,3 @@ class Predictor(BasePredictor):
             shutil.rmtree(self._out_dir, ignore_errors=True)
         self._out_dir = _Path(tempfile.gettempdir()) / f"flux-out-{uuid.uuid4().hex}"
         return self._out_dir
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

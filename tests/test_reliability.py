@@ -367,6 +367,14 @@ def test_setup_fails_clearly_on_a_bad_speed_setting(server_env, tmp_path_factory
     assert f"{setting}=" in logs and "Traceback" not in logs
 
 
+def test_setup_fails_clearly_on_an_nvidia_driver_too_old_for_the_image(server_env, tmp_path_factory):
+    from tests.test_gpu import fake_nvidia_smi
+
+    env, _ = server_env(PATH=fake_nvidia_smi(tmp_path_factory.mktemp("driver"), "535.104.05"))
+    logs = setup_failure(env, tmp_path_factory.mktemp("driver-log") / "cog.log")
+    assert "needs driver 580 or newer" in logs and "535.104.05" in logs and "Traceback" not in logs
+
+
 def test_setup_fails_clearly_on_corrupt_weights(server_env, weights_dir, tmp_path_factory):
     from flux import tiny
 
