@@ -23,10 +23,13 @@ FLUX_LORA_RECHECK_S seconds, so a new version is picked up; the others are cache
 for good. Only safetensors are ever read: pickle files (.bin, .ckpt, .pt) are
 refused, never passed to torch.load.
 
-Formats: diffusers' FluxLoraLoaderMixin.lora_state_dict turns the layouts in use
-(diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes
-it) into diffusers/PEFT keys; this module only routes two variants diffusers'
-detection misses into its converters, and checks that the result is complete.
+Formats: diffusers' FluxLoraLoaderMixin.lora_state_dict decides: it turns the
+layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as
+ComfyUI writes it) into diffusers/PEFT keys, and this module checks that the
+result is complete. It routes only what diffusers cannot do for FLUX.1: BFL names
+with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`,
+whose diffusers converter is written for FLUX.1's full block counts) go to the
+ComfyUI form diffusers converts at any size.
 
 Settings (environment, read on every call):
   FLUX_LORA_MAX_BYTES   largest LoRA download (default 2 GiB)
@@ -541,7 +544,10 @@ _TRANSFORMER_ROOTS = ("x_embedder.", "context_embedder.", "time_text_embed.", "n
 
 
 def layout(keys: list[str], metadata: dict | None) -> str:
-    """The name of the layout a LoRA file is written in (the order follows diffusers' own detection)."""
+    """The name of the layout a LoRA file is written in, for the logs and for the routing diffusers cannot do (the
+    order follows diffusers' own detection). "unknown" refuses nothing: diffusers decides."""
+    if any(k.startswith("base_model.model.") and _strip_bfl_prefix(k).startswith(_BFL_ROOTS) for k in keys):
+        return "fal"
     if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(".lora_down.weight" in k for k in keys) and any(k.startswith("diffusion_model.") for k in keys):
@@ -558,7 +564,7 @@ def layout(keys: list[str], metadata: dict | None) -> str:
 
 
 def _strip_bfl_prefix(key: str) -> str:
-    for prefix in ("diffusion_model.", "model.diffusion_model.", "transformer."):
+    for prefix in ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model."):
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
@@ -573,6 +579,20 @@ def _bfl_to_comfy(state_dict: dict) -> dict:
     return out
 
 
+FORMATS = "diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native (ComfyUI, BFL's and fal's trainers)"
+
+
+def _unreadable(shown: str, keys: list[str], why: str = "") -> LoraError:
+    """What the file holds and what is accepted; `why` says what was recognised, if anything."""
+    if why:
+        return LoraError(f"{shown} {why} (its keys look like {', '.join(keys[:4])}). This loader reads FLUX LoRAs "
+                         f"in these layouts: {FORMATS}.")
+    return LoraError(
+        f"{shown} is not a FLUX LoRA in any layout this loader reads ({FORMATS}): its keys look like "
+        f"{', '.join(keys[:4])}. Use a LoRA trained for FLUX.1-dev, as a .safetensors file in one of these layouts."
+    )
+
+
 def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     """A safetensors LoRA file as diffusers/PEFT keys per component, refused with a clear message if it cannot be."""
     from diffusers import FluxPipeline
@@ -583,12 +603,6 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     with safe_open(path, "pt") as f:
         keys, file_metadata = list(f.keys()), f.metadata()
     kind = layout(keys, file_metadata)
-    sample = ", ".join(keys[:4])
-    if kind == "unknown":
-        raise LoraError(
-            f"{shown} is not a FLUX LoRA in any layout this loader reads (diffusers/PEFT, ai-toolkit, kohya, XLabs, "
-            f"BFL): its keys look like {sample}."
-        )
     if kind == "bfl-control":
         raise LoraError(f"{shown} is a FLUX Control LoRA (Canny/Depth): it needs a control image, which this model "
                         "does not take.")
@@ -597,17 +611,22 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         log.warning("lora: %s carries T5 text-encoder weights (%d tensors); diffusers' FLUX loader has no T5 LoRA "
                     "support, so they are not applied", shown, len(dropped))
     try:
-        if kind in ("bfl", "bfl-peft") and not any(k.startswith("diffusion_model.") and ".lora_down." in k for k in keys):
+        if kind in ("bfl", "bfl-peft", "fal") and not any(k.startswith("diffusion_model.") and ".lora_down." in k
+                                                          for k in keys):
             source = _bfl_to_comfy(load_file(path))
             state_dict, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True,
                                                                         return_lora_metadata=True)
         else:
             state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
                 str(path), use_safetensors=True, return_alphas=True, return_lora_metadata=True)
-    except (ValueError, KeyError, AssertionError, RuntimeError, IndexError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # diffusers' converters fail with whatever the keys trip: the user gets the keys
+        what = f"a {kind} LoRA" if kind != "unknown" else "a LoRA"
         raise LoraError(
-            f"{shown} looks like a {kind} LoRA but its keys do not fit FLUX.1 (e.g. {sample}): it was made for a "
-            f"different model, or is damaged ({type(exc).__name__})."
+            f"{shown} looks like {what} but its keys do not fit FLUX.1 (e.g. {', '.join(keys[:4])}): it was made for "
+            f"a different model, or is damaged ({type(exc).__name__}). This loader reads FLUX LoRAs in these "
+            f"layouts: {FORMATS}."
         ) from None
     state_dict = {("transformer." + k if k.startswith(_TRANSFORMER_ROOTS) else k): v for k, v in state_dict.items()}
     parts = {}
@@ -619,10 +638,7 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         parts |= {f"{component}.{k}": v for k, v in part.items()}
     leftover = [k for k in state_dict if not k.startswith(("transformer.", "text_encoder."))]
     if leftover or not parts:
-        raise LoraError(
-            f"{shown} has keys no FLUX LoRA layout explains (e.g. {', '.join((leftover or keys)[:4])}): it was "
-            "made for a different model."
-        )
+        raise _unreadable(shown, leftover or keys)
     alphas = {k: float(v) for k, v in (alphas or {}).items()}
     return LoraWeights(key=key, shown=shown, layout=kind, state_dict=parts, network_alphas=alphas or None,
                        metadata=metadata or None)

@@ -13,6 +13,7 @@ W + scale * B @ A. The writers below store the same update in each file layout:
   bfl         BFL-native module names (fused qkv / linear1) as ComfyUI saves them: `diffusion_model.double_blocks.0.
               img_attn.qkv.lora_down.weight` + `.alpha`, CLIP as `text_encoders.clip_l.transformer...`
   bfl-peft    BFL-native names with PEFT's lora_A / lora_B and no prefix (BFL's own trainer)
+  fal         BFL-native names with PEFT's lora_A / lora_B under `base_model.model.` (fal's trainer)
 
 Each layout can express a different set of modules, so updates are built over a named subset:
   ATTENTION  the attention projections of the double blocks: every layout expresses these
@@ -46,9 +47,9 @@ from tests.helpers.images import data_uri
 RANK = 4
 # Which layouts can express an update over each module subset (see above).
 EXPRESSIBLE = {
-    "ATTENTION": ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"],
+    "ATTENTION": ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft", "fal"],
     "XLABS": ["diffusers", "ai-toolkit", "xlabs"],
-    "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"],
+    "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft", "fal"],
     "ALL": ["diffusers", "ai-toolkit"],
     "BLOCKS": ["diffusers", "ai-toolkit"],
 }
@@ -269,6 +270,12 @@ def bfl_peft_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
     return out, None
 
 
+def fal_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
+    """fal's trainer: BFL module names with PEFT's lora_A / lora_B under `base_model.model.`."""
+    out, _ = bfl_peft_layout(update, dtype)
+    return {f"base_model.model.{k}": v for k, v in out.items()}, None
+
+
 def xlabs_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
     """XLabs keys: the attention of the double blocks, q/k/v and the output of the single blocks (subset XLABS)."""
     assert not update.text_encoder
@@ -295,6 +302,7 @@ LAYOUTS = {
     "xlabs": xlabs_layout,
     "bfl": bfl_layout,
     "bfl-peft": bfl_peft_layout,
+    "fal": fal_layout,
 }
 
 
