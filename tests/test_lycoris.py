@@ -182,3 +182,26 @@ def test_bad_lycoris_files_are_refused_naming_the_module(transformer, tmp_path, 
     change(tensors)
     with pytest.raises(lora_loader.LoraError, match=message):
         lora_loader.normalize(_write(tmp_path, tensors), "k", "bad.safetensors")
+
+
+def test_clip_lokr_in_kohya_names(tmp_path):
+    """LyCORIS CLIP modules (kohya's lora_te1_ names) apply to the text encoder, restored exactly after."""
+    clip = tiny.build_pipeline().text_encoder.eval()
+    gen = torch.Generator().manual_seed(10)
+    name = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors = {f"{name}.lokr_w1": torch.randn(4, 4, generator=gen), f"{name}.alpha": torch.tensor(2.0)}
+    layer = clip.get_submodule("text_model.encoder.layers.0.self_attn.q_proj" if hasattr(clip, "text_model")
+                               else "encoder.layers.0.self_attn.q_proj")
+    b, d = layer.out_features // 4, layer.in_features // 4
+    tensors |= {f"{name}.lokr_w2_a": torch.randn(b, 4, generator=gen), f"{name}.lokr_w2_b": torch.randn(4, d, generator=gen)}
+    weights = lora_loader.normalize(_write(tmp_path, tensors), "k", "clip-lokr")
+    assert weights.components == ("text_encoder",)
+    manager = LoraManager()
+    manager.register("clip", clip, "text_encoder")
+    before = snapshot(clip)
+    original = layer.weight.detach().clone()
+    manager.use([Adapter(weights, 1.0)], ["clip"])
+    expected = original + torch.kron(tensors[f"{name}.lokr_w1"], tensors[f"{name}.lokr_w2_a"] @ tensors[f"{name}.lokr_w2_b"]) * 0.5
+    assert torch.allclose(layer.weight, expected, rtol=1e-5, atol=1e-6)
+    manager.use([], ["clip"])
+    assert same(before, clip) and no_peft_layers(clip)
