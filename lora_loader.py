@@ -23,10 +23,14 @@ FLUX_LORA_RECHECK_S seconds, so a new version is picked up; the others are cache
 for good. Only safetensors are ever read: pickle files (.bin, .ckpt, .pt) are
 refused, never passed to torch.load.
 
-Formats: diffusers' FluxLoraLoaderMixin.lora_state_dict turns the layouts in use
-(diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes
-it) into diffusers/PEFT keys; this module only routes two variants diffusers'
-detection misses into its converters, and checks that the result is complete.
+Formats: diffusers' FluxLoraLoaderMixin.lora_state_dict decides: it turns the
+layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as
+ComfyUI writes it) into diffusers/PEFT keys, and this module checks that the
+result is complete. It routes only what diffusers cannot do for FLUX.1: BFL names
+with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`,
+whose diffusers converter is written for FLUX.1's full block counts) go to the
+ComfyUI form diffusers converts at any size, and LyCORIS LoKr/LoHa files become
+flux.lora.Delta factors per diffusers module (a fused BFL qkv/linear1 split by rows).
 
 Settings (environment, read on every call):
   FLUX_LORA_MAX_BYTES   largest LoRA download (default 2 GiB)
@@ -482,7 +486,8 @@ class LoraLoader:
         weights = normalize(fetched.path, fetched.key, fetched.shown)
         log.info(
             "lora: %s read (%s layout, %s, rank %d) in %.2fs", fetched.shown, weights.layout,
-            ", ".join(f"{len(weights.modules(c))} {c.replace('_', ' ')} modules" for c in weights.components),
+            ", ".join(f"{len(weights.modules(c)) + len(weights.deltas_of(c))} {c.replace('_', ' ')} modules"
+                      for c in weights.components),
             weights.rank, time.monotonic() - started,
         )
         return weights
@@ -541,7 +546,13 @@ _TRANSFORMER_ROOTS = ("x_embedder.", "context_embedder.", "time_text_embed.", "n
 
 
 def layout(keys: list[str], metadata: dict | None) -> str:
-    """The name of the layout a LoRA file is written in (the order follows diffusers' own detection)."""
+    """The name of the layout a LoRA file is written in, for the logs and for the routing diffusers cannot do (the
+    order follows diffusers' own detection). "unknown" refuses nothing: diffusers decides."""
+    kinds = {kind for k in keys for kind, names in _LYCORIS.items() if kind != "lora" and _suffix(k) in names}
+    if kinds:
+        return kinds.pop() if len(kinds) == 1 else "lycoris"
+    if any(k.startswith("base_model.model.") and _strip_bfl_prefix(k).startswith(_BFL_ROOTS) for k in keys):
+        return "fal"
     if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(".lora_down.weight" in k for k in keys) and any(k.startswith("diffusion_model.") for k in keys):
@@ -558,7 +569,7 @@ def layout(keys: list[str], metadata: dict | None) -> str:
 
 
 def _strip_bfl_prefix(key: str) -> str:
-    for prefix in ("diffusion_model.", "model.diffusion_model.", "transformer."):
+    for prefix in ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model."):
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
@@ -573,6 +584,21 @@ def _bfl_to_comfy(state_dict: dict) -> dict:
     return out
 
 
+FORMATS = ("diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native (ComfyUI, BFL's and fal's trainers), "
+           "LyCORIS LoKr and LoHa")
+
+
+def _unreadable(shown: str, keys: list[str], why: str = "") -> LoraError:
+    """What the file holds and what is accepted; `why` says what was recognised, if anything."""
+    if why:
+        return LoraError(f"{shown} {why} (its keys look like {', '.join(keys[:4])}). This loader reads FLUX LoRAs "
+                         f"in these layouts: {FORMATS}.")
+    return LoraError(
+        f"{shown} is not a FLUX LoRA in any layout this loader reads ({FORMATS}): its keys look like "
+        f"{', '.join(keys[:4])}. Use a LoRA trained for FLUX.1-dev, as a .safetensors file in one of these layouts."
+    )
+
+
 def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     """A safetensors LoRA file as diffusers/PEFT keys per component, refused with a clear message if it cannot be."""
     from diffusers import FluxPipeline
@@ -583,12 +609,6 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     with safe_open(path, "pt") as f:
         keys, file_metadata = list(f.keys()), f.metadata()
     kind = layout(keys, file_metadata)
-    sample = ", ".join(keys[:4])
-    if kind == "unknown":
-        raise LoraError(
-            f"{shown} is not a FLUX LoRA in any layout this loader reads (diffusers/PEFT, ai-toolkit, kohya, XLabs, "
-            f"BFL): its keys look like {sample}."
-        )
     if kind == "bfl-control":
         raise LoraError(f"{shown} is a FLUX Control LoRA (Canny/Depth): it needs a control image, which this model "
                         "does not take.")
@@ -596,18 +616,25 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     if dropped:
         log.warning("lora: %s carries T5 text-encoder weights (%d tensors); diffusers' FLUX loader has no T5 LoRA "
                     "support, so they are not applied", shown, len(dropped))
+    if kind in ("lokr", "loha", "lycoris"):
+        return _lycoris(load_file(path), key, shown, kind)
     try:
-        if kind in ("bfl", "bfl-peft") and not any(k.startswith("diffusion_model.") and ".lora_down." in k for k in keys):
+        if kind in ("bfl", "bfl-peft", "fal") and not any(k.startswith("diffusion_model.") and ".lora_down." in k
+                                                          for k in keys):
             source = _bfl_to_comfy(load_file(path))
             state_dict, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True,
                                                                         return_lora_metadata=True)
         else:
             state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
                 str(path), use_safetensors=True, return_alphas=True, return_lora_metadata=True)
-    except (ValueError, KeyError, AssertionError, RuntimeError, IndexError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # diffusers' converters fail with whatever the keys trip: the user gets the keys
+        what = f"a {kind} LoRA" if kind != "unknown" else "a LoRA"
         raise LoraError(
-            f"{shown} looks like a {kind} LoRA but its keys do not fit FLUX.1 (e.g. {sample}): it was made for a "
-            f"different model, or is damaged ({type(exc).__name__})."
+            f"{shown} looks like {what} but its keys do not fit FLUX.1 (e.g. {', '.join(keys[:4])}): it was made for "
+            f"a different model, or is damaged ({type(exc).__name__}). This loader reads FLUX LoRAs in these "
+            f"layouts: {FORMATS}."
         ) from None
     state_dict = {("transformer." + k if k.startswith(_TRANSFORMER_ROOTS) else k): v for k, v in state_dict.items()}
     parts = {}
@@ -619,10 +646,184 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         parts |= {f"{component}.{k}": v for k, v in part.items()}
     leftover = [k for k in state_dict if not k.startswith(("transformer.", "text_encoder."))]
     if leftover or not parts:
-        raise LoraError(
-            f"{shown} has keys no FLUX LoRA layout explains (e.g. {', '.join((leftover or keys)[:4])}): it was "
-            "made for a different model."
-        )
+        raise _unreadable(shown, leftover or keys)
     alphas = {k: float(v) for k, v in (alphas or {}).items()}
     return LoraWeights(key=key, shown=shown, layout=kind, state_dict=parts, network_alphas=alphas or None,
                        metadata=metadata or None)
+
+
+# ----- LyCORIS: LoKr and LoHa ----------------------------------------------------------------------------------------
+
+# The tensors of one module per kind (LyCORIS' names); "lora" is a plain LoRA pair, which LyCORIS files mix in.
+_LYCORIS = {
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lora": ("lora_down.weight", "lora_up.weight"),
+}
+# Parts of LyCORIS that FLUX's Linear layers have no use for or that this loader does not apply.
+_LYCORIS_UNSUPPORTED = {"lokr_t1": "a Tucker core (conv layers)", "lokr_t2": "a Tucker core (conv layers)",
+                        "hada_t1": "a Tucker core (conv layers)", "hada_t2": "a Tucker core (conv layers)",
+                        "dora_scale": "DoRA weight decomposition"}
+_LYCORIS_SUFFIXES = sorted({s for names in _LYCORIS.values() for s in names} | set(_LYCORIS_UNSUPPORTED) | {"alpha"},
+                           key=len, reverse=True)
+
+
+def _suffix(key: str) -> str | None:
+    return next((s for s in _LYCORIS_SUFFIXES if key.endswith("." + s)), None)
+
+
+# BFL module -> the diffusers modules it stands for and the share of the rows each takes (None: the whole).
+_BFL_DOUBLE = {
+    "img_attn.qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
+    "img_attn.proj": (("attn.to_out.0",), None),
+    "img_mlp.0": (("ff.net.0.proj",), None),
+    "img_mlp.2": (("ff.net.2",), None),
+    "img_mod.lin": (("norm1.linear",), None),
+    "txt_attn.qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
+    "txt_attn.proj": (("attn.to_add_out",), None),
+    "txt_mlp.0": (("ff_context.net.0.proj",), None),
+    "txt_mlp.2": (("ff_context.net.2",), None),
+    "txt_mod.lin": (("norm1_context.linear",), None),
+}
+_BFL_SINGLE = {
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (1, 1, 1, 4)),  # FLUX's MLP is 4x the width
+    "linear2": (("proj_out",), None),
+    "modulation.lin": (("norm.linear",), None),
+}
+_BFL_GLOBAL = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # BFL's halves are (scale, shift), diffusers' (shift, scale)
+}
+_DIFFUSERS_BLOCK = {m for table in (_BFL_DOUBLE, _BFL_SINGLE) for ms, _ in table.values() for m in ms}
+_DIFFUSERS_GLOBAL = set(_BFL_GLOBAL.values())
+_CLIP = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])")
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _lycoris_targets(module: str) -> list[tuple[str, tuple[int, ...] | None, bool]] | None:
+    """A LyCORIS module name (kohya's BFL names, LyCORIS' diffusers names, dotted or not) -> the diffusers modules it
+    stands for ("<component>.<module>"), each with the row shares of a fused module and whether it is the final
+    modulation (halves swapped); None if it names nothing FLUX.1 has."""
+    for prefix in ("lora_te1_", "lora_te_", "lycoris_te1_", "lycoris_te_", "text_encoder.", "text_encoders.clip_l.transformer."):
+        if module.startswith(prefix):
+            m = _CLIP.fullmatch(_flat(module[len(prefix):]))
+            if m is None:
+                return None
+            part = m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+            return [(f"text_encoder.text_model.encoder.layers.{m.group(1)}.{part}", None, False)]
+    for prefix in ("lora_unet_", "lycoris_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.",
+                   "base_model.model.", "transformer."):
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+            break
+    flat = _flat(module)
+    if m := re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", flat):
+        table = _BFL_DOUBLE if m.group(1) == "double" else _BFL_SINGLE
+        block = "transformer_blocks" if m.group(1) == "double" else "single_transformer_blocks"
+        found = next((v for b, v in table.items() if _flat(b) == m.group(3)), None)
+        if found is None:
+            return None
+        names, shares = found
+        return [(f"transformer.{block}.{m.group(2)}.{n}", shares, False) for n in names]
+    if m := re.fullmatch(r"(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)", flat):
+        name = next((d for d in _DIFFUSERS_BLOCK if _flat(d) == m.group(3)), None)
+        return [(f"transformer.{m.group(1)}.{m.group(2)}.{name}", None, False)] if name else None
+    if bfl := next((b for b in _BFL_GLOBAL if _flat(b) == flat), None):
+        return [(f"transformer.{_BFL_GLOBAL[bfl]}", None, bfl == "final_layer.adaLN_modulation.1")]
+    name = next((d for d in _DIFFUSERS_GLOBAL if _flat(d) == flat), None)
+    return [(f"transformer.{name}", None, False)] if name else None
+
+
+def _lycoris(tensors: dict, key: str, shown: str, kind: str) -> LoraWeights:
+    """A LyCORIS file as one Delta per diffusers module, checked to be complete and consistent."""
+    from flux.lora import Delta
+
+    grouped: dict[str, dict[str, object]] = {}
+    for name, value in tensors.items():
+        suffix = _suffix(name)
+        if suffix is None:
+            raise _unreadable(shown, [name], f"looks like a LyCORIS file but {name!r} is no LoKr, LoHa or LoRA tensor")
+        grouped.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
+    deltas = {}
+    for module, parts in grouped.items():
+        if module.startswith("lora_te2_") or "t5xxl" in module:
+            continue  # T5: logged by normalize()
+        unsupported = [_LYCORIS_UNSUPPORTED[s] for s in parts if s in _LYCORIS_UNSUPPORTED]
+        if unsupported:
+            raise LoraError(f"{shown}: {module} uses {unsupported[0]}, which this loader does not apply to FLUX's "
+                            "linear layers.")
+        what = next((k for k, names in _LYCORIS.items() if any(s in parts for s in names)), None)
+        if what is None:
+            continue  # an alpha alone
+        targets = _lycoris_targets(module)
+        if targets is None:
+            raise _unreadable(shown, [module], f"is a {kind} file for another model: {module!r} names no layer FLUX.1 has")
+        factors = {s.removesuffix(".weight"): v for s, v in parts.items() if s in _LYCORIS[what]}
+        problem = _factors_problem(what, factors)
+        if problem:
+            raise LoraError(f"{shown} is not a valid {kind} file: {module} {problem}.")
+        rank = Delta(what, factors, 1.0, module).rank
+        alpha = parts.get("alpha")
+        alpha = float(alpha) if alpha is not None and float(alpha) != 0 else None
+        if what == "lokr" and not any(f in factors for f in ("lokr_w1_a", "lokr_w2_a")):
+            scale = 1.0  # both factors full: LyCORIS applies no alpha
+        else:
+            scale = alpha / rank if alpha is not None else 1.0
+        out = Delta(what, factors, scale, module).product_shape[0]
+        for index, (name, shares, swap) in enumerate(targets):
+            rows = None
+            if shares:
+                if out % sum(shares):
+                    raise LoraError(f"{shown}: {module} changes {out} rows, which do not split into "
+                                    f"{', '.join(n.rsplit('.', 1)[-1] for n, _, _ in targets)} as FLUX.1's do.")
+                unit = out // sum(shares)
+                start = sum(shares[:index]) * unit
+                rows = ((start, start + shares[index] * unit),)
+            elif swap:
+                if out % 2:
+                    raise LoraError(f"{shown}: {module} changes {out} rows, an odd number for FLUX.1's final "
+                                    "modulation (shift and scale).")
+                rows = ((out // 2, out), (0, out // 2))
+            deltas[name] = Delta(what, factors, scale, module, rows)
+    if not deltas:
+        raise _unreadable(shown, list(tensors), "looks like a LyCORIS file but holds no module to apply")
+    return LoraWeights(key=key, shown=shown, layout=kind, state_dict={}, deltas=deltas)
+
+
+def _factors_problem(what: str, f: dict) -> str | None:
+    """Why a module's factors cannot multiply out (None when they can)."""
+    if any(v.ndim != 2 for v in f.values()):
+        return "has factors that are not matrices (" + ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items()) + ")"
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items())
+    if what == "lokr":
+        for w in ("lokr_w1", "lokr_w2"):
+            if w in f:
+                continue
+            if f.get(w + "_a") is None or f.get(w + "_b") is None:
+                return f"lacks {w} (or {w}_a and {w}_b)"
+            if f[w + "_a"].shape[1] != f[w + "_b"].shape[0]:
+                return f"has LoKr factors that do not multiply ({shapes})"
+        return None
+    if what == "loha":
+        missing = [n for n in _LYCORIS["loha"] if n not in f]
+        if missing:
+            return f"lacks {', '.join(missing)}"
+        a1, b1, a2, b2 = (f[n] for n in _LYCORIS["loha"])
+        if a1.shape[1] != b1.shape[0] or a2.shape[1] != b2.shape[0] or a1.shape[0] != a2.shape[0] or b1.shape[1] != b2.shape[1]:
+            return f"has LoHa factors that do not multiply out to one shape ({shapes})"
+        return None
+    if "lora_down" not in f or "lora_up" not in f:
+        return "lacks lora_down or lora_up"
+    if f["lora_up"].shape[1] != f["lora_down"].shape[0]:
+        return f"has a lora_down/lora_up pair that does not multiply ({shapes})"
+    return None

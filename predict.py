@@ -123,7 +123,7 @@ class Predictor(BasePredictor):
             "'fofr/flux-pixar-cars'), a Hugging Face reference (huggingface.co/owner/repo or "
             "huggingface.co/owner/repo/file.safetensors), a CivitAI URL (civitai.com/models/<id>[/<name>]), any "
             "https URL of a .safetensors file, or a data: URI. Formats: diffusers/PEFT, kohya, ai-toolkit, XLabs, "
-            "BFL.",
+            "BFL (ComfyUI, fal), LyCORIS LoKr and LoHa.",
             default=None,
         ),
         lora_scale: float = Input(

@@ -20,6 +20,15 @@ shapes, same dtypes), switching back to no LoRA gives bit-identical weights (no
 drift from repeated fuse/unfuse), and a scale change is a restore plus a fuse from
 the LoRA kept in memory (no download, no file read).
 
+LyCORIS LoKr and LoHa modules (and the plain LoRA pairs such a file mixes in)
+arrive as `Delta`s: their factors, turned into ΔW per layer at fuse time and added
+in place to the weight after step 4, with the same keep/restore (steps 2-3), so
+they restore exactly and the fp8 twin is re-quantized from them like any LoRA.
+PEFT is not used for them: a Kronecker or Hadamard ΔW of a fused BFL qkv/linear1
+is split by rows into q/k/v/mlp, and the parts are no longer Kronecker or
+Hadamard products PEFT's LoKr/LoHa layers can hold; nor do PEFT's layers take
+factor shapes other than those of their own factorization of each target.
+
 A failure while injecting leaves the weights untouched (nothing is fused before
 every adapter is in); a failure later restores the target's originals and puts
 the previous LoRAs back, so the predictor is left exactly as it was.
@@ -49,6 +58,72 @@ OPTIONAL_MODULES = ("time_text_embed.guidance_embedder.",)
 
 
 @dataclass(frozen=True, eq=False)
+class Delta:
+    """One module's weight change kept as its factors (LyCORIS' conventions): ΔW is computed when it is fused.
+
+      lokr  kron(w1, w2), each factor full (lokr_w1) or a product (lokr_w1_a @ lokr_w1_b)
+      loha  (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+      lora  lora_up @ lora_down (a plain LoRA pair in a LyCORIS file)
+
+    times `scale` (alpha / rank); `rows` picks the rows of that product this module takes, in order (one of q, k,
+    v of a fused BFL qkv, or the final modulation with its halves swapped). Several Deltas may share factors.
+    """
+
+    kind: str
+    factors: dict[str, torch.Tensor] = field(repr=False)
+    scale: float
+    source: str  # the module as the file names it, for messages
+    rows: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def product_shape(self) -> tuple[int, int]:
+        f = self.factors
+        if self.kind == "lokr":
+            (a, c), (b, d) = (_factor_shape(f, "lokr_w1"), _factor_shape(f, "lokr_w2"))
+            return a * b, c * d
+        if self.kind == "loha":
+            return f["hada_w1_a"].shape[0], f["hada_w1_b"].shape[1]
+        return f["lora_up"].shape[0], f["lora_down"].shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, inner = self.product_shape
+        return (sum(stop - start for start, stop in self.rows) if self.rows else out), inner
+
+    @property
+    def rank(self) -> int:
+        f = self.factors
+        for name in ("lokr_w1_a", "lokr_w2_a", "hada_w1_a", "lora_down"):
+            if name in f:
+                return f[name].shape[0] if name == "lora_down" else f[name].shape[1]
+        return 1
+
+    def weight(self, device=None) -> torch.Tensor:
+        """scale * ΔW for this module, in float32 on `device`."""
+        f = {k: v.to(device, torch.float32) for k, v in self.factors.items()}
+        if self.kind == "lokr":
+            w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+            w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+            delta = torch.kron(w1, w2)
+        elif self.kind == "loha":
+            delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+        else:
+            delta = f["lora_up"] @ f["lora_down"]
+        if self.rows:
+            delta = torch.cat([delta[start:stop] for start, stop in self.rows])
+        return delta * self.scale if self.scale != 1 else delta
+
+
+_KINDS = {"lokr": "LoKr", "loha": "LoHa", "lora": "LoRA"}
+
+
+def _factor_shape(factors: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
+    if name in factors:
+        return tuple(factors[name].shape)
+    return factors[name + "_a"].shape[0], factors[name + "_b"].shape[1]
+
+
+@dataclass(frozen=True, eq=False)
 class LoraWeights:
     """One LoRA, normalized: diffusers/PEFT keys prefixed by the component they apply to, on the CPU."""
 
@@ -58,6 +133,7 @@ class LoraWeights:
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     network_alphas: dict[str, float] | None = field(default=None, repr=False)
     metadata: dict | None = field(default=None, repr=False)  # diffusers' adapter config from the file header
+    deltas: dict[str, Delta] = field(default_factory=dict, repr=False)  # "<component>.<module>" -> its Delta
 
     def part(self, component: str) -> dict[str, torch.Tensor]:
         prefix = component + "."
@@ -65,7 +141,12 @@ class LoraWeights:
 
     @property
     def components(self) -> tuple[str, ...]:
-        return tuple(c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.state_dict))
+        return tuple(c for c in COMPONENTS if any(k.startswith(c + ".") for k in (*self.state_dict, *self.deltas)))
+
+    def deltas_of(self, component: str) -> dict[str, Delta]:
+        """module name -> Delta for one component."""
+        prefix = component + "."
+        return {k[len(prefix):]: v for k, v in self.deltas.items() if k.startswith(prefix)}
 
     def modules(self, component: str) -> dict[str, dict[str, torch.Tensor]]:
         """module name -> {suffix: tensor} for one component."""
@@ -80,7 +161,8 @@ class LoraWeights:
 
     @property
     def rank(self) -> int:
-        return max((v.shape[0] for k, v in self.state_dict.items() if k.endswith(".lora_A.weight")), default=0)
+        return max([v.shape[0] for k, v in self.state_dict.items() if k.endswith(".lora_A.weight")]
+                   + [d.rank for d in self.deltas.values()], default=0)
 
 
 @dataclass(frozen=True)
@@ -278,6 +360,7 @@ class LoraManager:
         component = _COMPONENTS[target.component]
         names: list[str] = []
         scales: list[float] = []
+        deltas: list[tuple[dict[str, torch.nn.Linear], dict[str, Delta], float]] = []  # (layers, Deltas, scale)
         try:
             param = next(target.module.parameters())
             for i, adapter in enumerate(adapters):
@@ -289,15 +372,22 @@ class LoraManager:
                         component.inject(target.module, adapter.weights, f"lora_{i}", sd)
                     names.append(f"lora_{i}")
                     scales.append(float(adapter.scale))
+                own = _deltas_for(adapter.weights, target)
+                if own:
+                    layers = {name: component.find(target.module, name) for name in own}
+                    deltas.append((layers, own, float(adapter.scale)))
         except BaseException:
             component.remove(target.module)  # nothing was fused: the weights are as they were
             raise
         previous = target.applied
         try:
             self._restore(target)
+            if names or deltas:
+                target.touched = self._keep(target.module, names, [l for layers, _, _ in deltas for l in layers.values()])
             if names:
-                target.touched = self._keep(target.module, names)
                 component.fuse(target.module, names, scales)
+            for layers, own, scale in deltas:  # after PEFT's fuse: W += scale * ΔW, rounded once into W's dtype
+                _add(layers, own, scale)
             target.applied = adapters
         except BaseException:
             self._restore(target)
@@ -309,23 +399,25 @@ class LoraManager:
             raise
         component.remove(target.module)
 
-    def _keep(self, module: torch.nn.Module, names: list[str]) -> dict[int, _Kept]:
-        """The weights the injected adapters will change; an exact CPU copy of each is kept the first time."""
+    def _keep(self, module: torch.nn.Module, names: list[str], layers: Sequence[torch.nn.Linear] = ()) -> dict[int, _Kept]:
+        """The weights the injected adapters (and the Deltas of these layers) will change; an exact CPU copy of each is
+        kept the first time."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         touched: dict[int, _Kept] = {}
+        changed: list[torch.Tensor] = [layer.weight for layer in layers]
         for layer in module.modules():
-            if not isinstance(layer, BaseTunerLayer) or not any(n in layer.lora_A for n in names):
+            if not names or not isinstance(layer, BaseTunerLayer) or not any(n in layer.lora_A for n in names):
                 continue
             base = layer.get_base_layer()
-            params = [base.weight]
+            changed.append(base.weight)
             if base.bias is not None and any(getattr(layer, "lora_bias", {}).get(n) for n in names):
-                params.append(base.bias)
-            for p in params:
-                kept = self._kept.get(id(p))
-                if kept is None or kept.param is not p:
-                    kept = self._kept[id(p)] = _Kept(p, _cpu_copy(p))
-                touched[id(p)] = kept
+                changed.append(base.bias)
+        for p in changed:
+            kept = self._kept.get(id(p))
+            if kept is None or kept.param is not p:
+                kept = self._kept[id(p)] = _Kept(p, _cpu_copy(p))
+            touched[id(p)] = kept
         return touched
 
     def _restore(self, target: _Target) -> None:
@@ -345,6 +437,22 @@ def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         copy.copy_(param.detach())
     return copy
+
+
+def _add(layers: dict[str, torch.nn.Linear], deltas: dict[str, Delta], scale: float) -> None:
+    """W += scale * ΔW in place (the same tensor), computed in float32 on W's device and rounded once."""
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = layers[name].weight
+            change = delta.weight(weight.device)
+            weight.copy_((weight.float() + (change * scale if scale != 1 else change)).to(weight.dtype))
+
+
+def _deltas_for(weights: LoraWeights, target: _Target) -> dict[str, Delta]:
+    """The LoRA's Deltas for this target's component, less those of optional modules the target lacks."""
+    find = _COMPONENTS[target.component].find
+    return {name: d for name, d in weights.deltas_of(target.component).items()
+            if not (name.startswith(OPTIONAL_MODULES) and find(target.module, name) is None)}
 
 
 def _part_for(weights: LoraWeights, target: _Target) -> dict[str, torch.Tensor]:
@@ -374,6 +482,21 @@ def _check_fits(weights: LoraWeights, target: _Target) -> None:
         if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
             wrong.append(f"{name} is {module.in_features}->{module.out_features} here, "
                          f"the LoRA's is {a.shape[1]}->{b.shape[0]}")
+    for name, delta in weights.deltas_of(target.component).items():
+        module = find(target.module, name)
+        if module is None and name.startswith(OPTIONAL_MODULES):
+            log.info("lora: %s: %s is not in %s; skipped there", weights.shown, name, target.name)
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            missing.append(name)
+            continue
+        if delta.shape != (module.out_features, module.in_features):
+            out, inner = delta.shape
+            raise UserError(
+                f"{weights.shown}: the {_KINDS[delta.kind]} factors of {delta.source} multiply out to a {out}x{inner} "
+                f"change, but {target.component}.{name} is {module.out_features}x{module.in_features} here: it was made "
+                "for a different model, or is damaged. Use a LoRA trained for FLUX.1-dev."
+            )
     if wrong:
         raise UserError(
             f"{weights.shown} was made for a different model (e.g. SDXL, or FLUX at another size): "

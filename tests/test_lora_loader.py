@@ -432,3 +432,22 @@ def test_t5_weights_are_named_in_the_log_and_the_rest_applies(tiny_pipe, tmp_pat
     assert "T5 text-encoder weights (2 tensors)" in caplog.text
     assert sorted(weights.modules("transformer")) == sorted(update.transformer)
     assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)
+
+
+def test_files_diffusers_reads_are_not_gated(tiny_pipe, tmp_path):
+    """PEFT keys with no `transformer.` prefix: no layout of the old gate, but diffusers reads them."""
+    update = loras.make_update(tiny_pipe.transformer, "ATTENTION", seed=9)
+    tensors, _ = loras.ai_toolkit_layout(update)
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    weights = lora_loader.normalize(_file(tmp_path, bare, "bare.safetensors"), "k", "bare")
+    modules = weights.modules("transformer")
+    assert sorted(modules) == sorted(update.transformer)
+    for name, (a, b) in update.transformer.items():
+        assert torch.equal(modules[name][".lora_B.weight"] @ modules[name][".lora_A.weight"], b @ a)
+
+
+def test_unreadable_file_names_itself_what_it_holds_and_what_is_accepted(tmp_path):
+    path = _file(tmp_path, {"model.layers.0.mlp.weight": torch.zeros(4, 4)}, "llm.safetensors")
+    with pytest.raises(lora_loader.LoraError, match=r"^llm\.safetensors is not a FLUX LoRA .*diffusers/PEFT, .*\)"
+                                                    r": its keys look like model\.layers\.0\.mlp\.weight"):
+        lora_loader.normalize(path, "k", "llm.safetensors")

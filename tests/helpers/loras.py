@@ -13,6 +13,11 @@ W + scale * B @ A. The writers below store the same update in each file layout:
   bfl         BFL-native module names (fused qkv / linear1) as ComfyUI saves them: `diffusion_model.double_blocks.0.
               img_attn.qkv.lora_down.weight` + `.alpha`, CLIP as `text_encoders.clip_l.transformer...`
   bfl-peft    BFL-native names with PEFT's lora_A / lora_B and no prefix (BFL's own trainer)
+  fal         BFL-native names with PEFT's lora_A / lora_B under `base_model.model.` (fal's trainer)
+
+LyCORIS files (LoKr, LoHa) are not low-rank updates: `lycoris_file` writes random ones directly, in kohya's BFL
+names or LyCORIS' diffusers names, and says which diffusers modules each file module stands for; the tests compute
+their ΔW themselves.
 
 Each layout can express a different set of modules, so updates are built over a named subset:
   ATTENTION  the attention projections of the double blocks: every layout expresses these
@@ -46,9 +51,9 @@ from tests.helpers.images import data_uri
 RANK = 4
 # Which layouts can express an update over each module subset (see above).
 EXPRESSIBLE = {
-    "ATTENTION": ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft"],
+    "ATTENTION": ["diffusers", "ai-toolkit", "kohya", "xlabs", "bfl", "bfl-peft", "fal"],
     "XLABS": ["diffusers", "ai-toolkit", "xlabs"],
-    "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft"],
+    "FUSED_OK": ["diffusers", "ai-toolkit", "kohya", "bfl", "bfl-peft", "fal"],
     "ALL": ["diffusers", "ai-toolkit"],
     "BLOCKS": ["diffusers", "ai-toolkit"],
 }
@@ -269,6 +274,12 @@ def bfl_peft_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
     return out, None
 
 
+def fal_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
+    """fal's trainer: BFL module names with PEFT's lora_A / lora_B under `base_model.model.`."""
+    out, _ = bfl_peft_layout(update, dtype)
+    return {f"base_model.model.{k}": v for k, v in out.items()}, None
+
+
 def xlabs_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
     """XLabs keys: the attention of the double blocks, q/k/v and the output of the single blocks (subset XLABS)."""
     assert not update.text_encoder
@@ -295,7 +306,66 @@ LAYOUTS = {
     "xlabs": xlabs_layout,
     "bfl": bfl_layout,
     "bfl-peft": bfl_peft_layout,
+    "fal": fal_layout,
 }
+
+
+# ----- LyCORIS -----------------------------------------------------------------------------------------------------
+
+LOKR_VARIANTS = ("w2", "both", "full")  # which factors are products: w2 only (LyCORIS' default), both, neither
+
+
+def _kron_split(n: int) -> int:
+    return 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+
+
+def lycoris_file(transformer, kind: str = "lokr", naming: str = "bfl", modules: str = "ALL", variant: str = "w2",
+                 seed: int = 0, rank: int = RANK, alpha: float | None = None) -> tuple[dict, dict[str, tuple[str, ...]]]:
+    """Random LoKr (kind "lokr") or LoHa ("loha") tensors over a module subset, with alpha (default rank / 2), named
+    the kohya way after BFL's modules (naming "bfl": `lora_unet_double_blocks_0_img_attn_qkv`, fused qkv / linear1)
+    or the LyCORIS way after diffusers' (naming "diffusers": `lycoris_transformer_blocks_0_attn_to_q`); "bfl-dotted"
+    and "diffusers-dotted" are the same with dots (`diffusion_model.double_blocks.0.img_attn.qkv`,
+    `transformer.transformer_blocks.0.attn.to_q`).
+
+    Returns the tensors and, per file module, the diffusers modules it stands for (rows in that order)."""
+    gen = torch.Generator().manual_seed(seed)
+    alpha = alpha or rank / 2
+    tensors, targets = {}, {}
+    for bfl, members in subset(transformer, modules).items():
+        if naming == "bfl":
+            units = [("lora_unet_" + bfl.replace(".", "_"), members)]
+        elif naming == "bfl-dotted":  # ComfyUI's / ai-toolkit's BFL form
+            units = [(f"diffusion_model.{bfl}", members)]
+        elif naming == "diffusers-dotted":  # ai-toolkit's diffusers form
+            units = [(f"transformer.{m}", (m,)) for m in members]
+        else:
+            units = [("lycoris_" + m.replace(".", "_"), (m,)) for m in members]
+        for name, ms in units:
+            out, inner = sum(_linear(transformer, m).out_features for m in ms), _linear(transformer, ms[0]).in_features
+            targets[name] = ms
+
+            def randn(*shape, std=1.0):
+                return torch.randn(*shape, generator=gen) * std
+
+            if kind == "loha":
+                for w in ("hada_w1", "hada_w2"):
+                    tensors[f"{name}.{w}_a"] = randn(out, rank, std=0.5)
+                    tensors[f"{name}.{w}_b"] = randn(rank, inner, std=1 / inner**0.5)
+            else:
+                a, c = _kron_split(out), _kron_split(inner)
+                b, d = out // a, inner // c
+                if variant == "both":
+                    tensors[f"{name}.lokr_w1_a"] = randn(a, rank, std=0.5)
+                    tensors[f"{name}.lokr_w1_b"] = randn(rank, c, std=0.5)
+                else:
+                    tensors[f"{name}.lokr_w1"] = randn(a, c, std=0.5)
+                if variant == "full":
+                    tensors[f"{name}.lokr_w2"] = randn(b, d, std=1 / d**0.5)
+                else:
+                    tensors[f"{name}.lokr_w2_a"] = randn(b, rank, std=0.5)
+                    tensors[f"{name}.lokr_w2_b"] = randn(rank, d, std=1 / d**0.5)
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return tensors, targets
 
 
 def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
