@@ -468,13 +468,19 @@ def _part_for(weights: LoraWeights, target: _Target) -> dict[str, torch.Tensor]:
 def _check_fits(weights: LoraWeights, target: _Target) -> None:
     find = _COMPONENTS[target.component].find
     missing, wrong = [], []
-    for name, tensors in weights.modules(target.component).items():
+    def linear(name: str) -> torch.nn.Linear | None:
+        """The target's Linear the LoRA names (None: an optional module it lacks, or missing: noted)."""
         module = find(target.module, name)
         if module is None and name.startswith(OPTIONAL_MODULES):
             log.info("lora: %s: %s is not in %s; skipped there", weights.shown, name, target.name)
-            continue
+            return None
         if not isinstance(module, torch.nn.Linear):
             missing.append(name)
+            return None
+        return module
+
+    for name, tensors in weights.modules(target.component).items():
+        if (module := linear(name)) is None:
             continue
         a, b = tensors.get(".lora_A.weight"), tensors.get(".lora_B.weight")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
@@ -483,12 +489,7 @@ def _check_fits(weights: LoraWeights, target: _Target) -> None:
             wrong.append(f"{name} is {module.in_features}->{module.out_features} here, "
                          f"the LoRA's is {a.shape[1]}->{b.shape[0]}")
     for name, delta in weights.deltas_of(target.component).items():
-        module = find(target.module, name)
-        if module is None and name.startswith(OPTIONAL_MODULES):
-            log.info("lora: %s: %s is not in %s; skipped there", weights.shown, name, target.name)
-            continue
-        if not isinstance(module, torch.nn.Linear):
-            missing.append(name)
+        if (module := linear(name)) is None:
             continue
         if delta.shape != (module.out_features, module.in_features):
             out, inner = delta.shape

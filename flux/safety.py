@@ -17,12 +17,20 @@ log = logging.getLogger(__name__)
 logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").setLevel(logging.ERROR)
 
 
-class SafetyChecker:
+class _ImageModel:
+    """A model and its image processor on the engine's device and dtype."""
+
     def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
         self.device = device
         self.dtype = dtype
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+
+
+class SafetyChecker(_ImageModel):
 
     @classmethod
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
@@ -35,14 +43,14 @@ class SafetyChecker:
     @torch.inference_mode()
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags."""
-        pixels = self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        pixels = self.pixels(images)
         # The checker blacks out flagged entries of `images` in place; it only needs their shapes.
         placeholders = np.zeros((len(images), 1, 1, 3), dtype=np.float32)
         _, has_nsfw = self.model(clip_input=pixels, images=placeholders)
         return [bool(flag) for flag in has_nsfw]
 
 
-class NsfwClassifier:
+class NsfwClassifier(_ImageModel):
     """An image classifier with an "nsfw" label (Falconsai/nsfw_image_detection: a ViT with labels normal, nsfw)."""
 
     def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
@@ -50,10 +58,7 @@ class NsfwClassifier:
         if "nsfw" not in labels:
             raise ValueError(f"the classifier has no 'nsfw' label (its labels: {', '.join(labels)})")
         self.nsfw = labels["nsfw"]
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.processor = processor
-        self.device = device
-        self.dtype = dtype
+        super().__init__(model, processor, device, dtype)
 
     @classmethod
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "NsfwClassifier":
@@ -67,5 +72,5 @@ class NsfwClassifier:
         """True for each image the classifier labels nsfw."""
         if not images:
             return []
-        pixels = self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        pixels = self.pixels(images)
         return [int(i) == self.nsfw for i in self.model(pixel_values=pixels).logits.argmax(-1)]

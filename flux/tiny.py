@@ -199,8 +199,13 @@ def build_nsfw_classifier():
 
 
 def ensure_nsfw_classifier(dest: Path) -> Path:
+    return _save_model_and_processor(dest, build_nsfw_classifier)
+
+
+def _save_model_and_processor(dest: Path, build) -> Path:
+    """A (model, image processor) pair from build(), saved at dest once."""
     def write(tmp: Path) -> None:
-        model, processor = build_nsfw_classifier()
+        model, processor = build()
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
 
@@ -231,9 +236,4 @@ def ensure_pipeline(dest: Path, schnell: bool = False) -> Path:
 
 
 def ensure_safety_checker(dest: Path) -> Path:
-    def write(tmp: Path) -> None:
-        checker, processor = build_safety_checker()
-        checker.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-
-    return _save_atomically(dest, write)
+    return _save_model_and_processor(dest, build_safety_checker)

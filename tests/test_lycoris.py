@@ -142,9 +142,15 @@ def test_go_fast_with_a_lokr(predict, engine, dev):
     assert with_lokr != plain
     touched = engine.loras.touched("dev")
     assert touched and len(touched) == sum(len(m) for m in targets.values())
-    for key in touched:  # each touched layer has an fp8 twin, which carries its fused weight (where it is a copy)
-        source, twin = engine.fp8_sync.pairs[key]
-        if not hasattr(twin.weight, "qdata"):
+    from tests.test_speed import quantized, raw
+
+    for key in touched:  # each touched layer's fp8 twin is a fresh quantization of its fused bf16 weight
+        source, twin = engine._fp8["dev"].sync.pairs[key]
+        if hasattr(twin.weight, "qdata"):
+            fresh = quantized(source, engine.settings.fp8)
+            assert torch.equal(raw(twin.weight.qdata), raw(fresh.qdata))
+            assert torch.equal(twin.weight.scale, fresh.scale)
+        else:
             assert torch.equal(twin.weight, source.weight)
     assert image(predict, go_fast=True, replicate_weights=uri(tensors), lora_scale=0.5) not in (plain, with_lokr)
     assert image(predict, go_fast=True) == plain
