@@ -247,16 +247,16 @@ class Engine:
             bundle = compile_cache.fetch(settings) if settings.compile else None
         with stages("load", f"FLUX.1-dev on {device}, {dtype}"), weights.loading("dev", dev_path):
             pipe = FluxPipeline.from_pretrained(dev_path, dtype=dtype, use_safetensors=True).to(device)
-        with stages("fetch", "safety checker"):
-            safety_path = weights.locate(srcs.safety, "safety")
-        with stages("load", "safety checker"), weights.loading("safety", safety_path):
-            safety = SafetyChecker.load(safety_path, device, dtype)
+        def checker(source: str, kind: str, what: str, model):
+            with stages("fetch", what):
+                path = weights.locate(source, kind)
+            with stages("load", what), weights.loading(kind, path):
+                return model.load(path, device, dtype)
+
+        safety = checker(srcs.safety, "safety", "safety checker", SafetyChecker)
         second = None
         if srcs.safety_second is not None:
-            with stages("fetch", "second safety checker"):
-                second_path = weights.locate(srcs.safety_second, weights.SAFETY_SECOND)
-            with stages("load", "second safety checker"), weights.loading(weights.SAFETY_SECOND, second_path):
-                second = NsfwClassifier.load(second_path, device, dtype)
+            second = checker(srcs.safety_second, weights.SAFETY_SECOND, "second safety checker", NsfwClassifier)
         else:
             log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
         engine = cls(pipe, safety, srcs.schnell, device, dtype, settings, stages, compile_bundle=bundle,
@@ -266,17 +266,26 @@ class Engine:
         stages.total()
         return engine
 
-    def _load_schnell(self) -> speed.FastPath:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    def _schnell_transformer(self):
+        """schnell's transformer read from its weights (fetched once), prepared like every bf16 transformer; and the
+        folder it came from."""
+        from diffusers import FluxTransformer2DModel
 
-        started = time.monotonic()
         path = weights.locate(self.schnell_source, "schnell")
         with weights.loading("schnell", path):
             transformer = FluxTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", dtype=self.dtype, use_safetensors=True
             )
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         self._prepare_transformer(transformer)
+        return transformer, path
+
+    def _load_schnell(self) -> speed.FastPath:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        started = time.monotonic()
+        transformer, path = self._schnell_transformer()
+        with weights.loading("schnell", path):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
         fast = self._add_path("schnell", pipe)
         self.loras.register("schnell", transformer, TRANSFORMER)
@@ -287,17 +296,9 @@ class Engine:
         """schnell's fp8 path, built on first use: a second copy of schnell's transformer read from the disk (the
         bf16 one may be compiled and carry a LoRA), prepared like every transformer and quantized; it then follows
         the bf16 schnell's LoRA state as dev-fp8 follows dev's."""
-        from diffusers import FluxTransformer2DModel
-
         started = time.monotonic()
         bf16 = self._paths["schnell"].transformer
-        path = weights.locate(self.schnell_source, "schnell")
-        with weights.loading("schnell", path):
-            fp8 = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=self.dtype,
-                                                         use_safetensors=True)
-        self._prepare_transformer(fp8)
-        fp8.requires_grad_(False)
-        speed.drop_unfused(fp8)  # only the fused projections are quantized (speed.fp8_copy)
+        fp8 = speed.fp8_ready(self._schnell_transformer()[0])
         schnell_pipe = self._paths["schnell"].models["txt2img"].model  # the caller holds the lock
         fast = self._add_path("schnell-fp8", _with_transformer(schnell_pipe, fp8), self.settings.fp8)
         self._fp8["schnell"] = Fp8Twin(speed.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))

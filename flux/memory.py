@@ -112,8 +112,9 @@ class Residency:
         if self.budget is None:
             return []
         others = [n for n in self.resident if n != name]
+        sizes = {n: self.size(n) for n in (*others, name)}  # each module's bytes counted once per plan
         evict = []
-        while others and sum(self.size(n) for n in others) + self.size(name) + working > self.budget:
+        while others and sum(sizes[n] for n in others) + sizes[name] + working > self.budget:
             evict.append(others.pop(0))
         return evict
 

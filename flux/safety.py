@@ -26,19 +26,28 @@ class _ImageModel:
         self.device = device
         self.dtype = dtype
 
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype):
+        model_class, processor_class = cls.classes()
+        model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls(model, processor_class.from_pretrained(path), device, dtype)
+
+    @staticmethod
+    def classes() -> tuple[type, type]:
+        """The model's and the image processor's classes (imported when first loaded)."""
+        raise NotImplementedError
+
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
 
 
 class SafetyChecker(_ImageModel):
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
+    @staticmethod
+    def classes() -> tuple[type, type]:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        model = StableDiffusionSafetyChecker.from_pretrained(path, dtype=dtype, use_safetensors=True)
-        return cls(model, CLIPImageProcessor.from_pretrained(path), device, dtype)
+        return StableDiffusionSafetyChecker, CLIPImageProcessor
 
     @torch.inference_mode()
     def flags(self, images: list[Image.Image]) -> list[bool]:
@@ -60,12 +69,11 @@ class NsfwClassifier(_ImageModel):
         self.nsfw = labels["nsfw"]
         super().__init__(model, processor, device, dtype)
 
-    @classmethod
-    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "NsfwClassifier":
+    @staticmethod
+    def classes() -> tuple[type, type]:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
-        return cls(model, AutoImageProcessor.from_pretrained(path), device, dtype)
+        return AutoModelForImageClassification, AutoImageProcessor
 
     @torch.inference_mode()
     def flags(self, images: list[Image.Image]) -> list[bool]:

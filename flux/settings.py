@@ -83,9 +83,7 @@ def fp8_kind(device: torch.device, asked: str = "auto") -> str:
     an explicit choice is kept."""
     if asked != "auto":
         return asked
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return "fp8dqrow"
-    return "fp8wo"
+    return "fp8dqrow" if fp8_supported(device) else "fp8wo"
 
 
 def fp8_supported(device: torch.device) -> bool:

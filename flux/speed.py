@@ -275,9 +275,13 @@ class Fp8Sync:
 
 
 def fp8_copy(transformer) -> torch.nn.Module:
-    """A copy of the transformer to be quantized by smash(fp8=...); it shares nothing with the original, and where
-    the projections are fused only the fused layers are kept."""
-    twin = copy.deepcopy(transformer)
+    """A copy of the transformer to be quantized by smash(fp8=...); it shares nothing with the original."""
+    return fp8_ready(copy.deepcopy(transformer))
+
+
+def fp8_ready(twin) -> torch.nn.Module:
+    """A transformer of its own made ready for smash(fp8=...): no gradients, and where the projections are fused
+    only the fused layers kept."""
     twin.requires_grad_(False)
     drop_unfused(twin)
     return twin
