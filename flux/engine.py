@@ -4,8 +4,10 @@ One set of components (text encoders, VAE, transformer) serves text-to-image,
 img2img and inpainting: diffusers' three Flux pipelines built on the same module objects.
 FLUX.1-schnell loads on first use and shares the text encoders and VAE.
 Each transformer is a path (flux/speed.py): "dev" (bf16), "dev-fp8" (go_fast: an fp8 copy of
-dev), "schnell" and "schnell-fp8" (both built on first use), each compiled per block and smashed by pruna for the speed modes; flux/memory.py
-decides which stay on the GPU.
+dev), "schnell" and "schnell-fp8" (both built on first use), each compiled per block and smashed by pruna for the
+speed modes. flux/memory.py plans where each component lives for the GPU's memory: T5 may be streamed from CPU
+memory, and where bf16 dev (or schnell) does not fit beside its fp8 copy it stays in CPU memory, as the source its
+fp8 copy is quantized from, and its requests run the fp8 path (`route`).
 LoRAs (lora_loader.py fetches and normalizes them, flux/lora.py fuses them) are made
 to match each request on the bf16 transformer it uses and the CLIP text encoder; the fp8 copy
 is re-quantized from the bf16 weights a LoRA change touched.
@@ -26,11 +28,11 @@ from PIL import Image
 
 import lora_loader  # top level beside predict.py, as the design lays it out
 
-from . import compile_cache, compiler, logs, progress, speed, weights
+from . import compile_cache, compiler, logs, memory, progress, speed, weights
 from . import images as image_io
 from .errors import UserError
 from .lora import TEXT_ENCODER, TRANSFORMER, Adapter, LoraManager
-from .memory import Residency, activation_bytes, module_bytes
+from .memory import Residency, activation_bytes
 from .request import Request
 from .safety import NsfwClassifier, SafetyChecker
 from .settings import Settings, fp8_kind
@@ -49,6 +51,11 @@ class Result:
     steps: int = 0  # denoising steps each output ran
     passes: int = 0  # transformer passes that computed (FORA's cached steps do not), over every pipeline call
     loras: list[lora_loader.Fetched] = field(default_factory=list)
+    moves: list[memory.Move] = field(default_factory=list)  # transfers between CPU and GPU memory
+
+    @property
+    def moved_bytes(self) -> int:
+        return sum(m.bytes for m in self.moves)
 
 
 @dataclass
@@ -144,6 +151,8 @@ class Engine:
                 compile_cache.load(folder, self._cache_key, weights.shown(settings.compile_cache or str(settings.cache_dir)),
                                    settings.cache_dir)
         self._prepare_transformer(pipe.transformer)
+        self.plan = self._plan(pipe)
+        self._place_shared(pipe)
         if settings.channels_last:
             speed.vae_channels_last(pipe.vae)
         self._vae_compiled = (compiler.compile_vae_decoder(pipe.vae, settings.compile)
@@ -152,16 +161,65 @@ class Engine:
         self.loras.register("dev", pipe.transformer, TRANSFORMER)
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.lora_loader = lora_loader.LoraLoader()
-        shared = sum(module_bytes(m) for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae))
-        self.memory = Residency.for_device(device, shared, mover=speed.move)
-        with self.stages("fp8 copy"):
-            fp8 = speed.fp8_copy(pipe.transformer)  # before dev's blocks are compiled or wrapped
-        self._add_path("dev", pipe)
-        with self.stages("fp8 quantize", settings.fp8):
-            self._add_path("dev-fp8", _with_transformer(pipe, fp8), settings.fp8)
+        self.memory = Residency.for_plan(device, self.plan, mover=speed.move)
+        self._schnell = None  # FLUX.1-schnell's bf16 pipeline, loaded on first use
         # Each fp8 path follows its bf16 model's LoRA state: model name -> its twin.
-        self._fp8: dict[str, Fp8Twin] = {"dev": Fp8Twin(speed.Fp8Sync(pipe.transformer, fp8, settings.fp8,
-                                                                      settings.fp8_forced))}
+        self._fp8: dict[str, Fp8Twin] = {}
+        if self.placed("dev"):  # on the GPU first: its fp8 copy is then quantized from it without crossing PCIe
+            self.memory.add("dev", pipe.transformer, resident=False)
+            self.memory.use("dev")
+        else:  # in CPU memory, where the plan keeps it (a pipeline given on the GPU is moved there)
+            speed.move(pipe.transformer, torch.device("cpu"))
+        self._add_fp8_path("dev", pipe)  # before dev's blocks are compiled or wrapped: the fp8 copy copies them
+        if self.placed("dev"):
+            self._add_path("dev", pipe)
+
+    def _plan(self, pipe) -> memory.Plan | None:
+        """The memory plan for this GPU (or the budget FLUX_GPU_MEMORY_GB simulates on a CPU), logged as a table;
+        None on a CPU without one (everything stays on the CPU). A plan that does not fit is a setup error."""
+        budget = memory.budget(self.device, self.settings.gpu_memory)
+        if budget is None:
+            log.info("memory: no GPU, no plan: every component stays on the CPU (FLUX_GPU_MEMORY_GB simulates a GPU)")
+            return None
+        safety = [m.model for m in (self.safety, self.second_safety) if m is not None]
+        sizes = memory.Sizes.of(pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, safety,
+                                streams=self.device.type == "cuda")
+        plan = memory.plan(budget, sizes, floor=memory.MIN_GPU_BYTES if self.device.type == "cuda" else 0)
+        log.info("memory plan for %.1f GB of GPU memory%s:\n%s", memory.gb(budget),
+                 " (FLUX_GPU_MEMORY_GB)" if self.settings.gpu_memory else "", plan.table())
+        memory.refuse(plan, self.device)
+        memory.check_host(plan)
+        return plan
+
+    def placed(self, model: str) -> bool:
+        """Whether a model's bf16 transformer runs on this GPU (the plan may keep it in CPU memory only)."""
+        return self.plan is None or self.plan.where(model) != memory.CPU
+
+    def _place_shared(self, pipe) -> None:
+        """CLIP and the VAE on the GPU; T5 too, or streamed from CPU memory where the plan says so."""
+        pipe.text_encoder.to(self.device)
+        pipe.vae.to(self.device)
+        if self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED:
+            memory.stream(pipe.text_encoder_2, self.device)
+        else:
+            pipe.text_encoder_2.to(self.device)
+
+    def _add_fp8_path(self, model: str, pipe, source=None) -> speed.FastPath:
+        """A model's fp8 path: its transformer quantized a block at a time onto the GPU (from `source`, else the
+        model's bf16 transformer in `pipe`), with room made for it first; it then follows the bf16 model's LoRAs."""
+        bf16 = pipe.transformer
+        source = bf16 if source is None else source
+        on_gpu = model in self.memory.resident and self.memory.modules.get(model) is source
+        self.memory.make_room(memory.fp8_bytes(source) + memory.block_bytes(source))
+        started = time.monotonic()
+        with self.stages("fp8 quantize", f"{model}, {self.settings.fp8}"):
+            fp8 = speed.fp8_transformer(source, self.settings.fp8, self.device, self.settings.fp8_forced)
+        if not on_gpu and self.memory.budget is not None:  # its bf16 blocks crossed to the GPU to be quantized there
+            self.memory.moves.append(memory.Move(f"{model}-fp8", "gpu", memory.module_bytes(source),
+                                                 time.monotonic() - started))
+        path = self._add_path(f"{model}-fp8", _with_transformer(pipe, fp8), self.settings.fp8, on_gpu=True)
+        self._fp8[model] = Fp8Twin(speed.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
+        return path
 
     def _prepare_transformer(self, transformer) -> None:
         """What every bf16 transformer gets before it is copied, smashed or compiled: the attention backend and the
@@ -170,12 +228,14 @@ class Engine:
         if self.settings.fused_projections:
             speed.fuse_projections(transformer)
 
-    def _add_path(self, name: str, pipe, fp8: str | None = None) -> speed.FastPath:
+    def _add_path(self, name: str, pipe, fp8: str | None = None, on_gpu: bool = False) -> speed.FastPath:
+        """A transformer's path: on the GPU (moved there unless on_gpu), smashed by pruna, compiled."""
         started = time.monotonic()
         settings = self.settings
-        self.memory.add(name, pipe.transformer, resident=False)
+        if self.memory.modules.get(name) is not pipe.transformer:
+            self.memory.add(name, pipe.transformer, resident=on_gpu)
         self.memory.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
-        path = speed.FastPath(name, speed.smash(pipe, self.device, fp8, settings.fp8_forced), _task_pipelines(pipe))
+        path = speed.FastPath(name, speed.smash(pipe, self.device), _task_pipelines(pipe))
         if settings.compile:  # beneath FORA's wrappers, which are off between calls
             compiler.configure(settings.inductor_tuning)  # torchao's quantization sets inductor flags of its own
             # torchao's dynamic float8 asks whether the batch is 1 (flux/compiler.py): that path keeps batch 1 apart
@@ -192,7 +252,7 @@ class Engine:
         """Compile both dev paths for every schema size (or these shapes), and the VAE decoder, now, so that no
         request pays for it; log the graphs each compiled and keep the artifacts."""
         shapes = shapes or speed.warm_sizes()
-        for name in ("dev", "dev-fp8"):
+        for name in (n for n in ("dev", "dev-fp8") if n in self._paths):
             self.memory.use(name)
             path = self._paths[name]
             with compiler.CompileTimes() as times, self.stages(f"warm-up {name}", f"{len(shapes)} sizes"):
@@ -211,7 +271,7 @@ class Engine:
             try:
                 speed.warm_up_vae(self._base.vae, vae_shapes, self.device, self.dtype)
             except Exception as exc:
-                if not self._paths["dev"].fall_back(exc):
+                if not next(iter(self._paths.values())).fall_back(exc):
                     raise
         log.info("setup: compile VAE decoder: %s; graphs now held: %s", times.summary(),
                  compiler.graph_counts(vae=self._base.vae)[compiler.VAE_DECODER])
@@ -245,8 +305,8 @@ class Engine:
         with stages("fetch", "FLUX.1-dev and the compile bundle"):
             dev_path = weights.locate(srcs.dev, "dev")
             bundle = compile_cache.fetch(settings) if settings.compile else None
-        with stages("load", f"FLUX.1-dev on {device}, {dtype}"), weights.loading("dev", dev_path):
-            pipe = FluxPipeline.from_pretrained(dev_path, dtype=dtype, use_safetensors=True).to(device)
+        with stages("load", f"FLUX.1-dev, {dtype}"), weights.loading("dev", dev_path):
+            pipe = FluxPipeline.from_pretrained(dev_path, dtype=dtype, use_safetensors=True)  # placed by the plan
         def checker(source: str, kind: str, what: str, model):
             with stages("fetch", what):
                 path = weights.locate(source, kind)
@@ -267,8 +327,8 @@ class Engine:
         return engine
 
     def _schnell_transformer(self):
-        """schnell's transformer read from its weights (fetched once), prepared like every bf16 transformer; and the
-        folder it came from."""
+        """schnell's transformer read from its weights (fetched once) into CPU memory, prepared like every bf16
+        transformer; and the folder it came from."""
         from diffusers import FluxTransformer2DModel
 
         path = weights.locate(self.schnell_source, "schnell")
@@ -279,7 +339,9 @@ class Engine:
         self._prepare_transformer(transformer)
         return transformer, path
 
-    def _load_schnell(self) -> speed.FastPath:
+    def _load_schnell(self):
+        """FLUX.1-schnell's bf16 pipeline (sharing the text encoders and VAE), its transformer in CPU memory until a
+        path places it; a LoRA target from now on."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         started = time.monotonic()
@@ -287,33 +349,42 @@ class Engine:
         with weights.loading("schnell", path):
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         pipe = _with_transformer(self._base, transformer, scheduler=scheduler)
-        fast = self._add_path("schnell", pipe)
         self.loras.register("schnell", transformer, TRANSFORMER)
         log.info("schnell: loaded on first use in %.2fs (shares text encoders and VAE)", time.monotonic() - started)
-        return fast
+        return pipe
 
-    def _load_schnell_fp8(self) -> speed.FastPath:
-        """schnell's fp8 path, built on first use: a second copy of schnell's transformer read from the disk (the
-        bf16 one may be compiled and carry a LoRA), prepared like every transformer and quantized; it then follows
-        the bf16 schnell's LoRA state as dev-fp8 follows dev's."""
+    def _build_schnell(self, name: str) -> None:
+        """A schnell path on first use: "schnell" places the bf16 transformer on the GPU; "schnell-fp8" quantizes it
+        a block at a time, from the bf16 one while that is untouched (never compiled, no LoRA fused), else from a
+        second copy read from the disk."""
         started = time.monotonic()
-        bf16 = self._paths["schnell"].transformer
-        fp8 = speed.fp8_ready(self._schnell_transformer()[0])
-        schnell_pipe = self._paths["schnell"].models["txt2img"].model  # the caller holds the lock
-        fast = self._add_path("schnell-fp8", _with_transformer(schnell_pipe, fp8), self.settings.fp8)
-        self._fp8["schnell"] = Fp8Twin(speed.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
-        log.info("schnell-fp8: built on first use in %.2fs", time.monotonic() - started)
-        return fast
+        if self._schnell is None:
+            self._schnell = self._load_schnell()
+        if name == "schnell":
+            self._add_path("schnell", self._schnell)
+        else:
+            untouched = "schnell" not in self._paths and not self.loras.touched("schnell")
+            self._add_fp8_path("schnell", self._schnell, None if untouched else self._schnell_transformer()[0])
+        log.info("%s: built on first use in %.2fs", name, time.monotonic() - started)
 
     def path(self, name: str) -> speed.FastPath:
         """A transformer's path ("dev", "dev-fp8", "schnell", "schnell-fp8"), the schnell ones built on first use
         (a failure caches nothing)."""
         with self._lock:
-            if "schnell" in name and "schnell" not in self._paths:
-                self._load_schnell()
-            if name == "schnell-fp8" and name not in self._paths:
-                self._load_schnell_fp8()
+            if name not in self._paths:
+                if not self.placed(name) or not name.startswith("schnell"):
+                    raise ValueError(f"the {name} path does not run on this GPU (memory plan): route the request")
+                self._build_schnell(name)
             return self._paths[name]
+
+    def route(self, req: Request) -> Request:
+        """The request as this GPU runs it: where the plan keeps a model's bf16 transformer off the GPU, its fp8 copy
+        runs, and a note says so."""
+        if req.fp8 or self.placed(req.model):
+            return req
+        note = (f"this GPU ({memory.gb(self.plan.budget):.0f} GB) keeps FLUX.1-{req.model} in fp8 only: it ran as with "
+                "go_fast (the memory plan in the setup log; a GPU of 40 GB or more runs bf16)")
+        return req.replace(fp8=True, notes=(*req.notes, note))
 
     def pipeline(self, model: str, task: str):
         """The plain diffusers pipeline of a model's bf16 transformer for a task (all share components)."""
@@ -385,6 +456,7 @@ class Engine:
 
     def generate(self, req: Request) -> Result:
         """Run the pipeline for a request: images in output order, before the safety check."""
+        req = self.route(req)
         try:
             return self._generate(req)
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
@@ -427,13 +499,18 @@ class Engine:
         """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
         the embeddings the pipeline is then given, so that text encoding is timed apart."""
         embeds = {}
+        streamed = self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED
         for prefix, text in (("", req.prompt), ("negative_", req.negative_prompt if req.true_cfg else None)):
             if text is None:
                 continue
+            started = time.monotonic()
             prompt_embeds, pooled, _ = self._base.encode_prompt(
                 prompt=text, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
                 max_sequence_length=MAX_SEQUENCE_LENGTH[req.model])
             embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
+            if streamed:  # every T5 block crossed to the GPU once for this prompt
+                self.memory.moves.append(memory.Move(memory.T5, "streamed", self.plan.sizes.bytes[memory.T5],
+                                                     time.monotonic() - started))
         return embeds
 
     def _run(self, path: speed.FastPath, req: Request, mode: speed.Mode, kwargs: dict,
@@ -502,6 +579,8 @@ class Engine:
     def run(self, req: Request, out_dir: Path) -> Prediction:
         """Generate, check, write files: the whole prediction after validation."""
         started = time.monotonic()
+        req = self.route(req)
+        self.memory.moves.clear()  # from here on: this prediction's moves between CPU and GPU
         graphs = self.graphs()
         log.info("Using seed: %d", req.seed)
         for note in req.notes:
@@ -511,6 +590,7 @@ class Engine:
             t = time.monotonic()
             paths = image_io.save(result.images, out_dir, req.output_format, req.output_quality)
             result.timings["encode"] = time.monotonic() - t
+            result.moves = list(self.memory.moves)
         finally:
             _release_host_memory()
             if self.graphs() != graphs:  # setup's warm-up should have compiled everything a request needs
@@ -520,6 +600,9 @@ class Engine:
             req.path, req.speed_mode, req.task, req.width, req.height, result.steps, len(paths), result.seeds,
             " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), time.monotonic() - started,
         )
+        if result.moves:
+            log.info("memory: this prediction moved %.2f GB between CPU and GPU: %s", memory.gb(result.moved_bytes),
+                     ", ".join(f"{m} ({memory.gb(m.bytes):.2f} GB, {m.seconds:.2f}s)" for m in result.moves))
         return Prediction(paths, metrics(req, result, len(paths)))
 
 
@@ -544,6 +627,8 @@ def metrics(req: Request, result: Result, image_count: int) -> dict[str, object]
         "path": req.path,
         "speed_mode": req.speed_mode,
         "true_cfg": req.true_cfg,
+        "memory.moves": [str(m) for m in result.moves],
+        "memory.moved_gb": round(memory.gb(result.moved_bytes), 3),
     }
     if result.loras:
         facts["lora"] = [got.shown for got in result.loras]

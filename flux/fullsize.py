@@ -114,6 +114,43 @@ SCHEDULER = dict(
 )
 
 
+# CompVis/stable-diffusion-safety-checker config.json: StableDiffusionSafetyChecker builds only the vision tower of
+# this CLIPConfig (CLIP ViT-L/14) and its projection; the text config is left at transformers' defaults.
+SAFETY_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=24,
+    patch_size=14,
+    image_size=224,
+    projection_dim=768,
+)
+SAFETY_PROJECTION_DIM = 768
+
+# Falconsai/nsfw_image_detection config.json: ViTForImageClassification (ViT-B/16, 224) with labels normal, nsfw.
+SAFETY_SECOND = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    patch_size=16,
+    image_size=224,
+    qkv_bias=True,
+    id2label={0: "normal", 1: "nsfw"},
+    label2id={"normal": 0, "nsfw": 1},
+)
+
+
+def safety_checkers(dtype: torch.dtype = torch.bfloat16) -> list[torch.nn.Module]:
+    """Both safety checkers at full size on the meta device, in the engine's dtype: for memory planning."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, ViTConfig, ViTForImageClassification
+
+    with torch.device("meta"), default_dtype(dtype):
+        return [StableDiffusionSafetyChecker(CLIPConfig(vision_config=SAFETY_VISION, projection_dim=SAFETY_PROJECTION_DIM)),
+                ViTForImageClassification(ViTConfig(**SAFETY_SECOND))]
+
+
 def _transformer():
     from diffusers import FluxTransformer2DModel
 
@@ -143,7 +180,8 @@ MODELS = {"transformer": _transformer, "text_encoder_2": _text_encoder_2, "text_
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Modules constructed in this context get dtype (no float32 copy first, no cast)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -176,7 +214,7 @@ def build_model(name: str, device: str | torch.device, dtype: torch.dtype = torc
     """
     device = torch.device(device)
     started = time.monotonic()
-    with device, _default_dtype(dtype):
+    with device, default_dtype(dtype):
         model = MODELS[name]()
     if device.type != "meta":
         init_weights(model, torch.Generator(device).manual_seed(seed))
@@ -208,3 +246,13 @@ def build(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed:
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **models
     )
+
+
+def plan_sizes(dtype: torch.dtype = torch.bfloat16):
+    """What the memory plan needs of the full-size FLUX.1-dev (flux/memory.py: Sizes), counted on the meta device:
+    no weights, no GPU. T5 is sized as streamed on a CUDA stream (its next block on the GPU too)."""
+    from flux import memory
+
+    models = {name: build_model(name, "meta", dtype) for name in MODELS}
+    return memory.Sizes.of(models["transformer"], models["text_encoder"], models["text_encoder_2"], models["vae"],
+                           safety_checkers(dtype), streams=True)

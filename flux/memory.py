@@ -1,17 +1,37 @@
-"""GPU memory plan: which transformers stay on the GPU, with room for what each request computes.
+"""GPU memory: one plan for every budget (what stays on the GPU, what moves and how), and the residency of the
+transformers that may move.
 
-The text encoders and the VAE always stay on the GPU (every path shares them). The transformers (FLUX.1-dev in
-bf16, its fp8 copy for go_fast, FLUX.1-schnell once asked for) are placed by `Residency`: before a request runs,
-its transformer is made resident and the room the request needs is made free, moving the least recently used other
-transformers to the CPU until both fit. The room a request needs (`working_bytes`) is its activations and the VAE
-decode, which grow with the output pixels, plus, in a speed mode, what FORA holds: every block's output until the
-call returns (flux/speed.py: fora_bytes), 6.4 GB at 1024x1024 with 4 outputs and 12 GB at 1440x1440.
+The plan (`plan()`) is the one place the rules live: setup follows it (flux/engine.py) and `script/memory-plan` prints
+it for a GPU size without loading anything (the full-size model on the meta device). It places each component:
 
-On one 80 GB H100: encoders + VAE ~10 GB, bf16 dev ~24 GB, fp8 dev ~12 GB, schnell ~24 GB: all three fit with ~9 GB
-to spare, enough for any request without a speed mode; a 4-output 1440x1440 speed-mode request moves the least
-recently used transformer out first instead of running out of memory (tests/test_memory.py plans it on the
-full-size model). Setup makes the fp8 copy from a bf16 copy on the GPU (~24 GB for a moment), so it needs a GPU of
-64 GB or more (H100, H200, A100 80GB); a smaller one is a setup error that says so, not an out-of-memory crash later.
+  gpu              resident: on the GPU from setup (schnell's from its first request) and kept there
+  gpu, on demand   on the GPU while requests use it; moved whole to the CPU, least recently used first, when a
+                   request needs the room (schnell on GPUs that cannot keep it beside dev)
+  cpu, streamed    kept in CPU memory and brought to the GPU one block at a time while it runs, the next block copied
+                   on a CUDA stream while the current one computes: diffusers' group offloading (T5, for each prompt)
+  cpu              kept in CPU memory, never run on this GPU: a bf16 transformer that does not fit beside its fp8 copy
+                   stays there as the source its fp8 copy is quantized from (LoRAs are fused into it); requests
+                   without go_fast run the fp8 copy, and their log says so
+
+in this order, each only if what is already placed leaves the room a request needs (`working`: 1 output at 1 MP):
+the shared small models (CLIP, the VAE, the safety checkers) and go_fast's fp8 dev (the path every GPU runs), then
+bf16 dev, then T5, then schnell and its fp8 copy, which are resident only where they fit beside everything with the
+room of the largest request (4 outputs at 1440x1440 in a speed mode with true CFG: activations plus FORA's cache of
+every block's output for both passes, flux/speed.py: fora_bytes). A request that needs more room than the plan kept
+moves the least recently used "on demand" transformers out first, then resident ones (`Residency`); a batch that still
+does not fit runs one output at a time (flux/engine.py).
+
+Sizes here are in GB of 2**30 bytes, as nvidia-smi and torch count a GPU's memory (an "80 GB" H100 reports 79.2, a
+"24 GB" L4 22.0).
+
+FLUX.1-dev on the full-size meta model (tests/test_memory.py): CLIP 0.23, VAE 0.16, both safety checkers 0.73,
+T5 8.87, dev 22.17, fp8 dev 11.10. On an H200 everything is resident; on 80 GB dev, fp8 dev and T5 are, schnell on
+demand; on an A100 40GB or an L40S (39.6 and 44.4) dev and fp8 dev are resident and T5 is streamed (an RTX A6000,
+47.5, keeps T5 too); on 24 GB cards only fp8 dev is: go_fast is the path that runs, T5 is streamed (8.87 GB cross
+PCIe per prompt, about 0.4 s at PCIe 4.0 x16) and bf16 dev stays in CPU memory.
+
+Setup never holds two bf16 transformers on the GPU: the fp8 copy is quantized one block at a time from bf16 dev
+wherever it lives (flux/speed.py: fp8_transformer), so setup's peak is the resident set plus one bf16 block (0.63).
 """
 
 from __future__ import annotations
@@ -19,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,10 +50,20 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 BASE_RESERVE_BYTES = 2 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, compile scratch, allocator slack
-# Activations of the transformer and the VAE decode per output pixel (bf16): 8 GiB in all at 1440x1440 x4 outputs,
-# the reserve this plan held before it was per request. To be calibrated by `script/benchmark gpu` (peak memory).
+# Activations of the transformer and the VAE decode per output pixel (bf16): 8 GiB in all at 1440x1440 x4 outputs.
+# To be calibrated by `script/benchmark gpu` (peak memory).
 ACTIVATION_BYTES_PER_PIXEL = 780
-MIN_GPU_BYTES = 60 * GiB  # what an "80 GB" card reports is ~79.1 GiB; 64 GB cards report ~60+ GiB
+# The smallest GPU served: cards sold as 24 GB report 22.0 GiB (L4, A10G) to 23.7 (RTX 4090); cards sold as 20 GB
+# report under 20.
+MIN_GPU_BYTES = 21 * GiB
+MIN_GPU_SHOWN = "24 GB (L4, A10G, RTX 3090 or 4090, or larger)"
+
+GPU, ON_DEMAND, STREAMED, CPU = "gpu", "gpu, on demand", "cpu, streamed", "cpu"
+COMPONENTS = ("dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder", "text_encoder_2", "vae", "safety")
+SHARED = ("text_encoder", "vae", "safety")  # small, used by every request: always resident
+T5 = "text_encoder_2"
+# The largest request: 4 outputs at 1440x1440 (custom size), a speed mode that caches, true CFG (two passes cached).
+LARGEST = dict(width=1440, height=1440, outputs=4, passes=2, text_tokens=512)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -70,71 +101,326 @@ def activation_bytes(width: int, height: int, batch: int) -> int:
     return BASE_RESERVE_BYTES + batch * width * height * ACTIVATION_BYTES_PER_PIXEL
 
 
+def gb(nbytes: int | float) -> float:
+    return nbytes / GiB
+
+
+# ----- the plan -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the plan is made from: each component's bytes, and the room requests and setup need beside them."""
+
+    bytes: dict[str, int]  # each of COMPONENTS
+    block: int  # the largest transformer block in bf16: what building the fp8 copy adds for a moment
+    streamed: int  # what T5 holds on the GPU while streamed: what it keeps out of its blocks, and two blocks
+    working: int  # the room of the planned request: 1 output at 1 MP, no speed mode
+    largest: int  # the room of the largest request (LARGEST)
+
+    @classmethod
+    def of(cls, transformer, text_encoder, text_encoder_2, vae, safety=(), streams: bool = True) -> "Sizes":
+        """Sizes of loaded components, or of the full-size model on the meta device. schnell's are those of dev's
+        architecture without the guidance embedder (FLUX.1-schnell's config), counted on the meta device.
+        streams: T5 streamed on a CUDA stream holds its next block too."""
+        from . import speed
+
+        schnell = schnell_like(transformer)
+        t5_blocks = [module_bytes(b) for b in text_encoder_2.encoder.block]
+        element = next(transformer.parameters()).element_size()
+        big = LARGEST
+        largest = activation_bytes(big["width"], big["height"], big["outputs"]) + big["passes"] * speed.fora_bytes(
+            transformer.config, big["width"], big["height"], big["outputs"], big["text_tokens"], element)
+        return cls(
+            bytes={
+                "dev": module_bytes(transformer), "dev-fp8": fp8_bytes(transformer),
+                "schnell": module_bytes(schnell), "schnell-fp8": fp8_bytes(schnell),
+                "text_encoder": module_bytes(text_encoder), T5: module_bytes(text_encoder_2),
+                "vae": module_bytes(vae), "safety": sum(module_bytes(m) for m in safety),
+            },
+            block=block_bytes(transformer),
+            streamed=module_bytes(text_encoder_2) - sum(t5_blocks) + (2 if streams else 1) * max(t5_blocks),
+            working=activation_bytes(1024, 1024, 1),
+            largest=largest,
+        )
+
+
+def block_bytes(transformer) -> int:
+    """The largest block of a FLUX transformer: what quantizing it a block at a time adds for a moment."""
+    return max(module_bytes(b) for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks))
+
+
+def schnell_like(transformer) -> torch.nn.Module:
+    """FLUX.1-schnell's transformer for sizing: dev's architecture without guidance, on the meta device, dev's dtype."""
+    from diffusers import FluxTransformer2DModel
+
+    from .fullsize import default_dtype
+
+    with torch.device("meta"), default_dtype(next(transformer.parameters()).dtype):
+        return FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": False})
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    bytes: int
+    where: str
+    moves: int = 0  # bytes a default request moves between CPU and GPU for this component
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int  # bytes of GPU memory this container may use
+    sizes: Sizes
+    placements: dict[str, Placement]
+    problem: str | None = None  # why it does not fit; None: it fits
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None
+
+    def where(self, name: str) -> str:
+        return self.placements[name].where
+
+    @property
+    def resident(self) -> list[str]:
+        return [n for n, p in self.placements.items() if p.where == GPU]
+
+    @property
+    def offloaded(self) -> list[str]:
+        return [n for n, p in self.placements.items() if p.where != GPU]
+
+    @property
+    def shared_gpu(self) -> int:
+        """What the shared components hold on the GPU (T5's share while streamed): outside the transformers' budget."""
+        return sum(self.sizes.bytes[n] for n in SHARED) + (
+            self.sizes.bytes[T5] if self.where(T5) == GPU else self.sizes.streamed)
+
+    @property
+    def setup_peak(self) -> int:
+        """setup's GPU peak: what it places (every resident component but schnell's, loaded on first use), plus the
+        bf16 block being quantized into the fp8 copy."""
+        return sum(p.bytes for n, p in self.placements.items()
+                   if p.where == GPU and not n.startswith("schnell")) + self.sizes.block
+
+    @property
+    def host_bytes(self) -> int:
+        """What the plan keeps in CPU memory once everything has been used: every component not resident."""
+        return sum(p.bytes for p in self.placements.values() if p.where != GPU)
+
+    @property
+    def per_request_moves(self) -> int:
+        """Bytes the default request (1 output at 1 MP, dev, no go_fast) moves between CPU and GPU."""
+        return sum(p.moves for p in self.placements.values())
+
+    def summary(self) -> dict:
+        """The plan in numbers (script/memory-plan --json)."""
+        return {"fits": self.fits, "setup_peak_gb": round(gb(self.setup_peak), 2), "resident": self.resident,
+                "offloaded": self.offloaded, "per_request_moves_gb": round(gb(self.per_request_moves), 2)}
+
+    def table(self) -> str:
+        """The plan as setup logs it: component, size, where, what a default request moves; then the room kept for
+        requests, setup's peak and the verdict. Sizes in GB (MB for the tiny model)."""
+        unit, name = (GiB, "GB") if max(self.sizes.bytes.values()) >= GiB // 10 else (1024**2, "MB")
+        rows = [f"{'component':<15} {name:>6}  {'where':<15} {'per request':<12} note"]
+        for p in self.placements.values():
+            moved = f"{p.moves / unit:.2f} {name}" if p.moves else "-"
+            rows.append(f"{p.name:<15} {p.bytes / unit:>6.2f}  {p.where:<15} {moved:<12} {p.note}".rstrip())
+        s = self.sizes
+        rows.append(f"room kept for a request: {gb(s.working):.2f} GB (1 output at 1 MP); the largest request "
+                    f"(4 x 1440x1440, a speed mode, true CFG) needs {gb(s.largest):.2f} GB, made by moving transformers "
+                    "out (\"on demand\" first, least recently used first)")
+        rows.append(f"setup peak {self.setup_peak / unit:.2f} {name}; a default request moves "
+                    f"{self.per_request_moves / unit:.2f} {name}; CPU memory kept {self.host_bytes / unit:.2f} {name}; "
+                    f"budget {gb(self.budget):.1f} GB: "
+                    + ("fits" if self.fits else f"does not fit: {self.problem}"))
+        return "\n".join(rows)
+
+
+def plan(budget: int, sizes: Sizes, floor: int = MIN_GPU_BYTES) -> Plan:
+    """Where each component lives with `budget` bytes of GPU memory (the rules: this module's docstring). floor: the
+    smallest budget served (0 for the tiny model on a CPU, where a budget is simulated)."""
+    b = sizes.bytes
+    placed: dict[str, Placement] = {}
+
+    def put(name: str, where: str, note: str = "", moves: int = 0) -> None:
+        placed[name] = Placement(name, b[name], where, moves, note)
+
+    used = sum(b[n] for n in SHARED) + b["dev-fp8"]
+
+    def room(extra: int, reserve: int) -> bool:
+        return used + extra + reserve <= budget
+
+    if room(b["dev"], sizes.working):
+        put("dev", GPU)
+        used += b["dev"]
+    else:
+        put("dev", CPU, "bf16 does not fit beside its fp8 copy: requests without go_fast run dev-fp8")
+    put("dev-fp8", GPU, "go_fast" if placed["dev"].where == GPU else "go_fast, and every dev request")
+    if room(b[T5], sizes.working):
+        put(T5, GPU)
+        used += b[T5]
+    else:
+        put(T5, STREAMED, "T5 to the GPU one block at a time for each prompt", moves=b[T5])
+        used += sizes.streamed
+    if placed["dev"].where == CPU:
+        put("schnell", CPU, "like dev: requests without go_fast run schnell-fp8")
+    elif room(b["schnell"], sizes.largest):
+        put("schnell", GPU, "from its first request")
+        used += b["schnell"]
+    else:
+        put("schnell", ON_DEMAND, "from its first request; moved out when a request needs the room")
+    if room(b["schnell-fp8"], sizes.largest):
+        put("schnell-fp8", GPU, "from its first request")
+        used += b["schnell-fp8"]
+    else:
+        put("schnell-fp8", ON_DEMAND, "from its first request; moved out when a request needs the room")
+    for name in SHARED:
+        put(name, GPU)
+    minimum = sum(b[n] for n in SHARED) + b["dev-fp8"] + sizes.streamed + sizes.working
+    problem = None
+    if budget < floor:
+        problem = f"FLUX.1-dev needs a GPU of {MIN_GPU_SHOWN}"
+    elif minimum > budget:
+        problem = f"the smallest plan (fp8 dev, T5 streamed) needs {gb(minimum):.2f} GB"
+    return Plan(budget, sizes, {n: placed[n] for n in COMPONENTS}, problem)
+
+
+def budget(device: torch.device, limit: int | None) -> int | None:
+    """The GPU memory this container plans with: the GPU's, or FLUX_GPU_MEMORY_GB's cap (checked against it in
+    flux/settings.py); on a CPU only a cap given in the settings (a simulated GPU, for the tests), else None."""
+    if device.type != "cuda":
+        return limit
+    total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    chosen = total if limit is None else limit
+    if free + BASE_RESERVE_BYTES < chosen:
+        log.warning("memory: %.1f GB of this GPU are in use by other processes: set FLUX_GPU_MEMORY_GB to what this "
+                    "container may use (%.1f GB are free)", gb(total - free), gb(free))
+    return chosen
+
+
+def check_host(plan_: Plan) -> None:
+    """A warning when this machine's RAM is short of what the plan keeps in CPU memory (with room for the process)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    if total < plan_.host_bytes + 8 * GiB:
+        log.warning("memory: this machine has %.1f GB of RAM; the plan keeps up to %.1f GB in CPU memory (and a LoRA "
+                    "keeps the originals of the weights it changes): it may run out of RAM", gb(total),
+                    gb(plan_.host_bytes))
+
+
+def refuse(plan_: Plan, device: torch.device) -> None:
+    """A setup error for a plan that does not fit, naming the minimum."""
+    if plan_.fits:
+        return
+    what = "This GPU" if device.type == "cuda" else "The simulated GPU (FLUX_GPU_MEMORY_GB)"
+    raise UserError(f"{what} gives this container {gb(plan_.budget):.2f} GB; {plan_.problem}. Run on a GPU of "
+                    f"{MIN_GPU_SHOWN}, or raise FLUX_GPU_MEMORY_GB if it caps the budget.")
+
+
+# ----- offloading --------------------------------------------------------------------------------------------------
+
+
+def stream(text_encoder_2, device: torch.device) -> None:
+    """T5 kept in CPU memory and streamed to `device` one encoder block at a time while it runs: diffusers' group
+    offloading, the next block copied on a CUDA stream (from pinned memory) while the current one computes."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(text_encoder_2, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda",
+                           block_modules=["encoder"])
+
+
+# ----- the transformers that move --------------------------------------------------------------------------------
+
+
 def _move(module: torch.nn.Module, device: torch.device) -> None:
     module.to(device)
 
 
-class Residency:
-    """Keeps the transformer a request needs on the GPU, with the room the request needs free, within a byte budget;
-    least recently used transformers out first."""
+@dataclass(frozen=True)
+class Move:
+    """One transfer between CPU and GPU memory: a transformer moved whole, or T5 streamed for a prompt."""
 
-    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move):
+    name: str
+    to: str  # "gpu", "cpu" or "streamed"
+    bytes: int
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.name} streamed" if self.to == "streamed" else f"{self.name} to {self.to}"
+
+
+class Residency:
+    """Keeps the transformer a request needs on the GPU, with the room the request needs free, within a byte budget:
+    "on demand" transformers out first, then resident ones, least recently used first in each. Where a module is
+    is this object's record (`resident`); on a CPU with a simulated budget the moves are made (on one device) and
+    counted the same way. Every move is appended to `moves`."""
+
+    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=()):
         self.device = device
+        self.offload_device = torch.device("cpu")
         self.budget = budget  # bytes for transformers and requests; None: no limit (a CPU)
+        self.pinned = set(pinned)  # resident in the plan: moved out only after every other
         self.modules: dict[str, torch.nn.Module] = {}
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.mover = mover  # (module, device): moves a transformer (flux/speed.py re-ties fused projections)
+        self.moves: list[Move] = []
 
     @classmethod
-    def for_device(cls, device: torch.device, shared_bytes: int, mover: Callable = _move) -> "Residency":
-        if device.type != "cuda":
+    def for_plan(cls, device: torch.device, plan_: Plan | None, mover: Callable = _move) -> "Residency":
+        if plan_ is None:
             return cls(device, None, mover)
-        total = torch.cuda.get_device_properties(device).total_memory
-        if total < MIN_GPU_BYTES:
-            raise UserError(f"This GPU has {total / GiB:.0f} GiB; FLUX.1-dev with its bf16 and fp8 paths needs "
-                            "64 GB or more (H100, H200, A100 80GB). Run on a larger GPU.")
-        log.info("memory: %.1f GB GPU, %.1f GB shared components, %.1f GB for transformers and requests",
-                 total / GiB, shared_bytes / GiB, (total - shared_bytes) / GiB)
-        return cls(device, total - shared_bytes, mover)
+        return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident)
 
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
+        """A transformer to place; resident: it is on the GPU already."""
         self.modules[name] = module
         self.resident.pop(name, None)  # a module added again (a retried load) is placed afresh
-        if resident:
+        if resident or self.budget is None:
             self.resident[name] = None
 
     def size(self, name: str) -> int:
         return module_bytes(self.modules[name])  # as it is now (an fp8 copy shrinks when it is quantized)
 
-    def plan(self, name: str, working: int) -> list[str]:
-        """The resident transformers to move out (least recently used first) so that `name` and `working` bytes
-        fit beside the rest; pure, nothing moves."""
+    def plan(self, name: str | None, working: int) -> list[str]:
+        """The resident transformers to move out so that `name` (None: nothing more) and `working` bytes fit beside
+        the rest; pure, nothing moves."""
         if self.budget is None:
             return []
-        others = [n for n in self.resident if n != name]
-        sizes = {n: self.size(n) for n in (*others, name)}  # each module's bytes counted once per plan
+        others = sorted((n for n in self.resident if n != name), key=lambda n: n in self.pinned)  # stable: LRU
+        sizes = {n: self.size(n) for n in others}  # each module's bytes counted once per plan
+        need = (self.size(name) if name is not None else 0) + working
         evict = []
-        while others and sum(sizes[n] for n in others) + sizes[name] + working > self.budget:
+        while others and sum(sizes[n] for n in others) + need > self.budget:
             evict.append(others.pop(0))
         return evict
+
+    def make_room(self, nbytes: int) -> None:
+        """Move transformers out until `nbytes` more fit (before a new one is built on the GPU)."""
+        for evicted in self.plan(None, nbytes):
+            self.resident.pop(evicted)
+            self._move(evicted, gpu=False)
 
     def use(self, name: str, working: int = BASE_RESERVE_BYTES) -> None:
         """Make `name` resident and most recently used, with `working` bytes free beside it."""
         if self.budget is not None and self.size(name) > self.budget:
-            raise UserError(f"The {name} transformer ({self.size(name) / GiB:.1f} GB) does not fit in this GPU "
-                            f"beside the text encoders ({self.budget / GiB:.1f} GB left): use model=dev.")
+            raise UserError(f"The {name} transformer ({gb(self.size(name)):.1f} GB) does not fit in this GPU "
+                            f"beside the text encoders ({gb(self.budget):.1f} GB left): use model=dev.")
         for evicted in self.plan(name, working):
             self.resident.pop(evicted)
-            self._move(evicted, torch.device("cpu"))
+            self._move(evicted, gpu=False)
         if name not in self.resident:
-            self._move(name, self.device)
+            self._move(name, gpu=True)
         self.resident[name] = None
         self.resident.move_to_end(name)
 
-    def _move(self, name: str, device: torch.device) -> None:
-        where = next(self.modules[name].parameters()).device
-        if where.type == device.type and (where.index or 0) == (device.index or 0):  # "cuda" is "cuda:0"
-            return
+    def _move(self, name: str, gpu: bool) -> None:
         started = time.monotonic()
-        self.mover(self.modules[name], device)
-        log.info("memory: %s transformer moved to %s in %.2fs", name, device, time.monotonic() - started)
+        self.mover(self.modules[name], self.device if gpu else self.offload_device)
+        move = Move(name, "gpu" if gpu else "cpu", self.size(name), time.monotonic() - started)
+        self.moves.append(move)
+        log.info("memory: %s moved to the %s in %.2fs (%.2f GB)", name, move.to.upper(), move.seconds, gb(move.bytes))

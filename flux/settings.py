@@ -23,6 +23,10 @@ The names follow huggingface/flux-fast's benchmark flags, so that each optimizat
   FLUX_COMPILE_CACHE         a compile bundle to boot from (`script/compile-cache export`): a local folder, an https URL
                              of a .tar of that folder, or a Hugging Face repo id. Default: the working folder
                              weights/compile-cache, which setup writes to after compiling.
+  FLUX_GPU_MEMORY_GB         the GPU memory this container plans with (flux/memory.py), in GB of 2**30 bytes as
+                             nvidia-smi counts them: a cap on a GPU shared with other processes; more than the GPU
+                             has is an error. On a machine without a GPU it simulates one of that size (the tests run
+                             the offload paths of small GPUs that way). Default: the whole GPU.
 
 A value that is not one of these is a setup error naming the setting.
 """
@@ -36,7 +40,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .memory import GiB
 from .paths import compile_cache_dir
+
+
 
 FP8_KINDS = ("fp8dqrow", "fp8wo")
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "fa3")
@@ -78,6 +85,26 @@ def _compile_backend(env: dict, device: torch.device) -> str | None:
     return raw
 
 
+def _gpu_memory(env: dict, device: torch.device) -> int | None:
+    raw = (env.get("FLUX_GPU_MEMORY_GB") or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"FLUX_GPU_MEMORY_GB={raw!r} is not a size: set it to the GB of GPU memory this container "
+                            "may use, e.g. 40, or unset it to use the whole GPU.")
+    limit = int(value * GiB)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if limit > total:
+            raise SettingsError(f"FLUX_GPU_MEMORY_GB={raw} is more than this GPU has ({total / GiB:.1f} GB): set it to "
+                                f"{total / GiB:.1f} or less, or unset it to use the whole GPU.")
+    return limit
+
+
 def fp8_kind(device: torch.device, asked: str = "auto") -> str:
     """The quant type for go_fast: dynamic per-row float8 where the GPU has fp8 tensor cores, else weight-only;
     an explicit choice is kept."""
@@ -103,6 +130,7 @@ class Settings:
     inductor_tuning: bool = False
     warmup: bool = False
     compile_cache: str | None = None  # the bundle to boot from; None: the working folder only
+    gpu_memory: int | None = None  # bytes FLUX_GPU_MEMORY_GB caps the plan at (simulated on a CPU); None: the GPU's
     cache_dir: Path | None = None  # the working folder (compile artifacts written after a boot); None: not compiling
 
     @classmethod
@@ -127,6 +155,7 @@ class Settings:
             warmup=backend is not None and _flag(env, "FLUX_WARMUP", True),
             compile_cache=((env.get("FLUX_COMPILE_CACHE") or "").strip() or None) if backend else None,
             cache_dir=compile_cache_dir(weights_dir) if backend else None,
+            gpu_memory=_gpu_memory(env, device),
         )
 
     @property

@@ -8,9 +8,10 @@ flux/settings.py, in this order (flux/engine.py):
                                      the separate layers stay, as views into the fused weights, so a LoRA fused
                                      into them lands in the fused matmul too, exactly
   vae_channels_last(vae)             FLUX_CHANNELS_LAST: the VAE in channels_last memory format
-  fp8_copy(transformer)              go_fast's transformer: a copy of the bf16 one, sharing nothing
-  smash(pipe, ...)                   pruna: "torchao" puts the copy's linear layers in fp8 (FLUX_FP8: dynamic float8
-                                     with per-row scales, or weight-only fp8), and "fora" installs FORA step caching
+  fp8_transformer(transformer, ...)  go_fast's transformer: a copy of the bf16 one sharing nothing, its linear layers
+                                     in fp8 with the torchao config pruna's "torchao" algorithm uses (FLUX_FP8:
+                                     dynamic float8 with per-row scales, or weight-only fp8), built a block at a time
+  smash(pipe, ...)                   pruna: "fora" installs FORA step caching
   compiler.compile_blocks(...)       FLUX_COMPILE: each transformer block compiled (flux/compiler.py)
   compiler.compile_vae_decoder(...)  FLUX_COMPILE_VAE
   FastPath.run(..., mode)            a speed mode sets FORA's interval and start step for one call, made through
@@ -274,35 +275,52 @@ class Fp8Sync:
                 twin.bias.copy_(source.bias)
 
 
-def fp8_copy(transformer) -> torch.nn.Module:
-    """A copy of the transformer to be quantized by smash(fp8=...); it shares nothing with the original."""
-    return fp8_ready(copy.deepcopy(transformer))
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
-def fp8_ready(twin) -> torch.nn.Module:
-    """A transformer of its own made ready for smash(fp8=...): no gradients, and where the projections are fused
-    only the fused layers kept."""
+def fp8_transformer(source, kind: str, device: torch.device, skip_hardware_check: bool = False) -> torch.nn.Module:
+    """go_fast's transformer: a copy of `source` (a bf16 transformer already prepared: attention backend, fused
+    projections) sharing nothing with it, its linear layers quantized with the config pruna's torchao algorithm
+    uses (`quant_config`), on `device`.
+
+    It is built one block at a time: each block is copied from the source wherever that lives (on the GPU, or in
+    CPU memory on a GPU too small to keep bf16 dev), and torchao's quantize_ moves it to `device` layer by layer and
+    quantizes it there. So the GPU holds what it held before, the fp8 blocks made so far and at most one bf16
+    block: never a second bf16 transformer. The result is bit for bit what pruna's smash with torchao makes of a
+    whole copy (tests/test_memory.py); smash cannot make it a block at a time, from a model not on the GPU."""
+    from torchao.quantization import quantize_
+
+    config = quant_config(kind)
+    blocks = {name: list(getattr(source, name)) for name in BLOCK_LISTS}
+    skip_blocks = {id(block): None for listed in blocks.values() for block in listed}
+    twin = copy.deepcopy(source, skip_blocks)  # everything but the blocks (their places left empty): embedders, norms
     twin.requires_grad_(False)
-    drop_unfused(twin)
+    with hardware_check_skipped(skip_hardware_check):
+        quantize_(twin, config, device=device)
+        for name, listed in blocks.items():
+            for i, block in enumerate(listed):
+                part = copy.deepcopy(block)
+                drop_unfused(part)  # only the fused q, k, v are quantized: Fp8Sync maps each bf16 q, k, v layer to them
+                part.requires_grad_(False)
+                quantize_(part, config, device=device)
+                getattr(twin, name)[i] = part
     return twin
 
 
 # ----- pruna ----------------------------------------------------------------------------------------------------
 
 
-def smash(pipe, device: torch.device, fp8: str | None, skip_hardware_check: bool = False):
-    """pruna's smash: FORA (and the fp8 quantization when asked) on a pipeline. Returns the PrunaModel."""
+def smash(pipe, device: torch.device):
+    """pruna's smash: FORA on a pipeline (its transformer already bf16 or fp8). Returns the PrunaModel."""
     from pruna import SmashConfig
     from pruna import smash as pruna_smash
 
     algorithms = {"fora": {"fora_interval": 2, "fora_start_step": 2}}
-    if fp8:
-        algorithms["torchao"] = {"torchao_quant_type": fp8}
     config = SmashConfig(list(algorithms), device=str(device.type))
     for values in algorithms.values():
         config.add(values)
-    with _quiet_pruna(), hardware_check_skipped(skip_hardware_check and bool(fp8)):
-        config.disable_saving()  # pruna would save the whole pipeline to disk before quantizing
+    with _quiet_pruna():
+        config.disable_saving()  # pruna would save the whole pipeline to disk first
         smashed = pruna_smash(pipe, config)
     smashed.model.cache_helper.disable()  # enabled per call, only for the modes that cache
     return smashed

@@ -1,14 +1,15 @@
-"""The GPU memory plan: transformers placed within a byte budget with room for each request, least recently used
-out first; FORA's memory counted; sizes planned on the full-size model (meta device, nothing allocated)."""
+"""The GPU memory plan: the planner for every GPU size on the full-size model (meta device, nothing allocated), what
+setup's peak is, script/memory-plan; transformers placed within a byte budget with room for each request, "on demand"
+and least recently used out first; FORA's memory counted."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flux import fullsize, speed
+from flux import fullsize, memory, speed
 from flux.errors import UserError
-from flux.memory import GiB, Residency, activation_bytes, fp8_bytes, module_bytes
+from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, Residency, activation_bytes, fp8_bytes, module_bytes
 
 MiB = 1024**2
 
@@ -21,12 +22,12 @@ def where(module) -> str:
     return next(module.parameters()).device.type
 
 
-def recording(budget: int) -> tuple[Residency, list]:
+def recording(budget: int, pinned=()) -> tuple[Residency, list]:
     """A GPU Residency whose moves are recorded, (name, device), instead of made (no GPU here)."""
     moves = []
-    memory = Residency(torch.device("cuda"), budget)
-    memory._move = lambda name, device: moves.append((name, device.type))
-    return memory, moves
+    residency = Residency(torch.device("cuda"), budget, pinned=pinned)
+    residency._move = lambda name, gpu: moves.append((name, "cuda" if gpu else "cpu"))
+    return residency, moves
 
 
 def test_module_bytes_counts_fp8_storage_and_shared_storage_once():
@@ -43,36 +44,49 @@ def test_module_bytes_counts_fp8_storage_and_shared_storage_once():
 
 
 def test_least_recently_used_transformers_leave_the_gpu_first():
-    memory, moves = recording(3 * MiB)
+    residency, moves = recording(3 * MiB)
     for name, mb in (("dev", 2), ("dev-fp8", 1), ("schnell", 2)):
-        memory.add(name, model(mb), resident=False)
-    memory.use("dev", 0)
-    memory.use("dev-fp8", 0)
+        residency.add(name, model(mb), resident=False)
+    residency.use("dev", 0)
+    residency.use("dev-fp8", 0)
     assert moves == [("dev", "cuda"), ("dev-fp8", "cuda")]
-    memory.use("dev", 0)  # now the most recent: schnell pushes out dev-fp8 first, then dev
-    memory.use("schnell", 0)
+    residency.use("dev", 0)  # now the most recent: schnell pushes out dev-fp8 first, then dev
+    residency.use("schnell", 0)
     assert moves[2:] == [("dev-fp8", "cpu"), ("dev", "cpu"), ("schnell", "cuda")]
-    memory.use("dev-fp8", 0)  # fits beside schnell
-    assert list(memory.resident) == ["schnell", "dev-fp8"] and moves[-1] == ("dev-fp8", "cuda")
+    residency.use("dev-fp8", 0)  # fits beside schnell
+    assert list(residency.resident) == ["schnell", "dev-fp8"] and moves[-1] == ("dev-fp8", "cuda")
 
 
 def test_a_request_that_needs_room_moves_the_least_recently_used_out():
-    memory, moves = recording(5 * MiB)
+    residency, moves = recording(5 * MiB)
     for name, mb in (("dev", 2), ("dev-fp8", 1), ("schnell", 2)):
-        memory.add(name, model(mb), resident=True)
-    assert memory.plan("dev", 0) == []  # 5 MiB: all three fit when the request needs nothing
-    assert memory.plan("dev", 1 * MiB) == ["dev-fp8"]  # least recently used first, never the one in use
-    assert memory.plan("schnell", 3 * MiB) == ["dev", "dev-fp8"]
-    memory.use("dev", 1 * MiB)
-    assert list(memory.resident) == ["schnell", "dev"] and moves == [("dev-fp8", "cpu")]
+        residency.add(name, model(mb), resident=True)
+    assert residency.plan("dev", 0) == []  # 5 MiB: all three fit when the request needs nothing
+    assert residency.plan("dev", 1 * MiB) == ["dev-fp8"]  # least recently used first, never the one in use
+    assert residency.plan("schnell", 3 * MiB) == ["dev", "dev-fp8"]
+    residency.use("dev", 1 * MiB)
+    assert list(residency.resident) == ["schnell", "dev"] and moves == [("dev-fp8", "cpu")]
+
+
+def test_on_demand_transformers_leave_before_resident_ones():
+    """The plan's resident transformers (pinned) move out only after every "on demand" one, whatever the order of
+    use; room made for a new transformer (make_room) follows the same order."""
+    residency, moves = recording(5 * MiB, pinned=("dev", "dev-fp8"))
+    for name, mb in (("schnell", 2), ("dev", 2), ("dev-fp8", 1)):  # schnell the least recently used... then dev
+        residency.add(name, model(mb), resident=True)
+    residency.use("schnell", 0)  # schnell now the most recent, yet the first to go for dev-fp8's room
+    assert residency.plan("dev-fp8", 1 * MiB) == ["schnell"]
+    assert residency.plan("dev-fp8", 3 * MiB) == ["schnell", "dev"]
+    residency.make_room(1 * MiB)  # 5 MiB are taken: 1 more moves schnell out, not dev
+    assert moves == [("schnell", "cpu")] and list(residency.resident) == ["dev", "dev-fp8"]
 
 
 def test_no_budget_means_nothing_moves_and_too_big_is_refused():
     free = Residency(torch.device("cpu"), None)
     big = model(4)
-    free.add("dev", big, resident=True)
+    free.add("dev", big, resident=False)  # without a budget everything is where it is, resident
     free.use("dev")
-    assert where(big) == "cpu" and list(free.resident) == ["dev"]
+    assert where(big) == "cpu" and list(free.resident) == ["dev"] and free.moves == []
     tight, _ = recording(1 * MiB)
     tight.add("dev", model(2), resident=False)
     with pytest.raises(UserError, match="does not fit"):
@@ -81,38 +95,131 @@ def test_no_budget_means_nothing_moves_and_too_big_is_refused():
 
 # ----- the full-size model ---------------------------------------------------------------------------------------
 
+# What torch reports as the total memory of the smallest card of each size class, in GiB (nvidia-smi shows a little
+# more): L4 22.0 (A10G 22.2, RTX 4090 23.6), A100 40GB 39.6, L40S 44.4 (ECC on; RTX A6000 47.5), H100 80GB 79.2,
+# H200 139.8.
+CARDS = {"L4": 22.0, "RTX 4090": 23.6, "A100 40GB": 39.6, "L40S": 44.4, "RTX A6000": 47.5, "H100": 79.2, "H200": 139.8}
 H100_80GB = 85_031_714_816  # what torch reports as an 80 GB H100's total memory (79.2 GiB)
 
 
 @pytest.fixture(scope="module")
-def full():
-    """The full-size FLUX.1-dev on the meta device, and the byte sizes the plan works with."""
-    pipe = fullsize.build("meta")
-    shared = sum(module_bytes(getattr(pipe, n)) for n in ("text_encoder", "text_encoder_2", "vae"))
-    dev = module_bytes(pipe.transformer)
-    return pipe, shared, {"dev": dev, "dev-fp8": fp8_bytes(pipe.transformer), "schnell": dev}
+def sizes() -> memory.Sizes:
+    """The full-size FLUX.1-dev's sizes, counted on the meta device (what script/memory-plan plans with)."""
+    return fullsize.plan_sizes()
 
 
-def test_fora_holds_every_block_output_at_full_size(full):
-    pipe, _, _ = full
-    assert speed.fora_bytes(pipe.transformer.config, 1024, 1024, 4, 512) / 1e9 == pytest.approx(6.45, abs=0.01)
-    assert speed.fora_bytes(pipe.transformer.config, 1440, 1440, 4, 512) / 1e9 == pytest.approx(12.06, abs=0.01)
+def planned(sizes, gb: float) -> memory.Plan:
+    return memory.plan(int(gb * GiB), sizes)
 
 
-def test_an_80gb_gpu_holds_all_three_and_makes_room_for_a_4_output_1440_speed_mode_request(full):
-    """Every transformer resident on an 80 GB H100; a Juiced 1440x1440 request with 4 outputs needs activations plus
-    FORA's 12 GB: the plan moves the least recently used transformer out, instead of running out of memory and
-    falling back to one output at a time."""
-    pipe, shared, sizes = full
-    assert sizes["dev"] / GiB == pytest.approx(22.17, abs=0.01) and sizes["dev-fp8"] / GiB == pytest.approx(11.10, abs=0.01)
-    memory = Residency(torch.device("cuda"), H100_80GB - shared, mover=lambda module, device: None)
-    memory.size = sizes.__getitem__
+def test_full_size_components_as_the_plan_counts_them(sizes):
+    got = {name: round(n / GiB, 2) for name, n in sizes.bytes.items()}
+    assert got == {"dev": 22.17, "dev-fp8": 11.10, "schnell": 22.15, "schnell-fp8": 11.09, "text_encoder": 0.23,
+                   "text_encoder_2": 8.87, "vae": 0.16, "safety": 0.73}
+    assert round(sizes.block / GiB, 2) == 0.63  # a double-stream block in bf16: what building the fp8 copy adds
+    assert round(sizes.streamed / GiB, 2) == 0.96  # T5 streamed: its embedding and final norm, and two blocks
+    assert round(sizes.largest / GiB, 1) == 30.5  # 4 x 1440x1440, a speed mode, true CFG: FORA caches both passes
+
+
+@pytest.mark.parametrize("gb", [24, 40, 48, 80, 141])
+def test_the_plan_fits_every_common_gpu_size_and_never_holds_two_bf16_transformers_in_setup(sizes, gb):
+    plan = planned(sizes, gb)
+    assert plan.fits, plan.table()
+    assert plan.where("dev-fp8") == GPU  # go_fast's path runs on every GPU
+    assert all(plan.where(n) == GPU for n in ("text_encoder", "vae", "safety"))
+    assert plan.setup_peak <= plan.budget
+    # setup's peak: what it places and one bf16 block (the fp8 copy is built a block at a time: tests/test_offload.py)
+    assert plan.setup_peak == sum(sizes.bytes[n] for n in plan.resident if not n.startswith("schnell")) + sizes.block
+    # what stays on the GPU and the room of the planned request fit the budget
+    assert plan.shared_gpu + sum(sizes.bytes[n] for n in ("dev", "dev-fp8") if plan.where(n) == GPU) \
+        + sizes.working <= plan.budget
+
+
+def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_schnell_too(sizes):
+    for gb in (80, CARDS["H100"], 141, CARDS["H200"]):
+        plan = planned(sizes, gb)
+        assert {"dev", "dev-fp8", "text_encoder_2"} <= set(plan.resident), gb
+        assert plan.per_request_moves == 0
+        # they stay even for the largest request: only what is "on demand" would move
+        assert plan.shared_gpu + sizes.bytes["dev"] + sizes.bytes["dev-fp8"] + sizes.largest <= plan.budget
+    assert [planned(sizes, gb).where("schnell") for gb in (80, CARDS["H100"], 141, CARDS["H200"])] == \
+        [ON_DEMAND, ON_DEMAND, GPU, GPU]
+    assert planned(sizes, 141).resident == ["dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder",
+                                            "text_encoder_2", "vae", "safety"]
+
+
+def test_40_and_48_gb_keep_bf16_dev_and_stream_t5_where_it_does_not_fit(sizes):
+    for gb, t5 in ((40, STREAMED), (CARDS["A100 40GB"], STREAMED), (CARDS["L40S"], STREAMED), (48, GPU),
+                   (CARDS["RTX A6000"], GPU)):
+        plan = planned(sizes, gb)
+        assert (plan.where("dev"), plan.where("dev-fp8"), plan.where("text_encoder_2")) == (GPU, GPU, t5), gb
+        assert (plan.where("schnell"), plan.where("schnell-fp8")) == (ON_DEMAND, ON_DEMAND)
+        assert plan.per_request_moves == (sizes.bytes["text_encoder_2"] if t5 == STREAMED else 0)
+
+
+def test_24_gb_runs_fp8_only_with_t5_streamed(sizes):
+    for gb in (CARDS["L4"], CARDS["RTX 4090"], 24):
+        plan = planned(sizes, gb)
+        assert plan.fits
+        assert (plan.where("dev"), plan.where("schnell"), plan.where("schnell-fp8")) == (CPU, CPU, ON_DEMAND)
+        assert "go_fast" in plan.placements["dev"].note
+        assert plan.setup_peak < sizes.bytes["dev"]  # no bf16 transformer on the GPU, ever
+    for gb in (CARDS["L4"], CARDS["RTX 4090"]):  # real 24 GB cards report under 24: T5 is streamed
+        assert planned(sizes, gb).where("text_encoder_2") == STREAMED
+        assert planned(sizes, gb).per_request_moves == sizes.bytes["text_encoder_2"]
+
+
+def test_under_24_gb_is_refused_naming_the_minimum(sizes):
+    for gb in (16, 20):
+        plan = planned(sizes, gb)
+        assert not plan.fits and "24 GB" in plan.problem
+        with pytest.raises(UserError, match=f"This GPU gives this container {gb}.00 GB") as err:
+            memory.refuse(plan, torch.device("cuda"))
+        assert "24 GB (L4, A10G, RTX 3090 or 4090, or larger)" in str(err.value)
+    assert planned(sizes, 21.5).fits  # the floor sits between 20 GB and 24 GB cards
+
+
+def test_memory_plan_script_prints_the_table_and_a_json_summary(sizes):
+    """script/memory-plan as a deployer runs it, in its own process; and its exit code for a GPU too small."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "script/memory_plan.py", "--gpu-gb", "24", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "FLUX.1-dev on 24 GB of GPU memory:"
+    assert [line.split()[0] for line in lines[2:10]] == list(memory.COMPONENTS)
+    summary = json.loads(lines[-1])
+    assert summary == planned(sizes, 24).summary()
+    assert set(summary) == {"fits", "setup_peak_gb", "resident", "offloaded", "per_request_moves_gb"}
+    assert summary["fits"] is True and "dev-fp8" in summary["resident"] and "dev" in summary["offloaded"]
+    sys.path.insert(0, str(ROOT / "script"))
+    import memory_plan
+
+    assert memory_plan.main(["--gpu-gb", "16"]) == 1
+
+
+def test_fora_holds_every_block_output_at_full_size():
+    pipe = fullsize.build_model("transformer", "meta")
+    assert speed.fora_bytes(pipe.config, 1024, 1024, 4, 512) / 1e9 == pytest.approx(6.45, abs=0.01)
+    assert speed.fora_bytes(pipe.config, 1440, 1440, 4, 512) / 1e9 == pytest.approx(12.06, abs=0.01)
+
+
+def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_schnell_is_in(sizes):
+    """On an 80 GB H100 dev, fp8 dev and schnell (once used) fit; a Juiced 1440x1440 request with 4 outputs needs
+    activations plus FORA's 12 GB: the residency moves schnell out (on demand) before a resident transformer,
+    instead of running out of memory and falling back to one output at a time."""
+    plan = memory.plan(H100_80GB, sizes)
+    residency = Residency.for_plan(torch.device("cuda"), plan, mover=lambda module, device: None)
+    residency.size = sizes.bytes.__getitem__
     for name in ("dev-fp8", "schnell", "dev"):  # dev most recently used
-        memory.add(name, None, resident=True)
+        residency.add(name, None, resident=True)
     plain = activation_bytes(1440, 1440, 4)
-    fora = speed.fora_bytes(pipe.transformer.config, 1440, 1440, 4, 512)
-    assert memory.plan("dev", plain) == []  # without a speed mode everything stays
-    assert sum(sizes.values()) + plain + fora > memory.budget  # FORA's memory does not fit beside all three
-    evicted = memory.plan("dev", plain + fora)
-    assert evicted == ["dev-fp8"]
-    assert sum(sizes[n] for n in sizes if n not in evicted) + plain + fora <= memory.budget
+    fora = speed.fora_bytes(fullsize.TRANSFORMER, 1440, 1440, 4, 512)
+    assert residency.plan("dev", plain) == []  # without a speed mode everything stays
+    assert sum(sizes.bytes[n] for n in ("dev", "dev-fp8", "schnell")) + plain + fora > residency.budget
+    assert residency.plan("dev", plain + fora) == ["schnell"]
