@@ -22,6 +22,10 @@ DIR/results.md rewritten after each), so a run cut short still leaves its number
              cache: read, restore, inject, fuse, fp8 re-quantize), on bf16 and on go_fast, and the prediction right
              after the switch (checked: no recompile)
   batch 4    the peers and ours at 4 outputs
+  offload    the cost model of small GPUs measured (flux/memory.py, docs/benchmarks.md): T5 encoding a prompt resident
+             and streamed from CPU memory through diffusers' group offloading (the bytes that crossed over the extra
+             seconds: GB/s), the fp8 transformer moved whole to the CPU and back (GB/s each way), and go_fast's fp8
+             copy quantized a block at a time from bf16 on the GPU and from CPU memory (setup on a 24 GB card)
   switches   each optimization off (or changed) on go_fast, one engine each: compile, FLUX_ATTENTION=cudnn and fa3,
              FLUX_FUSED_PROJECTIONS, FLUX_COMPILE_VAE, FLUX_CHANNELS_LAST, FLUX_INDUCTOR_TUNING_FLAGS
   boot       a fresh process booting this engine from the compile bundle the first engine wrote
@@ -42,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +77,7 @@ SWITCHES = (  # (row name, settings changed from the defaults) measured on go_fa
 # Seconds, before anything is measured: what each kind of work is expected to take on an H100 (used only to decide
 # whether a section fits; every estimate after the first measurements uses measured numbers).
 H100_GUESS = {"call": 6.5, "torchao compile": 200.0, "engine compile": 240.0, "engine build": 40.0, "boot": 150.0,
-              "lora": 20.0}
+              "lora": 20.0, "offload": 60.0}
 
 
 # ----- the run: budget, results -------------------------------------------------------------------------------------
@@ -153,6 +156,12 @@ def markdown(rows: list[dict]) -> str:
                   "| path | rank | switch s | prediction right after s | recompiled |", "|---|---|---|---|---|"]
         lines += [f"| {r['path']} | {r['rank']} | {r['switch s']:.3f} | {r['prediction s']:.3f} | {r['recompiled']} |"
                   for r in switches]
+    moves = [r for r in rows if r["kind"] == "offload"]
+    if moves:
+        lines += ["", "## Offloading (the memory plan's cost model)", "",
+                  "| what | GB moved | s | s over resident | GB/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['GB']:.2f} | {r['s']:.3f} | {r.get('extra s', '-')} | {r.get('GB/s', '-')} |"
+                  for r in moves]
     other = [r for r in rows if r["kind"] in ("boot", "skipped", "error")]
     if other:
         lines += ["", "## Boot, skipped sections, errors", ""]
@@ -237,7 +246,7 @@ class Ctx:
     def guess(self, what: str) -> float:
         if self.args.tiny:  # a CPU: compile times scale with the backend, not with the GPU guesses
             return {"torchao compile": 60.0, "engine compile": 150.0, "engine build": 20.0, "boot": 150.0,
-                    "lora": 10.0}.get(what, 10.0) * (0.1 if self.args.backend == "eager" else 1.0)
+                    "lora": 10.0, "offload": 10.0}.get(what, 10.0) * (0.1 if self.args.backend == "eager" else 1.0)
         return H100_GUESS[what]
 
 
@@ -445,6 +454,67 @@ def lora_switch(ctx: Ctx) -> None:
         engine.use_loras(request(None, True))
 
 
+def offload(ctx: Ctx) -> None:
+    """What small GPUs pay, measured on this one: T5 streamed for a prompt against T5 resident, an fp8 transformer
+    moved whole to the CPU and back, and go_fast's fp8 copy quantized a block at a time from bf16 on the GPU and from
+    CPU memory. GB are 2**30 bytes; GB/s divides the bytes by the seconds the move added."""
+    import torch
+
+    from flux import memory, speed
+    from flux.engine import MAX_SEQUENCE_LENGTH
+    from flux.settings import Settings
+
+    cpu = torch.device("cpu")
+    settings = Settings.from_env(ctx.device, ctx.work / "offload", engine_env(ctx.args))
+
+    def timed(fn):
+        _sync(ctx.device)
+        started = time.perf_counter()
+        result = fn()
+        _sync(ctx.device)
+        return time.perf_counter() - started, result
+
+    def encode(pipe) -> float:
+        with torch.inference_mode():
+            return timed(lambda: pipe.encode_prompt(prompt=PROMPT, prompt_2=None, device=ctx.device,
+                                                    num_images_per_prompt=1,
+                                                    max_sequence_length=MAX_SEQUENCE_LENGTH["dev"]))[0]
+
+    def row(name: str, nbytes: int, seconds: float, over: float = 0.0) -> None:
+        extra = seconds - over
+        ctx.run.add({"kind": "offload", "name": name, "GB": memory.gb(nbytes), "s": round(seconds, 4),
+                     "extra s": round(extra, 4), "GB/s": round(memory.gb(nbytes) / extra, 1) if nbytes and extra > 0
+                     else None})
+
+    t5 = ctx.shared.text_encoder_2
+    encode(ctx.shared)  # warm: kernels, allocator
+    resident = statistics.median(encode(ctx.shared) for _ in range(3))
+    row("T5 encode, resident", 0, resident)
+    pipe = with_transformer(ctx, ctx.shared.transformer)
+    pipe.text_encoder_2 = copy.deepcopy(t5).to(cpu)
+    memory.stream(pipe.text_encoder_2, ctx.device)
+    encode(pipe)  # the first call records the block order for prefetching
+    streamed = statistics.median(encode(pipe) for _ in range(3))
+    row("T5 encode, streamed from CPU memory (group offloading)", memory.module_bytes(t5), streamed, resident)
+    del pipe
+    free()
+    source = copy.deepcopy(ctx.shared.transformer)
+    speed.fuse_projections(source)
+    seconds, fp8 = timed(lambda: speed.fp8_transformer(source, settings.fp8, ctx.device, settings.fp8_forced))
+    row("fp8 copy quantized a block at a time from bf16 on the GPU", 0, seconds)
+    size = memory.module_bytes(fp8)
+    row("fp8 transformer moved to the CPU (pageable memory)", size, timed(lambda: speed.move(fp8, cpu))[0])
+    row("fp8 transformer moved back to the GPU", size, timed(lambda: speed.move(fp8, ctx.device))[0])
+    fp8 = None
+    speed.move(source, cpu)
+    free()
+    seconds, _ = timed(lambda: speed.fp8_transformer(source, settings.fp8, ctx.device, settings.fp8_forced))
+    row("fp8 copy quantized a block at a time from bf16 in CPU memory (setup on a 24 GB GPU)",
+        memory.module_bytes(source), seconds)
+    source = None
+    free()
+
+
 def switches(ctx: Ctx) -> None:
     width, height = ctx.args.size
     for name, changes in SWITCHES:
@@ -615,6 +685,8 @@ def run(args) -> Path:
         export_bundle(ctx)
         ctx.engine = None
         free()
+        if ctx.run.fits("offload", ctx.guess("offload")):
+            _guarded(ctx, "offload", lambda: offload(ctx))
         switches(ctx)
         if ctx.run.fits("boot", ctx.guess("boot")):
             boot(ctx)

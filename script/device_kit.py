@@ -90,7 +90,7 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 # name -> why it travels. Versions are requirements.txt's pins.
 KIT = {
     "diffusers": "not on the image (the FLUX pipelines)",
-    "pruna": "not on the image (smash: fora, torchao)",
+    "pruna": "not on the image (smash: fora; the fp8 configs of its torchao algorithm)",
     "torchao": "not on the image (fp8 quantization; pruna<0.17 wants 0.12..0.16)",
     "peft": "the image's peft is of unknown version; pruna 0.3.4 needs peft>=0.18,<0.19 (diffusers' LoRA loading)",
     "configspace": "pruna.config.smash_config imports ConfigSpace",

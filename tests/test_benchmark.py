@@ -48,8 +48,11 @@ def test_every_section_runs_and_reports(tiny_run):
         refused = any(r["kind"] == "error" and r["section"] == f"switch: {name}" and "needs an NVIDIA GPU" in r["error"]
                       for r in rows)
         assert measured or refused, name
+    offload = [r for r in rows if r["kind"] == "offload"]  # the small-GPU cost model's measurements, each with its GB
+    assert len(offload) == 6 and all(r["s"] > 0 for r in offload)
+    assert next(r for r in offload if "T5 encode, streamed" in r["name"])["GB"] > 0
     assert rows[-1]["kind"] == "done" and not [r for r in rows if r["kind"] == "skipped" and "estimate s" in r]
-    assert "| diffusers bf16 eager | 1 |" in md and "## LoRA switch" in md and md in stdout
+    assert "| diffusers bf16 eager | 1 |" in md and "## LoRA switch" in md and "## Offloading" in md and md in stdout
 
 
 def test_a_section_that_does_not_fit_the_budget_is_skipped_and_every_row_is_written_at_once(tmp_path):
