@@ -43,8 +43,6 @@ from .errors import UserError
 from .memory import GiB
 from .paths import compile_cache_dir
 
-
-
 FP8_KINDS = ("fp8dqrow", "fp8wo")
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "fa3")
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")

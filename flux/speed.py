@@ -287,7 +287,7 @@ def fp8_transformer(source, kind: str, device: torch.device, skip_hardware_check
     CPU memory on a GPU too small to keep bf16 dev), and torchao's quantize_ moves it to `device` layer by layer and
     quantizes it there. So the GPU holds what it held before, the fp8 blocks made so far and at most one bf16
     block: never a second bf16 transformer. The result is bit for bit what pruna's smash with torchao makes of a
-    whole copy (tests/test_memory.py); smash cannot make it a block at a time, from a model not on the GPU."""
+    whole copy (tests/test_offload.py); smash cannot make it a block at a time, from a model not on the GPU."""
     from torchao.quantization import quantize_
 
     config = quant_config(kind)
@@ -315,10 +315,8 @@ def smash(pipe, device: torch.device):
     from pruna import SmashConfig
     from pruna import smash as pruna_smash
 
-    algorithms = {"fora": {"fora_interval": 2, "fora_start_step": 2}}
-    config = SmashConfig(list(algorithms), device=str(device.type))
-    for values in algorithms.values():
-        config.add(values)
+    config = SmashConfig(["fora"], device=str(device.type))
+    config.add({"fora_interval": 2, "fora_start_step": 2})  # per call: FastPath.run sets each mode's
     with _quiet_pruna():
         config.disable_saving()  # pruna would save the whole pipeline to disk first
         smashed = pruna_smash(pipe, config)
