@@ -2,6 +2,8 @@
 
   script/benchmark                 the predictor's end-to-end time over a bare diffusers call (tiny model, CPU)
   script/benchmark lora            a prediction with a cached LoRA over one without; the time of a LoRA switch
+  script/benchmark fp8-copy        the memory go_fast's fp8 copy costs while it is built, a block at a time, over
+                                   pruna's smash of a whole copy (peak memory above the bf16 source, CPU)
   script/benchmark gpu [--tiny] [--budget S] [--out DIR]
                                    on one GPU, in one run: bare diffusers and the diffusers-torchao recipe against
                                    this engine's paths and speed modes, LoRA switches, 4 outputs, each optimization
@@ -20,6 +22,13 @@ state), in pairs whose order alternates; the ratio is the median of the per-pair
 ratios. Then a switch between the two LoRAs (both in the disk cache: read,
 restore, inject, fuse), a scale change (restore and fuse from memory), and what
 the same LoRA again costs a prediction (resolve, find in the cache, compare).
+
+The fp8-copy benchmark builds a FLUX transformer at full width (3072, 24 heads) with 2 double- and 4 single-stream
+blocks in bf16 in CPU memory (2.3 GB), in a fresh process for each method, and records the process's peak resident
+memory above what it held with the source alone: while flux/speed.py's fp8_transformer builds the fp8 copy (each
+block copied, quantized, its bf16 freed) and while a whole deep copy is smashed by pruna with torchao (the way setup
+made it before). On a GPU the same difference is what setup adds to the GPU: one bf16 block instead of a second bf16
+transformer.
 """
 
 from __future__ import annotations
@@ -149,9 +158,68 @@ def lora(args) -> dict:
     }
 
 
+def _fp8_copy_peak(method: str) -> int:
+    """In this process: the peak resident bytes above the bf16 source while its fp8 copy is built by `method`."""
+    import copy
+    import resource
+
+    import psutil
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from flux import fullsize, speed, weights
+
+    with fullsize.default_dtype(torch.bfloat16):
+        source = FluxTransformer2DModel(**{**fullsize.TRANSFORMER, "num_layers": 2, "num_single_layers": 4})
+    fullsize.init_weights(source, torch.Generator().manual_seed(0))
+    speed.fuse_projections(source)
+    speed.quant_config("fp8wo")  # torchao's configs built before measuring
+    before = psutil.Process().memory_info().rss
+    if method == "blocks":
+        speed.fp8_transformer(source, "fp8wo", torch.device("cpu"))
+    else:
+        from pruna import SmashConfig, smash
+
+        twin = copy.deepcopy(source)
+        speed.drop_unfused(twin)
+        tiny = FluxPipeline.from_pretrained(weights.locate(weights.TINY, "dev"), dtype=torch.bfloat16)
+        config = SmashConfig(["torchao"], device="cpu")
+        config.add({"torchao_quant_type": "fp8wo"})
+        config.disable_saving()
+        smash(FluxPipeline(**{**tiny.components, "transformer": twin}), config)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def fp8_copy(args) -> dict:
+    import json
+    import subprocess
+
+    peaks = {}
+    for method in ("smash", "blocks"):
+        done = subprocess.run([sys.executable, __file__, "fp8-copy-child", method], capture_output=True, text=True,
+                              check=True)
+        peaks[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux import fullsize, memory
+
+    with torch.device("meta"), fullsize.default_dtype(torch.bfloat16):
+        shape = FluxTransformer2DModel(**{**fullsize.TRANSFORMER, "num_layers": 2, "num_single_layers": 4})
+    gib = 1024**3
+    return {"bf16 source": f"{memory.module_bytes(shape) / gib:.2f} GB, largest block "
+                           f"{memory.block_bytes(shape) / gib:.2f} GB",
+            "fp8 copy": f"{memory.fp8_bytes(shape) / gib:.2f} GB",
+            "pruna smash of a whole copy": f"{peaks['smash'] / gib:.2f} GB above the source",
+            "fp8_transformer, a block at a time": f"{peaks['blocks'] / gib:.2f} GB above the source",
+            "ratio": round(peaks["blocks"] / peaks["smash"], 3)}
+
+
 BENCHMARKS = {
     "overhead": (overhead, 1.05, "Predictor end-to-end vs bare diffusers (same weights, same settings, interleaved)"),
     "lora": (lora, 1.1, "A prediction with a cached LoRA vs one without (same predictor, interleaved)"),
+    "fp8-copy": (fp8_copy, 0.7, "Peak memory building go_fast's fp8 copy a block at a time vs pruna's smash of a "
+                                "whole copy (each in a fresh process)"),
 }
 
 
@@ -160,6 +228,13 @@ def main() -> int:
         import benchmark_gpu
 
         return benchmark_gpu.main(sys.argv[2:])
+    if sys.argv[1:2] == ["fp8-copy-child"]:  # one method of the fp8-copy benchmark, in its own process
+        import json
+
+        import flux  # noqa: F401
+
+        print(json.dumps(_fp8_copy_peak(sys.argv[2])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="?", choices=[*BENCHMARKS, "gpu"], default="overhead")
     parser.add_argument("--steps", type=int, default=28)
