@@ -191,6 +191,10 @@ class Engine:
         memory.check_host(plan)
         return plan
 
+    @property
+    def _t5_streamed(self) -> bool:
+        return self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED
+
     def placed(self, model: str) -> bool:
         """Whether a model's bf16 transformer runs on this GPU (the plan may keep it in CPU memory only)."""
         return self.plan is None or self.plan.where(model) != memory.CPU
@@ -199,7 +203,7 @@ class Engine:
         """CLIP and the VAE on the GPU; T5 too, or streamed from CPU memory where the plan says so."""
         pipe.text_encoder.to(self.device)
         pipe.vae.to(self.device)
-        if self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED:
+        if self._t5_streamed:
             memory.stream(pipe.text_encoder_2, self.device)
         else:
             pipe.text_encoder_2.to(self.device)
@@ -499,7 +503,6 @@ class Engine:
         """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
         the embeddings the pipeline is then given, so that text encoding is timed apart."""
         embeds = {}
-        streamed = self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED
         for prefix, text in (("", req.prompt), ("negative_", req.negative_prompt if req.true_cfg else None)):
             if text is None:
                 continue
@@ -508,7 +511,7 @@ class Engine:
                 prompt=text, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
                 max_sequence_length=MAX_SEQUENCE_LENGTH[req.model])
             embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
-            if streamed:  # every T5 block crossed to the GPU once for this prompt
+            if self._t5_streamed:  # every T5 block crossed to the GPU once for this prompt
                 self.memory.moves.append(memory.Move(memory.T5, "streamed", self.plan.sizes.bytes[memory.T5],
                                                      time.monotonic() - started))
         return embeds

@@ -401,22 +401,23 @@ class Residency:
 
     def make_room(self, nbytes: int) -> None:
         """Move transformers out until `nbytes` more fit (before a new one is built on the GPU)."""
-        for evicted in self.plan(None, nbytes):
-            self.resident.pop(evicted)
-            self._move(evicted, gpu=False)
+        self._evict(self.plan(None, nbytes))
 
     def use(self, name: str, working: int = BASE_RESERVE_BYTES) -> None:
         """Make `name` resident and most recently used, with `working` bytes free beside it."""
         if self.budget is not None and self.size(name) > self.budget:
             raise UserError(f"The {name} transformer ({gb(self.size(name)):.1f} GB) does not fit in this GPU "
                             f"beside the text encoders ({gb(self.budget):.1f} GB left): use model=dev.")
-        for evicted in self.plan(name, working):
-            self.resident.pop(evicted)
-            self._move(evicted, gpu=False)
+        self._evict(self.plan(name, working))
         if name not in self.resident:
             self._move(name, gpu=True)
         self.resident[name] = None
         self.resident.move_to_end(name)
+
+    def _evict(self, names: list[str]) -> None:
+        for name in names:
+            self.resident.pop(name)
+            self._move(name, gpu=False)
 
     def _move(self, name: str, gpu: bool) -> None:
         started = time.monotonic()
