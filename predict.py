@@ -17,8 +17,7 @@ from typing import List, Optional
 from cog import BasePredictor, Input, Path, Secret
 
 import flux  # noqa: F401  (sets library environment defaults before anything imports diffusers)
-from flux import gpu, logs, weights
-from flux.engine import Engine
+from flux import engine, gpu, logs, output, weights
 from flux.request import Request
 
 log = logging.getLogger("flux.predict")
@@ -28,7 +27,7 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         logs.configure()
         sources = weights.sources(has_cuda=gpu.cuda_available())  # a GPU torch cannot use is a setup error
-        self.engine = Engine.load(sources)
+        self.engine = engine.load(sources)
         self._out_dir: Optional[_Path] = None
 
     def predict(
@@ -79,8 +78,9 @@ class Predictor(BasePredictor):
         ),
         model: str = Input(
             description="Which model to run inference with. The dev model performs best with around 28 inference "
-            "steps but the schnell model only needs 4 steps (it runs at most 4, without guidance).",
-            choices=["dev", "schnell"],
+            "steps but the schnell model only needs 4 steps (it runs at most 4, without guidance). krea-dev is "
+            "FLUX.1-Krea-dev, a dev fine-tune for natural, photographic images (the same inputs as dev).",
+            choices=["dev", "schnell", "krea-dev"],
             default="dev",
         ),
         num_outputs: int = Input(description="Number of outputs to generate", ge=1, le=4, default=1),
@@ -163,10 +163,10 @@ class Predictor(BasePredictor):
     ) -> List[Path]:
         inputs = {name: value for name, value in locals().items() if name != "self"}  # every input, as SPEC names
         request = Request.build(**inputs)
-        prediction = self.engine.run(request, self._new_out_dir())
+        prediction = output.write(self.engine.run(request), self._new_out_dir())
         for name, value in prediction.metrics.items():  # beside predict_time in the response's metrics
             self.record_metric(name, value)
-        return [Path(p) for p in prediction.paths]
+        return [Path(p) for p in prediction.files]
 
     def _new_out_dir(self) -> _Path:
         """A fresh folder name per prediction, created only when outputs are written (a cancelled or failed

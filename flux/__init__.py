@@ -9,7 +9,7 @@ read at import time:
     CPU kernels, so it is pointed at a local path that does not exist and makes no network call.
   - TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR: inductor fixes its cache folder the first time anything
     compiles, and importing diffusers already compiles (it imports hqq), so the compile caches are placed in the
-    working compile-cache folder (flux/paths.py) here, before anything imports diffusers.
+    working compile-cache folder (flux/folders.py) here, before anything imports diffusers.
 Values already set in the environment win.
 httpx logs every request's full URL at INFO, query string included (where signed URLs carry their
 credentials): its logger is kept at WARNING so that no configuration of the root logger can print them.
@@ -22,7 +22,7 @@ _os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")
 _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars garble prediction logs
 _os.environ.setdefault("LOCAL_KERNELS", "kernels-community/quantization-bitsandbytes=/nonexistent/no-hub-kernels")
-from .paths import compile_cache_dir as _compile_cache_dir  # noqa: E402  (no third-party imports)
+from .folders import compile_cache_dir as _compile_cache_dir  # noqa: E402  (no third-party imports)
 
 _os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_compile_cache_dir() / "inductor"))
 _os.environ.setdefault("TRITON_CACHE_DIR", str(_compile_cache_dir() / "triton"))

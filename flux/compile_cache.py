@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from . import weights
-from .errors import UserError
-from .settings import Settings, SettingsError
+from .errors import SettingsError, UserError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ def key(settings: Settings, transformer, dtype: torch.dtype, device: torch.devic
     architecture = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items()
                     if not k.startswith("_")}  # _name_or_path is where it was loaded from
     return dict(version=VERSION, torch=torch.__version__, triton=triton_version, **where, dtype=str(dtype),
-                compile=settings.compile, fp8=settings.fp8, attention=settings.attention,
-                fused_projections=settings.fused_projections, compile_vae=settings.compile_vae,
-                channels_last=settings.channels_last, inductor_tuning=settings.inductor_tuning,
-                architecture=architecture)
+                **settings.graph_settings(), architecture=architecture)
 
 
 def digest(values: dict) -> str:

@@ -8,3 +8,8 @@ is logged with its traceback.
 
 class UserError(ValueError):
     """Bad input or an impossible request; the message tells the user what to change."""
+
+
+class SettingsError(UserError):
+    """A setting (environment variable) has a value this container does not know, or one that cannot run on this
+    machine; the message names the setting and what to set instead."""

@@ -1,12 +1,13 @@
 """GPU memory: one plan for every budget (what stays on the GPU, what moves and how), and the residency of the
 transformers that may move.
 
-The plan (`plan()`) is the one place the rules live: setup follows it (flux/engine.py) and `script/memory-plan` prints
+The plan (`plan()`) is the one place the rules live: setup follows it (flux/engine) and `script/memory-plan` prints
 it for a GPU size without loading anything (the full-size model on the meta device). It places each component:
 
-  gpu              resident: on the GPU from setup (schnell's from its first request) and kept there
+  gpu              resident: on the GPU from setup (a variant loaded on first use: from its first request) and kept
+                   there
   gpu, on demand   on the GPU while requests use it; moved whole to the CPU, least recently used first, when a
-                   request needs the room (schnell on GPUs that cannot keep it beside dev)
+                   request needs the room (variants loaded on first use, on GPUs that cannot keep them beside the base)
   cpu, streamed    kept in CPU memory and brought to the GPU one block at a time while it runs, the next block copied
                    on a CUDA stream while the current one computes: diffusers' group offloading (T5, for each prompt)
   cpu              kept in CPU memory, never run on this GPU: a bf16 transformer that does not fit beside its fp8 copy
@@ -14,21 +15,23 @@ it for a GPU size without loading anything (the full-size model on the meta devi
                    without go_fast run the fp8 copy, and their log says so
 
 in this order, each only if what is already placed leaves the room a request needs (`working`: 1 output at 1 MP):
-the shared small models (CLIP, the VAE, the safety checkers) and go_fast's fp8 dev (the path every GPU runs), then
-bf16 dev, then T5, then schnell and its fp8 copy, which are resident only where they fit beside everything with the
-room of the largest request (4 outputs at 1440x1440 in a speed mode with true CFG: activations plus FORA's cache of
-every block's output for both passes, flux/speed.py: fora_bytes). A request that needs more room than the plan kept
-moves the least recently used "on demand" transformers out first, then resident ones (`Residency`); a batch that still
-does not fit runs one output at a time (flux/engine.py).
+the shared small models (CLIP, the VAE, the safety checkers) and go_fast's fp8 copy of the base variant (FLUX.1-dev:
+the path every GPU runs), then its bf16 transformer, then T5, then each variant loaded on first use and its fp8 copy
+(flux/variants.py, in table order), which are resident only where they fit beside everything with the room of the
+largest request (4 outputs at 1440x1440 in a speed mode with true CFG: activations plus the step cache's copy of
+every block's output for both passes, flux/speed.py: step_cache_bytes). A request that needs more room than the plan
+kept moves the least recently used "on demand" transformers out first, then resident ones (`Residency`); a batch that
+still does not fit runs one output at a time (flux/engine).
 
 Sizes here are in GB of 2**30 bytes, as nvidia-smi and torch count a GPU's memory (an "80 GB" H100 reports 79.2, a
 "24 GB" L4 22.0).
 
 FLUX.1-dev on the full-size meta model (tests/test_memory.py): CLIP 0.23, VAE 0.16, both safety checkers 0.73,
-T5 8.87, dev 22.17, fp8 dev 11.10. On an H200 everything is resident; on 80 GB dev, fp8 dev and T5 are, schnell on
-demand; on an A100 40GB or an L40S (39.6 and 44.4) dev and fp8 dev are resident and T5 is streamed (an RTX A6000,
-47.5, keeps T5 too); on 24 GB cards only fp8 dev is: go_fast is the path that runs, T5 is streamed (8.87 GB cross
-PCIe per prompt, about 0.4 s at PCIe 4.0 x16) and bf16 dev stays in CPU memory.
+T5 8.87, dev 22.17, fp8 dev 11.10 (a variant without guidance 0.02 less). On 80 GB dev, fp8 dev and T5 are
+resident and the other variants on demand; on an A100 40GB or an L40S (39.6 and 44.4) dev and fp8 dev are resident
+and T5 is streamed (an RTX A6000, 47.5, keeps T5 too); on 24 GB cards only fp8 dev is: go_fast is the path that
+runs, T5 is streamed (8.87 GB cross PCIe per prompt, about 0.4 s at PCIe 4.0 x16) and bf16 dev stays in CPU memory.
+`script/memory-plan --gpu-gb N` prints the plan for any size.
 
 Setup never holds two bf16 transformers on the GPU: the fp8 copy is quantized one block at a time from bf16 dev
 wherever it lives (flux/speed.py: fp8_transformer), so setup's peak is the resident set plus one bf16 block (0.63).
@@ -44,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from . import variants
+from .speed import step_cache
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,9 @@ MIN_GPU_BYTES = 21 * GiB
 MIN_GPU_SHOWN = "24 GB (L4, A10G, RTX 3090 or 4090, or larger)"
 
 GPU, ON_DEMAND, STREAMED, CPU = "gpu", "gpu, on demand", "cpu, streamed", "cpu"
-COMPONENTS = ("dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder", "text_encoder_2", "vae", "safety")
+# Every FLUX variant's bf16 transformer and its fp8 copy (flux/variants.py, in table order), then the shared models.
+COMPONENTS = (*variants.transformer_names(), "text_encoder", "text_encoder_2", "vae", "safety")
+ON_FIRST_USE = tuple(n for v in variants.ON_FIRST_USE for n in (v.name, v.fp8))  # placed from their first request
 SHARED = ("text_encoder", "vae", "safety")  # small, used by every request: always resident
 T5 = "text_encoder_2"
 # The largest request: 4 outputs at 1440x1440 (custom size), a speed mode that caches, true CFG (two passes cached).
@@ -120,21 +127,21 @@ class Sizes:
 
     @classmethod
     def of(cls, transformer, text_encoder, text_encoder_2, vae, safety=(), streams: bool = True) -> "Sizes":
-        """Sizes of loaded components, or of the full-size model on the meta device. schnell's are those of dev's
-        architecture without the guidance embedder (FLUX.1-schnell's config), counted on the meta device.
+        """Sizes of loaded components, or of the full-size model on the meta device. `transformer` is the base
+        variant's; every other variant's is its architecture (`like`), counted on the meta device.
         streams: T5 streamed on a CUDA stream holds its next block too."""
-        from . import speed
-
-        schnell = schnell_like(transformer)
         t5_blocks = [module_bytes(b) for b in text_encoder_2.encoder.block]
         element = next(transformer.parameters()).element_size()
         big = LARGEST
-        largest = activation_bytes(big["width"], big["height"], big["outputs"]) + big["passes"] * speed.fora_bytes(
+        largest = activation_bytes(big["width"], big["height"], big["outputs"]) + big["passes"] * step_cache.holds_bytes(
             transformer.config, big["width"], big["height"], big["outputs"], big["text_tokens"], element)
+        transformers = {}
+        for variant in variants.VARIANTS.values():
+            model = transformer if variant is variants.BASE else like(transformer, variant)
+            transformers.update({variant.name: module_bytes(model), variant.fp8: fp8_bytes(model)})
         return cls(
             bytes={
-                "dev": module_bytes(transformer), "dev-fp8": fp8_bytes(transformer),
-                "schnell": module_bytes(schnell), "schnell-fp8": fp8_bytes(schnell),
+                **transformers,
                 "text_encoder": module_bytes(text_encoder), T5: module_bytes(text_encoder_2),
                 "vae": module_bytes(vae), "safety": sum(module_bytes(m) for m in safety),
             },
@@ -150,14 +157,14 @@ def block_bytes(transformer) -> int:
     return max(module_bytes(b) for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks))
 
 
-def schnell_like(transformer) -> torch.nn.Module:
-    """FLUX.1-schnell's transformer for sizing: dev's architecture without guidance, on the meta device, dev's dtype."""
+def like(transformer, variant: variants.Variant) -> torch.nn.Module:
+    """A variant's transformer for sizing: the base's architecture with the variant's guidance embedder (or none), on
+    the meta device, in the base's dtype."""
     from diffusers import FluxTransformer2DModel
 
-    from .fullsize import default_dtype
-
-    with torch.device("meta"), default_dtype(next(transformer.parameters()).dtype):
-        return FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": False})
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": variant.guidance})
+    return model.to(next(transformer.parameters()).dtype)
 
 
 @dataclass(frozen=True)
@@ -199,10 +206,10 @@ class Plan:
 
     @property
     def setup_peak(self) -> int:
-        """setup's GPU peak: what it places (every resident component but schnell's, loaded on first use), plus the
-        bf16 block being quantized into the fp8 copy."""
+        """setup's GPU peak: what it places (every resident component but the transformers of the variants loaded on
+        first use), plus the bf16 block being quantized into the fp8 copy."""
         return sum(p.bytes for n, p in self.placements.items()
-                   if p.where == GPU and not n.startswith("schnell")) + self.sizes.block
+                   if p.where == GPU and n not in ON_FIRST_USE) + self.sizes.block
 
     @property
     def host_bytes(self) -> int:
@@ -247,43 +254,42 @@ def plan(budget: int, sizes: Sizes, floor: int = MIN_GPU_BYTES) -> Plan:
     def put(name: str, where: str, note: str = "", moves: int = 0) -> None:
         placed[name] = Placement(name, b[name], where, moves, note)
 
-    used = sum(b[n] for n in SHARED) + b["dev-fp8"]
+    base = variants.BASE
+    used = sum(b[n] for n in SHARED) + b[base.fp8]
 
     def room(extra: int, reserve: int) -> bool:
         return used + extra + reserve <= budget
 
-    if room(b["dev"], sizes.working):
-        put("dev", GPU)
-        used += b["dev"]
+    if room(b[base.name], sizes.working):
+        put(base.name, GPU)
+        used += b[base.name]
     else:
-        put("dev", CPU, "bf16 does not fit beside its fp8 copy: requests without go_fast run dev-fp8")
-    put("dev-fp8", GPU, "go_fast" if placed["dev"].where == GPU else "go_fast, and every dev request")
+        put(base.name, CPU, "bf16 does not fit beside its fp8 copy: requests without go_fast run "
+                            f"{base.fp8}")
+    put(base.fp8, GPU, "go_fast" if placed[base.name].where == GPU else f"go_fast, and every {base.name} request")
     if room(b[T5], sizes.working):
         put(T5, GPU)
         used += b[T5]
     else:
         put(T5, STREAMED, "T5 to the GPU one block at a time for each prompt", moves=b[T5])
         used += sizes.streamed
-    if placed["dev"].where == CPU:
-        put("schnell", CPU, "like dev: requests without go_fast run schnell-fp8")
-    elif room(b["schnell"], sizes.largest):
-        put("schnell", GPU, "from its first request")
-        used += b["schnell"]
-    else:
-        put("schnell", ON_DEMAND, "from its first request; moved out when a request needs the room")
-    if room(b["schnell-fp8"], sizes.largest):
-        put("schnell-fp8", GPU, "from its first request")
-        used += b["schnell-fp8"]
-    else:
-        put("schnell-fp8", ON_DEMAND, "from its first request; moved out when a request needs the room")
+    for variant in variants.ON_FIRST_USE:  # in table order, each where it fits beside the largest request
+        for name in (variant.name, variant.fp8):
+            if name == variant.name and placed[base.name].where == CPU:
+                put(name, CPU, f"like {base.name}: requests without go_fast run {variant.fp8}")
+            elif room(b[name], sizes.largest):
+                put(name, GPU, "from its first request")
+                used += b[name]
+            else:
+                put(name, ON_DEMAND, "from its first request; moved out when a request needs the room")
     for name in SHARED:
         put(name, GPU)
-    minimum = sum(b[n] for n in SHARED) + b["dev-fp8"] + sizes.streamed + sizes.working
+    minimum = sum(b[n] for n in SHARED) + b[base.fp8] + sizes.streamed + sizes.working
     problem = None
     if budget < floor:
-        problem = f"FLUX.1-dev needs a GPU of {MIN_GPU_SHOWN}"
+        problem = f"{base.title} needs a GPU of {MIN_GPU_SHOWN}"
     elif minimum > budget:
-        problem = f"the smallest plan (fp8 dev, T5 streamed) needs {gb(minimum):.2f} GB"
+        problem = f"the smallest plan (fp8 {base.name}, T5 streamed) needs {gb(minimum):.2f} GB"
     return Plan(budget, sizes, {n: placed[n] for n in COMPONENTS}, problem)
 
 
@@ -386,7 +392,7 @@ class Residency:
     def size(self, name: str) -> int:
         return module_bytes(self.modules[name])  # as it is now (an fp8 copy shrinks when it is quantized)
 
-    def plan(self, name: str | None, working: int) -> list[str]:
+    def evictions(self, name: str | None, working: int) -> list[str]:
         """The resident transformers to move out so that `name` (None: nothing more) and `working` bytes fit beside
         the rest; pure, nothing moves."""
         if self.budget is None:
@@ -401,14 +407,14 @@ class Residency:
 
     def make_room(self, nbytes: int) -> None:
         """Move transformers out until `nbytes` more fit (before a new one is built on the GPU)."""
-        self._evict(self.plan(None, nbytes))
+        self._evict(self.evictions(None, nbytes))
 
     def use(self, name: str, working: int = BASE_RESERVE_BYTES) -> None:
         """Make `name` resident and most recently used, with `working` bytes free beside it."""
         if self.budget is not None and self.size(name) > self.budget:
             raise UserError(f"The {name} transformer ({gb(self.size(name)):.1f} GB) does not fit in this GPU "
                             f"beside the text encoders ({gb(self.budget):.1f} GB left): use model=dev.")
-        self._evict(self.plan(name, working))
+        self._evict(self.evictions(name, working))
         if name not in self.resident:
             self._move(name, gpu=True)
         self.resident[name] = None

@@ -7,8 +7,9 @@ Each prediction logs one line per denoising step in tqdm's format (tqdm's own `f
 which is what replicate-python's `Prediction.progress`, replicate-javascript's `parseProgressFromLogs` and
 replicate-go read from the logs (the last line matching `^\\s*(\\d+)%\\s*\\|.+?\\|\\s*(\\d+)/(\\d+)`). One bar covers the
 whole prediction: every output, and every pipeline call when a batch is generated one output at a time. Its total
-is the steps that really run (img2img and inpainting run `prompt_strength` of them, schnell at most 4), read from
-the pipeline as it starts denoising. A line per step, no carriage returns: every log line is kept.
+is the steps that really run (img2img and inpainting run `prompt_strength` of them, a variant with a step cap at
+most that many), read from the pipeline as it starts denoising. A line per step, no carriage returns: every log
+line is kept.
 """
 
 from __future__ import annotations

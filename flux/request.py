@@ -16,14 +16,12 @@ from typing import Any
 
 from PIL import Image
 
-from . import images, sizes, speed
+from . import images, sizes, speed, variants
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-MODELS = ("dev", "schnell")
 OUTPUT_FORMATS = ("webp", "jpg", "png")
-SCHNELL_MAX_STEPS = 4
 MAX_SEED = 2**63 - 1 - 4  # seed + i must stay a valid 64-bit generator seed
 
 
@@ -49,7 +47,7 @@ SPEC: dict[str, InputSpec] = {
     "height": InputSpec(ge=sizes.MIN_SIDE, le=sizes.MAX_SIDE),
     "megapixels": InputSpec(default="1", choices=sizes.MEGAPIXELS),
     "prompt_strength": InputSpec(default=0.8, ge=0, le=1),
-    "model": InputSpec(default="dev", choices=MODELS),
+    "model": InputSpec(default=variants.BASE.name, choices=variants.NAMES),
     "num_outputs": InputSpec(default=1, ge=1, le=4),
     "num_inference_steps": InputSpec(default=28, ge=1, le=50),
     "guidance_scale": InputSpec(default=3, ge=0, le=10),
@@ -75,7 +73,7 @@ def random_seed() -> int:
 
 class _Request:
     """A validated prediction request: a field per input of SPEC (after validation: width and height resolved,
-    image and mask decoded at the output size, schnell's step cap and guidance applied, secrets as plain strings
+    image and mask decoded at the output size, the variant's step cap and guidance applied, secrets as plain strings
     that no repr shows) and what validation derives. Build it with `Request.build(**inputs)`."""
 
     @property
@@ -87,9 +85,15 @@ class _Request:
         return "txt2img"
 
     @property
-    def path(self) -> str:
-        """The transformer that runs this request (engine paths: dev, dev-fp8, schnell, schnell-fp8)."""
-        return f"{self.model}-fp8" if self.fp8 else self.model
+    def transformer(self) -> str:
+        """The transformer copy that runs this request: its variant's bf16 one, or "-fp8", go_fast's copy
+        (flux/engine/transformers.py). The response's `path` metric."""
+        return variants.get(self.model).fp8 if self.fp8 else self.model
+
+    @property
+    def mode(self) -> "speed.Mode":
+        """Its speed mode."""
+        return speed.mode(self.speed_mode)
 
     @property
     def seeds(self) -> list[int]:
@@ -154,14 +158,14 @@ class _Request:
             out_w, out_h = sizes.table_size(aspect_ratio, megapixels)
         v["width"], v["height"] = out_w, out_h
 
-        if v["model"] == "schnell":
-            if v["num_inference_steps"] > SCHNELL_MAX_STEPS:
-                notes.append(f"schnell runs at most {SCHNELL_MAX_STEPS} steps: num_inference_steps "
-                             f"{v['num_inference_steps']} -> {SCHNELL_MAX_STEPS}")
-                v["num_inference_steps"] = SCHNELL_MAX_STEPS
-            if v["guidance_scale"] != 0:
-                notes.append("schnell has no guidance: guidance_scale ignored")
-                v["guidance_scale"] = 0.0
+        variant = variants.get(v["model"])
+        if variant.max_steps is not None and v["num_inference_steps"] > variant.max_steps:
+            notes.append(f"{variant.name} runs at most {variant.max_steps} steps: num_inference_steps "
+                         f"{v['num_inference_steps']} -> {variant.max_steps}")
+            v["num_inference_steps"] = variant.max_steps
+        if not variant.guidance and v["guidance_scale"] != 0:
+            notes.append(f"{variant.name} has no guidance: guidance_scale ignored")
+            v["guidance_scale"] = 0.0
 
         if image is not None and int(v["num_inference_steps"] * v["prompt_strength"]) < 1:
             raise UserError(
@@ -211,7 +215,8 @@ def _negative_prompt(negative: str | None, true_cfg_scale: float, notes: list[st
 
 def _fp8(go_fast: bool, mode: "speed.Mode", model: str, notes: list[str]) -> bool:
     """Whether the request runs its model's fp8 transformer: go_fast, or a speed mode that uses it, at every size,
-    for every task (the compiled graphs have dynamic shapes) and for both models (schnell's built on first use)."""
+    for every task (the compiled graphs have dynamic shapes) and every variant (those loaded on first use get theirs
+    then)."""
     if not (go_fast or mode.fp8):
         return False
     notes.append(f"{'go_fast' if go_fast else f'speed_mode {mode.name}'}: runs the fp8 {model} transformer")

@@ -1,14 +1,16 @@
 """Where the model weights come from, and getting them onto local disk under weights/.
 
 One setting per component names its source; the same forms work for each:
-  - `tiny`: the tiny random-weight FLUX built by flux.tiny (no download)
+  - `tiny`: the tiny random-weight FLUX built by flux/fakes/tiny.py (no download)
   - a local folder holding the component in diffusers format
   - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
   - an https URL of a .tar of that folder, downloaded in parallel and extracted safely
 
 Settings (environment):
-  FLUX_WEIGHTS (or cog's COG_WEIGHTS)  FLUX.1-dev pipeline   default: the HF repo on a GPU, tiny without one
-  FLUX_SCHNELL_WEIGHTS                 FLUX.1-schnell        default: its HF repo, or tiny when dev is tiny
+  each FLUX variant's setting (flux/variants.py)  its weights   default: its HF repo on a GPU, tiny without one:
+      FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component
+      FLUX_SCHNELL_WEIGHTS, FLUX_KREA_DEV_WEIGHTS  the variants loaded on first use: transformer and scheduler
+      (any variant other than the base is tiny when the base is tiny)
   FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
   FLUX_SAFETY_SECOND                   second opinion on flagged images (or off)  default: Falconsai's HF repo,
                                        or tiny when dev is tiny
@@ -33,33 +35,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import download as dl
-from . import netguard, progress, tiny
-from .paths import weights_dir
+from . import netguard, progress, variants
+from .fakes import tiny
+from .folders import weights_dir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEV_REPO = "black-forest-labs/FLUX.1-dev"
-SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
 SAFETY_SECOND_REPO = "Falconsai/nsfw_image_detection"
+SAFETY = "safety"
 SAFETY_SECOND = "safety-second"
 OFF = "off"
 TINY = "tiny"
 
-# Only what diffusers loads: FLUX repos also hold single-file checkpoints we never read.
-PIPELINE_FILES = [
-    "model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
-    "tokenizer/*", "tokenizer_2/*", "transformer/*", "vae/*",
-]
-SCHNELL_FILES = ["model_index.json", "scheduler/*", "transformer/*"]
 SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
 COMPILE_CACHE = "compile-cache"  # a compile bundle (flux/compile_cache.py) comes in the same forms as the weights
-PATTERNS = {"dev": PIPELINE_FILES, "schnell": SCHNELL_FILES, "safety": SAFETY_FILES, SAFETY_SECOND: SAFETY_FILES,
-            COMPILE_CACHE: None}
-LAYOUT = {"dev": ["model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2"],
-          "schnell": ["transformer"], "safety": ["config.json"], SAFETY_SECOND: ["config.json"],
-          COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
+# kind -> the files fetched of a repo (None: all), and what a folder must hold. A variant's kind is its name.
+PATTERNS = {**{v.name: list(v.files) for v in variants.VARIANTS.values()}, SAFETY: SAFETY_FILES,
+            SAFETY_SECOND: SAFETY_FILES, COMPILE_CACHE: None}
+LAYOUT = {**{v.name: list(v.layout) for v in variants.VARIANTS.values()}, SAFETY: ["config.json"],
+          SAFETY_SECOND: ["config.json"], COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
 MAX_TAR_BYTES = 64 * 1024**3
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -71,24 +67,29 @@ class WeightsError(UserError):
 
 @dataclass(frozen=True)
 class Sources:
-    dev: str
-    schnell: str
+    variants: dict[str, str]  # each FLUX variant's weights, by name (flux/variants.py)
     safety: str
     safety_second: str | None = None  # None: off
 
     @property
+    def base(self) -> str:
+        """The base variant's weights (setup loads them: every shared component)."""
+        return self.variants[variants.BASE.name]
+
+    @property
     def tiny(self) -> bool:
-        return self.dev == TINY
+        return self.base == TINY
 
 
 def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
     """The configured source of each component, defaults filled in."""
     env = os.environ if env is None else env
-    dev = env.get("FLUX_WEIGHTS") or env.get("COG_WEIGHTS") or (DEV_REPO if has_cuda else TINY)
-    fallback_tiny = dev == TINY
+    base = variants.BASE
+    chosen = env.get(base.setting) or env.get("COG_WEIGHTS") or (base.repo if has_cuda else TINY)
+    fallback_tiny = chosen == TINY
     return Sources(
-        dev=dev,
-        schnell=env.get("FLUX_SCHNELL_WEIGHTS") or (TINY if fallback_tiny else SCHNELL_REPO),
+        variants={v.name: chosen if v is base else env.get(v.setting) or (TINY if fallback_tiny else v.repo)
+                  for v in variants.VARIANTS.values()},
         safety=env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO),
         safety_second=_off_or(env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)),
     )
@@ -101,8 +102,8 @@ def _off_or(source: str) -> str | None:
 def locate(source: str, kind: str) -> Path:
     """A local folder holding the component named by source, fetching it if needed.
 
-    kind is "dev", "schnell", "safety", "safety-second" or "compile-cache": it picks the tiny build and the files to
-    fetch.
+    kind is a variant's name (flux/variants.py), "safety", "safety-second" or "compile-cache": it picks the tiny build
+    and the files to fetch.
     """
     started = time.monotonic()
     root = weights_dir()
@@ -152,11 +153,12 @@ def shown(source: str) -> str:
 
 
 def _tiny(root: Path, kind: str) -> Path:
-    if kind == "safety":
+    if kind == SAFETY:
         return tiny.ensure_safety_checker(root / "tiny" / "safety-checker")
     if kind == SAFETY_SECOND:
         return tiny.ensure_nsfw_classifier(root / "tiny" / "nsfw-classifier")
-    return tiny.ensure_pipeline(root / "tiny" / f"FLUX.1-{kind}", schnell=kind == "schnell")
+    variant = variants.get(kind)
+    return tiny.ensure_pipeline(root / "tiny" / variant.title, variant)
 
 
 def _check_layout(path: Path, kind: str, source: str) -> None:

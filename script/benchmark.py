@@ -71,7 +71,7 @@ def overhead(args) -> dict:
 
     predictor = _predictor()
     engine = predictor.engine
-    path = weights.locate(weights.sources(torch.cuda.is_available()).dev, "dev")
+    path = weights.locate(weights.sources(torch.cuda.is_available()).base, "dev")
     bare = FluxPipeline.from_pretrained(path, dtype=engine.dtype).to(engine.device)
     bare.set_progress_bar_config(disable=True)
     width, height = args.size
@@ -167,21 +167,24 @@ def _fp8_copy_peak(method: str) -> int:
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from flux import fullsize, speed, weights
+    from flux import weights
+    from flux.fakes import fullsize
+    from flux.speed import fp8 as fp8_
+    from flux.speed import projections
 
-    with fullsize.default_dtype(torch.bfloat16):
+    with fullsize.building_in(torch.bfloat16):
         source = FluxTransformer2DModel(**{**fullsize.TRANSFORMER, "num_layers": 2, "num_single_layers": 4})
     fullsize.init_weights(source, torch.Generator().manual_seed(0))
-    speed.fuse_projections(source)
-    speed.quant_config("fp8wo")  # torchao's configs built before measuring
+    projections.fuse_projections(source)
+    fp8_.quant_config("fp8wo")  # torchao's configs built before measuring
     before = psutil.Process().memory_info().rss
     if method == "blocks":
-        speed.fp8_transformer(source, "fp8wo", torch.device("cpu"))
+        fp8_.fp8_transformer(source, "fp8wo", torch.device("cpu"))
     else:
         from pruna import SmashConfig, smash
 
         twin = copy.deepcopy(source)
-        speed.drop_unfused(twin)
+        projections.drop_unfused(twin)
         tiny = FluxPipeline.from_pretrained(weights.locate(weights.TINY, "dev"), dtype=torch.bfloat16)
         config = SmashConfig(["torchao"], device="cpu")
         config.add({"torchao_quant_type": "fp8wo"})
@@ -202,9 +205,10 @@ def fp8_copy(args) -> dict:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from flux import fullsize, memory
+    from flux import memory
+    from flux.fakes import fullsize
 
-    with torch.device("meta"), fullsize.default_dtype(torch.bfloat16):
+    with torch.device("meta"), fullsize.building_in(torch.bfloat16):
         shape = FluxTransformer2DModel(**{**fullsize.TRANSFORMER, "num_layers": 2, "num_single_layers": 4})
     gib = 1024**3
     return {"bf16 source": f"{memory.module_bytes(shape) / gib:.2f} GB, largest block "

@@ -599,7 +599,8 @@ def build_shared(args):
     """The pipeline every contender is built from: full-size random FLUX.1-dev on the GPU, or the tiny FLUX."""
     import torch
 
-    from flux import fullsize, weights
+    from flux import weights
+    from flux.fakes import fullsize
     from flux.engine import default_device
 
     device = default_device()

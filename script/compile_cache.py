@@ -30,13 +30,13 @@ def export(dest: Path) -> dict:
     from torch._dynamo.utils import counters
 
     from flux import compile_cache, logs, weights
-    from flux.engine import Engine
+    from flux.engine import load as engine_load
 
     logs.configure()
     os.environ.setdefault("FLUX_COMPILE", "inductor")
     os.environ["FLUX_WARMUP"] = "1"
     started = time.monotonic()
-    engine = Engine.load(weights.sources(has_cuda=torch.cuda.is_available()))
+    engine = engine_load(weights.sources(has_cuda=torch.cuda.is_available()))
     if engine.settings.compile is None:
         raise SystemExit("FLUX_COMPILE is off: there is nothing to compile into a bundle.")
     written = compile_cache.export(engine.settings.cache_dir, dest.resolve())

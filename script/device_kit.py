@@ -159,7 +159,7 @@ MIRROR_PACKAGES = [
     "colorama", "protobuf", "pyarrow", "xxhash", "zipp", "pyparsing", "typing-extensions", "nvidia-ml-py", "six",
 ]
 
-IMPORTS = ("import flux, flux.engine, flux.speed, flux.fullsize, flux.tiny, lora_loader, tests.helpers.loras, "
+IMPORTS = ("import flux, flux.engine, flux.speed, flux.fakes.fullsize, flux.fakes.tiny, lora_loader, tests.helpers.loras, "
            "pruna, torchao, diffusers, peft; "
            "from pruna.algorithms import AlgorithmRegistry as R; "
            "missing = {'fora', 'torchao'} - set(R._registry); assert not missing, missing; "
@@ -170,9 +170,9 @@ SMOKE = """
 import flux, logging
 from flux import logs, weights
 logs.configure()
-from flux.engine import Engine
+from flux.engine import load as engine_load
 from flux.request import Request
-e = Engine.load(weights.sources(has_cuda=False))
+e = engine_load(weights.sources(has_cuda=False))
 r = e.generate(Request.build(prompt='a prune', num_inference_steps=2, megapixels='0.25', go_fast=True,
                              speed_mode='Juiced \U0001F525 (default)'))
 print('smoke ok: images', len(r.images))

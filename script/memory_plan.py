@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
         parser.error("--gpu-gb must be a positive number of GB, e.g. 24")
 
     import flux  # noqa: F401  (library environment first)
-    from flux import fullsize, memory
+    from flux import memory
+    from flux.fakes import fullsize
 
     plan = memory.plan(int(args.gpu_gb * memory.GiB), fullsize.plan_sizes())
     print(f"FLUX.1-dev on {args.gpu_gb:g} GB of GPU memory:")

@@ -1,6 +1,6 @@
 """Test world: the tiny FLUX built in a temporary folder, no network beyond 127.0.0.1.
 
-Every test runs the real code on the tiny random-weight FLUX (flux/tiny.py).
+Every test runs the real code on the tiny random-weight FLUX (flux/fakes/tiny.py).
 HF_ENDPOINT points at a closed loopback port so that nothing can reach
 huggingface.co; tests that need a hub start their own on 127.0.0.1.
 """
@@ -15,6 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flux.settings import VARIABLES  # noqa: E402  (reads no environment at import)
+
+# Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights, no speed switch.
+for name in VARIABLES:
+    os.environ.pop(name, None)
 # Before anything imports huggingface_hub / diffusers.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 # Replicate and CivitAI LoRA references resolve against these; tests that need them start their own server.
@@ -27,12 +32,6 @@ os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; t
 _caches = tempfile.mkdtemp(prefix="flux-test-compile-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
-# Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights.
-for name in ("COG_WEIGHTS", "HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "FLUX_SCHNELL_WEIGHTS",
-             "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND", "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S",
-             "FLUX_LORA_TIMEOUT_S", "FLUX_COMPILE", "FLUX_WARMUP", "FLUX_COMPILE_CACHE", "FLUX_FP8", "FLUX_ATTENTION",
-             "FLUX_FUSED_PROJECTIONS", "FLUX_COMPILE_VAE", "FLUX_CHANNELS_LAST", "FLUX_INDUCTOR_TUNING_FLAGS"):
-    os.environ.pop(name, None)
 
 import pytest  # noqa: E402
 

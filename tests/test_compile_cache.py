@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flux import compile_cache
-from flux.settings import Settings, SettingsError
+from flux.errors import SettingsError
+from flux.settings import Settings
 
 
 @pytest.fixture

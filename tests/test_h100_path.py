@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from flux import compiler, speed, tiny
+from flux import compiler, speed
+from flux.fakes import tiny
 from flux.request import Request
 from tests.helpers import images, loras
 from tests.helpers.server import ROOT, CogServer, decode_image, file_uri
@@ -89,13 +90,13 @@ def test_the_benchmark_boot_section_boots_from_the_bundle_and_compiles_nothing(b
 @pytest.fixture(scope="module")
 def fast(bundle, weights_dir):
     from flux import weights
-    from flux.engine import Engine
+    from flux.engine import load as engine_load
 
     torch._dynamo.reset()  # this process's other engines share the blocks' code objects
     with pytest.MonkeyPatch.context() as env:
         for name, value in {**H100_PATH, "FLUX_COMPILE_CACHE": str(bundle)}.items():
             env.setenv(name, value)
-        engine = Engine.load(weights.sources(has_cuda=False))
+        engine = engine_load(weights.sources(has_cuda=False))
     assert engine.settings.fp8 == "fp8dqrow" and engine.settings.fp8_forced and engine.dtype == torch.bfloat16
     return engine
 
@@ -108,15 +109,15 @@ def render(engine, **inputs) -> np.ndarray:
 
 def fp8_state(engine) -> list[torch.Tensor]:
     return [t.view(torch.uint8).clone() if t.element_size() == 1 else t.clone()
-            for m in engine.path("dev-fp8").transformer.modules() if hasattr(getattr(m, "weight", None), "qdata")
+            for m in engine.copy("dev-fp8").transformer.modules() if hasattr(getattr(m, "weight", None), "qdata")
             for t in (m.weight.qdata, m.weight.scale)]
 
 
 def test_go_fast_is_dynamic_per_row_float8_compiled(fast):
-    layer = fast.path("dev-fp8").transformer.transformer_blocks[0].attn.to_qkv
+    layer = fast.copy("dev-fp8").transformer.transformer_blocks[0].attn.to_qkv
     assert type(layer.weight).__name__ == "Float8Tensor" and layer.weight.qdata.dtype == torch.float8_e4m3fn
     assert layer.weight.act_quant_kwargs is not None  # activations quantized too: dynamic, not weight-only
-    assert all(c.regions for path in ("dev", "dev-fp8") for c in fast.path(path).compiled)
+    assert all(c.regions for path in ("dev", "dev-fp8") for c in fast.copy(path).compiled)
 
 
 def test_every_mode_batch_and_task_runs_with_flat_graph_counts(fast, tmp_path):

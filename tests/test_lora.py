@@ -322,7 +322,7 @@ def test_lora_changes_reach_a_compiled_transformer_without_recompiling(tmp_path)
     """Weights change in place (same tensors, shapes, dtypes, flags): torch.compile sees every LoRA and scale with
     the graph it compiled first. The eager backend keeps this quick; dynamo's guards are what decide recompiling."""
     import lora_loader
-    from flux import tiny
+    from flux.fakes import tiny
     from flux.lora import Adapter, LoraManager
 
     transformer = tiny.build_pipeline().transformer.eval()

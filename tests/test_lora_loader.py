@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_loader
-from flux import tiny
+from flux.fakes import tiny
 from flux.cache import DiskCache
 from flux.errors import UserError
 from tests.helpers import loras

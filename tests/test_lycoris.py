@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_loader
-from flux import tiny
+from flux.fakes import tiny
 from flux.errors import UserError
 from flux.lora import Adapter, LoraManager
 from tests.helpers import loras
@@ -145,7 +145,7 @@ def test_go_fast_with_a_lokr(predict, engine, dev):
     from tests.test_speed import quantized, raw
 
     for key in touched:  # each touched layer's fp8 twin is a fresh quantization of its fused bf16 weight
-        source, twin = engine._fp8["dev"].sync.pairs[key]
+        source, twin = engine.transformers.twins["dev"].sync.pairs[key]
         if hasattr(twin.weight, "qdata"):
             fresh = quantized(source, engine.settings.fp8)
             assert torch.equal(raw(twin.weight.qdata), raw(fresh.qdata))

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux import fullsize, memory, speed
+from flux import memory, speed
+from flux.fakes import fullsize
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, Residency, activation_bytes, fp8_bytes, module_bytes
+from flux.speed import step_cache
 
 MiB = 1024**2
 
@@ -61,9 +63,9 @@ def test_a_request_that_needs_room_moves_the_least_recently_used_out():
     residency, moves = recording(5 * MiB)
     for name, mb in (("dev", 2), ("dev-fp8", 1), ("schnell", 2)):
         residency.add(name, model(mb), resident=True)
-    assert residency.plan("dev", 0) == []  # 5 MiB: all three fit when the request needs nothing
-    assert residency.plan("dev", 1 * MiB) == ["dev-fp8"]  # least recently used first, never the one in use
-    assert residency.plan("schnell", 3 * MiB) == ["dev", "dev-fp8"]
+    assert residency.evictions("dev", 0) == []  # 5 MiB: all three fit when the request needs nothing
+    assert residency.evictions("dev", 1 * MiB) == ["dev-fp8"]  # least recently used first, never the one in use
+    assert residency.evictions("schnell", 3 * MiB) == ["dev", "dev-fp8"]
     residency.use("dev", 1 * MiB)
     assert list(residency.resident) == ["schnell", "dev"] and moves == [("dev-fp8", "cpu")]
 
@@ -75,8 +77,8 @@ def test_on_demand_transformers_leave_before_resident_ones():
     for name, mb in (("schnell", 2), ("dev", 2), ("dev-fp8", 1)):  # schnell the least recently used... then dev
         residency.add(name, model(mb), resident=True)
     residency.use("schnell", 0)  # schnell now the most recent, yet the first to go for dev-fp8's room
-    assert residency.plan("dev-fp8", 1 * MiB) == ["schnell"]
-    assert residency.plan("dev-fp8", 3 * MiB) == ["schnell", "dev"]
+    assert residency.evictions("dev-fp8", 1 * MiB) == ["schnell"]
+    assert residency.evictions("dev-fp8", 3 * MiB) == ["schnell", "dev"]
     residency.make_room(1 * MiB)  # 5 MiB are taken: 1 more moves schnell out, not dev
     assert moves == [("schnell", "cpu")] and list(residency.resident) == ["dev", "dev-fp8"]
 
@@ -114,8 +116,8 @@ def planned(sizes, gb: float) -> memory.Plan:
 
 def test_full_size_components_as_the_plan_counts_them(sizes):
     got = {name: round(n / GiB, 2) for name, n in sizes.bytes.items()}
-    assert got == {"dev": 22.17, "dev-fp8": 11.10, "schnell": 22.15, "schnell-fp8": 11.09, "text_encoder": 0.23,
-                   "text_encoder_2": 8.87, "vae": 0.16, "safety": 0.73}
+    assert got == {"dev": 22.17, "dev-fp8": 11.10, "schnell": 22.15, "schnell-fp8": 11.09, "krea-dev": 22.17,
+                   "krea-dev-fp8": 11.10, "text_encoder": 0.23, "text_encoder_2": 8.87, "vae": 0.16, "safety": 0.73}
     assert round(sizes.block / GiB, 2) == 0.63  # a double-stream block in bf16: what building the fp8 copy adds
     assert round(sizes.streamed / GiB, 2) == 0.96  # T5 streamed: its embedding and final norm, and two blocks
     assert round(sizes.largest / GiB, 1) == 30.5  # 4 x 1440x1440, a speed mode, true CFG: FORA caches both passes
@@ -129,7 +131,7 @@ def test_the_plan_fits_every_common_gpu_size_and_never_holds_two_bf16_transforme
     assert all(plan.where(n) == GPU for n in ("text_encoder", "vae", "safety"))
     assert plan.setup_peak <= plan.budget
     # setup's peak: what it places and one bf16 block (the fp8 copy is built a block at a time: tests/test_offload.py)
-    assert plan.setup_peak == sum(sizes.bytes[n] for n in plan.resident if not n.startswith("schnell")) + sizes.block
+    assert plan.setup_peak == sum(sizes.bytes[n] for n in plan.resident if n not in memory.ON_FIRST_USE) + sizes.block
     # what stays on the GPU and the room of the planned request fit the budget
     assert plan.shared_gpu + sum(sizes.bytes[n] for n in ("dev", "dev-fp8") if plan.where(n) == GPU) \
         + sizes.working <= plan.budget
@@ -144,8 +146,8 @@ def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_schnell_too(size
         assert plan.shared_gpu + sizes.bytes["dev"] + sizes.bytes["dev-fp8"] + sizes.largest <= plan.budget
     assert [planned(sizes, gb).where("schnell") for gb in (80, CARDS["H100"], 141, CARDS["H200"])] == \
         [ON_DEMAND, ON_DEMAND, GPU, GPU]
-    assert planned(sizes, 141).resident == ["dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder",
-                                            "text_encoder_2", "vae", "safety"]
+    assert planned(sizes, 141).resident == ["dev", "dev-fp8", "schnell", "schnell-fp8", "krea-dev", "krea-dev-fp8",
+                                            "text_encoder", "text_encoder_2", "vae", "safety"]
 
 
 def test_40_and_48_gb_keep_bf16_dev_and_stream_t5_where_it_does_not_fit(sizes):
@@ -192,7 +194,7 @@ def test_memory_plan_script_prints_the_table_and_a_json_summary(sizes):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0] == "FLUX.1-dev on 24 GB of GPU memory:"
-    assert [line.split()[0] for line in lines[2:10]] == list(memory.COMPONENTS)
+    assert [line.split()[0] for line in lines[2:2 + len(memory.COMPONENTS)]] == list(memory.COMPONENTS)
     summary = json.loads(lines[-1])
     assert summary == planned(sizes, 24).summary()
     assert set(summary) == {"fits", "setup_peak_gb", "resident", "offloaded", "per_request_moves_gb"}
@@ -205,8 +207,8 @@ def test_memory_plan_script_prints_the_table_and_a_json_summary(sizes):
 
 def test_fora_holds_every_block_output_at_full_size():
     pipe = fullsize.build_model("transformer", "meta")
-    assert speed.fora_bytes(pipe.config, 1024, 1024, 4, 512) / 1e9 == pytest.approx(6.45, abs=0.01)
-    assert speed.fora_bytes(pipe.config, 1440, 1440, 4, 512) / 1e9 == pytest.approx(12.06, abs=0.01)
+    assert step_cache.Fora.holds_bytes(pipe.config, 1024, 1024, 4, 512) / 1e9 == pytest.approx(6.45, abs=0.01)
+    assert step_cache.Fora.holds_bytes(pipe.config, 1440, 1440, 4, 512) / 1e9 == pytest.approx(12.06, abs=0.01)
 
 
 def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_schnell_is_in(sizes):
@@ -219,7 +221,7 @@ def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_schn
     for name in ("dev-fp8", "schnell", "dev"):  # dev most recently used
         residency.add(name, None, resident=True)
     plain = activation_bytes(1440, 1440, 4)
-    fora = speed.fora_bytes(fullsize.TRANSFORMER, 1440, 1440, 4, 512)
-    assert residency.plan("dev", plain) == []  # without a speed mode everything stays
+    fora = step_cache.Fora.holds_bytes(fullsize.TRANSFORMER, 1440, 1440, 4, 512)
+    assert residency.evictions("dev", plain) == []  # without a speed mode everything stays
     assert sum(sizes.bytes[n] for n in ("dev", "dev-fp8", "schnell")) + plain + fora > residency.budget
-    assert residency.plan("dev", plain + fora) == ["schnell"]
+    assert residency.evictions("dev", plain + fora) == ["schnell"]

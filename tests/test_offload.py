@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from flux import memory, speed, weights
+from flux import memory, output, speed, weights
 from flux.engine import Engine
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB
 from flux.request import Request
-from flux.settings import Settings, SettingsError
+from flux.errors import SettingsError
+from flux.settings import Settings
+from flux.speed import fp8 as fp8_, projections
 from tests.helpers import loras
 
 STEPS = 3
@@ -31,12 +33,12 @@ STEPS = 3
 def tiny_pipe(dtype=torch.float32):
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(weights.locate(weights.sources(has_cuda=False).dev, "dev"), dtype=dtype)
+    return FluxPipeline.from_pretrained(weights.locate(weights.sources(has_cuda=False).base, "dev"), dtype=dtype)
 
 
 def build(gpu_memory: int | None = None) -> Engine:
     """An engine on the tiny weights with a simulated GPU budget (None: everything resident), no safety checker."""
-    return Engine(tiny_pipe(), None, weights.sources(has_cuda=False).schnell, torch.device("cpu"), torch.float32,
+    return Engine(tiny_pipe(), None, weights.sources(has_cuda=False).variants, torch.device("cpu"), torch.float32,
                   Settings(gpu_memory=gpu_memory), compile_bundle=None)
 
 
@@ -53,7 +55,7 @@ def render(engine, **inputs) -> np.ndarray:
 def sizes(weights_dir) -> memory.Sizes:
     """The tiny model's sizes as the engine measures them (projections fused, T5 streamed without CUDA streams)."""
     pipe = tiny_pipe()
-    speed.fuse_projections(pipe.transformer)
+    projections.fuse_projections(pipe.transformer)
     return memory.Sizes.of(pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, streams=False)
 
 
@@ -105,12 +107,12 @@ def test_a_small_gpu_plan_keeps_fp8_dev_and_streams_t5(small, sizes):
     plan = small.plan
     assert [plan.where(n) for n in ("dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder_2")] == \
         [CPU, GPU, CPU, ON_DEMAND, STREAMED]
-    t5 = small._base.text_encoder_2
+    t5 = small.base.text_encoder_2
     assert t5.encoder.block[0]._diffusers_hook.get_hook("group_offloading") is not None  # diffusers' hooks on T5
-    assert "dev" not in small._paths and list(small.memory.resident) == ["dev-fp8"]
-    assert small.memory.budget == plan.budget - plan.shared_gpu
+    assert "dev" not in small.transformers.copies and list(small.residency.resident) == ["dev-fp8"]
+    assert small.residency.budget == plan.budget - plan.shared_gpu
     with pytest.raises(ValueError, match="does not run on this GPU"):
-        small.path("dev")
+        small.copy("dev")
 
 
 def test_a_request_without_go_fast_runs_fp8_on_a_small_gpu_bit_identical(small, resident, group_moves, tmp_path,
@@ -118,10 +120,10 @@ def test_a_request_without_go_fast_runs_fp8_on_a_small_gpu_bit_identical(small, 
     """bf16 dev stays in CPU memory: the request runs dev-fp8, says so, and matches go_fast on the all-resident
     engine; T5 is streamed for the prompt (every block group onloaded and offloaded) and the move is counted."""
     assert np.array_equal(render(small), render(resident, go_fast=True))
-    t5_groups = len(small._base.text_encoder_2.encoder.block)
+    t5_groups = len(small.base.text_encoder_2.encoder.block)
     assert group_moves["onload"] >= t5_groups and group_moves["offload"] >= t5_groups
     with caplog.at_level(logging.INFO, logger="flux"):
-        prediction = small.run(request(output_format="png"), tmp_path / "out")
+        prediction = output.write(small.run(request(output_format="png")), tmp_path / "out")
     m = prediction.metrics
     assert (m["path"], m["memory.moves"]) == ("dev-fp8", ["text_encoder_2 streamed"])
     assert m["memory.moved_gb"] == round(sizes.bytes["text_encoder_2"] / GiB, 3)
@@ -138,7 +140,7 @@ def test_a_lora_on_a_small_gpu_is_fused_into_bf16_in_cpu_memory_and_reaches_fp8(
     with_lora = render(small, replicate_weights=uri)
     assert np.array_equal(with_lora, render(resident, go_fast=True, replicate_weights=uri))
     assert not np.array_equal(with_lora, plain)
-    assert small._base.transformer.transformer_blocks[0].attn.to_q.weight.device.type == "cpu"
+    assert small.base.transformer.transformer_blocks[0].attn.to_q.weight.device.type == "cpu"
     assert np.array_equal(render(small), plain)
     assert np.array_equal(render(resident, go_fast=True), plain)
 
@@ -148,14 +150,14 @@ def test_schnell_fp8_is_built_on_demand_and_swaps_with_dev_fp8(small, resident, 
     (its bf16 blocks cross, counted), dev's moves out for the request's room; the next dev request moves them back. Images match the
     all-resident engine's go_fast ones."""
     dev_before = render(small, megapixels="1")
-    got = small.run(request(model="schnell", megapixels="1", output_format="png"), tmp_path / "a").metrics
+    got = output.write(small.run(request(model="schnell", megapixels="1", output_format="png")), tmp_path / "a").metrics
     assert got["path"] == "schnell-fp8"
     # the build (its bf16 blocks crossed to be quantized on the GPU), then room for the request
     assert got["memory.moves"] == ["schnell-fp8 to gpu", "dev-fp8 to cpu", "text_encoder_2 streamed"]
-    assert small._fp8["schnell"].sync.pairs  # it follows the bf16 schnell's LoRAs like dev-fp8 follows dev's
+    assert small.transformers.twins["schnell"].sync.pairs  # it follows the bf16 schnell's LoRAs like dev-fp8 follows dev's
     assert np.array_equal(render(small, model="schnell", megapixels="1"),
                           render(resident, model="schnell", go_fast=True, megapixels="1"))
-    back = small.run(request(megapixels="1", output_format="png"), tmp_path / "b").metrics
+    back = output.write(small.run(request(megapixels="1", output_format="png")), tmp_path / "b").metrics
     assert back["memory.moves"] == ["schnell-fp8 to cpu", "dev-fp8 to gpu", "text_encoder_2 streamed"]
     assert np.array_equal(render(small, megapixels="1"), dev_before)
 
@@ -165,12 +167,12 @@ def test_a_40gb_like_gpu_keeps_bf16_dev_and_streams_t5_bit_identical(mid, reside
     assert np.array_equal(render(mid), render(resident))
     assert np.array_equal(render(mid, go_fast=True), render(resident, go_fast=True))
     assert group_moves["onload"] > 0
-    m = mid.run(request(output_format="png"), tmp_path).metrics
+    m = output.write(mid.run(request(output_format="png")), tmp_path).metrics
     assert (m["path"], m["memory.moves"]) == ("dev", ["text_encoder_2 streamed"])
 
 
 def test_the_all_resident_engine_moves_nothing(resident, tmp_path):
-    m = resident.run(request(output_format="png"), tmp_path).metrics
+    m = output.write(resident.run(request(output_format="png")), tmp_path).metrics
     assert resident.plan is None and (m["memory.moves"], m["memory.moved_gb"]) == ([], 0.0)
 
 
@@ -184,7 +186,7 @@ def test_the_fp8_copy_is_built_one_bf16_block_at_a_time_and_matches_pruna(monkey
     from pruna import SmashConfig, smash
 
     pipe = tiny_pipe(torch.bfloat16)
-    speed.fuse_projections(pipe.transformer)
+    projections.fuse_projections(pipe.transformer)
     source = pipe.transformer
     block_bytes = max(memory.module_bytes(b) for b in (*source.transformer_blocks, *source.single_transformer_blocks))
     alive, peak = [0], [0]
@@ -192,7 +194,7 @@ def test_the_fp8_copy_is_built_one_bf16_block_at_a_time_and_matches_pruna(monkey
     def forget(nbytes):
         alive[0] -= nbytes
 
-    real_drop = speed.drop_unfused
+    real_drop = projections.drop_unfused
 
     def tracked(part):  # called on each block copy before it is quantized
         real_drop(part)
@@ -203,8 +205,8 @@ def test_the_fp8_copy_is_built_one_bf16_block_at_a_time_and_matches_pruna(monkey
                 weakref.finalize(layer.weight, forget, nbytes)
         peak[0] = max(peak[0], alive[0])
 
-    monkeypatch.setattr(speed, "drop_unfused", tracked)
-    built = speed.fp8_transformer(source, "fp8dqrow", torch.device("cpu"), skip_hardware_check=True)
+    monkeypatch.setattr(fp8_, "drop_unfused", tracked)  # as the fp8 module calls it
+    built = fp8_.fp8_transformer(source, "fp8dqrow", torch.device("cpu"), skip_hardware_check=True)
     assert 0 < peak[0] <= block_bytes and alive[0] == 0
 
     twin = copy.deepcopy(source)
@@ -212,7 +214,7 @@ def test_the_fp8_copy_is_built_one_bf16_block_at_a_time_and_matches_pruna(monkey
     config = SmashConfig(["torchao"], device="cpu")
     config.add({"torchao_quant_type": "fp8dqrow"})
     config.disable_saving()
-    with speed.hardware_check_skipped(True):
+    with fp8_.hardware_check_skipped(True):
         smash(_with(pipe, twin), config)
     theirs, ours = dict(twin.named_parameters()), dict(built.named_parameters())
     assert sorted(theirs) == sorted(ours)

@@ -376,7 +376,7 @@ def test_setup_fails_clearly_on_an_nvidia_driver_too_old_for_the_image(server_en
 
 
 def test_setup_fails_clearly_on_corrupt_weights(server_env, weights_dir, tmp_path_factory):
-    from flux import tiny
+    from flux.fakes import tiny
 
     broken = tmp_path_factory.mktemp("corrupt") / "FLUX.1-dev"
     shutil.copytree(tiny.ensure_pipeline(weights_dir / "tiny" / "FLUX.1-dev"), broken)
@@ -406,7 +406,7 @@ SECRET = "hf_TOPSECRET_do_not_log_9f8e7d"
 @pytest.fixture(scope="module")
 def lora_bytes():
     """Two different tiny LoRAs for the tiny FLUX (attention only), as files."""
-    from flux import tiny
+    from flux.fakes import tiny
     from tests.helpers import loras
 
     transformer = tiny.build_pipeline().transformer
@@ -436,7 +436,7 @@ def lora_host(lora_bytes):
 
 def own_weights(tmp_path_factory) -> Path:
     """A weights folder of its own (the tiny FLUX in it), so the LoRA cache under it is one server's alone."""
-    from flux import tiny
+    from flux.fakes import tiny
 
     weights = tmp_path_factory.mktemp("own-weights")
     tiny.ensure_pipeline(weights / "tiny" / "FLUX.1-dev")

@@ -106,7 +106,7 @@ def test_contradictory_inputs_fail_with_what_to_change(server):
 
 
 def test_lora_from_a_gated_repo_with_a_secret_token(server, hub):
-    from flux import tiny
+    from flux.fakes import tiny
     from tests.helpers import loras
 
     update = loras.make_update(tiny.build_pipeline().transformer, "ATTENTION")
@@ -176,7 +176,7 @@ def test_metrics_carry_the_facts_of_a_prediction(server):
     mode = "Extra Juiced 🔥 (more speed)"  # on the fp8 path
     m = succeeded(server, {**SMALL, "num_inference_steps": 12, "speed_mode": mode})["metrics"]
     assert (m["path"], m["speed_mode"], m["num_inference_steps"]) == ("dev-fp8", mode, 12)
-    assert m["transformer_passes"] == speed.computed_steps(speed.mode(mode), 12) < 12
+    assert m["transformer_passes"] == speed.mode(mode).computed_steps(12) < 12
     m = succeeded(server, {**SMALL, "go_fast": True, "model": "schnell", "disable_safety_checker": True})["metrics"]
     assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == ("schnell-fp8", 3, 3)
     assert "safety" not in m["timing"]  # the checker did not run
@@ -206,7 +206,7 @@ def test_metrics_count_what_the_safety_checker_removed(server):
 
 
 def test_metrics_say_whether_a_lora_was_cached_and_never_carry_a_secret(server, hub):
-    from flux import tiny
+    from flux.fakes import tiny
     from tests.helpers import loras
 
     update = loras.make_update(tiny.build_pipeline().transformer, "ATTENTION", seed=41)

@@ -14,7 +14,9 @@ import torch
 from flux import compiler, speed, weights
 from flux.engine import Engine
 from flux.request import Request
-from flux.settings import Settings, SettingsError
+from flux.errors import SettingsError
+from flux.settings import Settings
+from flux.speed import fp8 as fp8_, projections
 from tests.helpers import images, loras
 
 STEPS = 6
@@ -35,7 +37,7 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_weights(engine) -> list[torch.Tensor]:
-    return fp8_weights_of(engine.path("dev-fp8").transformer)
+    return fp8_weights_of(engine.copy("dev-fp8").transformer)
 
 
 def fp8_weights_of(transformer) -> list[torch.Tensor]:
@@ -49,8 +51,8 @@ def quantized(linear: torch.nn.Linear, kind: str):
 
     fresh = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
     fresh.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-    with speed.hardware_check_skipped(kind == "fp8dqrow" and not torch.cuda.is_available()):
-        quantize_(fresh, speed.quant_config(kind))
+    with fp8_.hardware_check_skipped(kind == "fp8dqrow" and not torch.cuda.is_available()):
+        quantize_(fresh, fp8_.quant_config(kind))
     return fresh.weight
 
 
@@ -74,28 +76,28 @@ def build_engine(settings: Settings) -> Engine:
     torch._dynamo.reset()
     sources = weights.sources(has_cuda=False)
     dtype = settings.dtype_on_cpu
-    pipe = FluxPipeline.from_pretrained(weights.locate(sources.dev, "dev"), dtype=dtype)
-    return Engine(pipe, None, sources.schnell, torch.device("cpu"), dtype, settings, compile_bundle=None)
+    pipe = FluxPipeline.from_pretrained(weights.locate(sources.base, "dev"), dtype=dtype)
+    return Engine(pipe, None, sources.variants, torch.device("cpu"), dtype, settings, compile_bundle=None)
 
 
 # ----- requests ------------------------------------------------------------------------------------------------
 
 
 def test_speed_modes_cache_more_steps_as_they_rise():
-    steps = [speed.computed_steps(m, 28) for m in speed.SPEED_MODES]
+    steps = [m.computed_steps(28) for m in speed.SPEED_MODES]
     assert steps[0] == 28 and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps), steps
 
 
 def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_but_not_for_schnell():
-    assert Request.build(prompt="x", go_fast=True).path == "dev-fp8"
-    assert Request.build(prompt="x").path == "dev"
-    assert Request.build(prompt="x", speed_mode="Blink of an eye 👁️").path == "dev-fp8"
-    assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").path == "dev"
-    assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).path == "dev-fp8"
+    assert Request.build(prompt="x", go_fast=True).transformer == "dev-fp8"
+    assert Request.build(prompt="x").transformer == "dev"
+    assert Request.build(prompt="x", speed_mode="Blink of an eye 👁️").transformer == "dev-fp8"
+    assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").transformer == "dev"
+    assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).transformer == "dev-fp8"
     schnell = Request.build(prompt="x", go_fast=True, model="schnell")
-    assert schnell.path == "schnell-fp8" and any("fp8 schnell transformer" in n for n in schnell.notes)
-    assert Request.build(prompt="x", model="schnell", speed_mode="Extra Juiced 🔥 (more speed)").path == "schnell-fp8"
-    assert Request.build(prompt="x", model="schnell").path == "schnell"
+    assert schnell.transformer == "schnell-fp8" and any("fp8 schnell transformer" in n for n in schnell.notes)
+    assert Request.build(prompt="x", model="schnell", speed_mode="Extra Juiced 🔥 (more speed)").transformer == "schnell-fp8"
+    assert Request.build(prompt="x", model="schnell").transformer == "schnell"
 
 
 # ----- settings --------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def test_attention_backends_that_cannot_run_here_are_setup_errors():
 
 
 def test_go_fast_runs_an_fp8_copy_sharing_encoders_and_vae(engine):
-    bf16, fp8 = engine.pipeline("dev", "txt2img"), engine.path("dev-fp8").models["txt2img"].model
+    bf16, fp8 = engine.pipeline("dev", "txt2img"), engine.copy("dev-fp8").models["txt2img"].model
     assert fp8.transformer is not bf16.transformer
     assert all(getattr(fp8, c) is getattr(bf16, c) for c in ("text_encoder", "text_encoder_2", "vae", "scheduler"))
     attn, twin = bf16.transformer.transformer_blocks[0].attn, fp8.transformer.transformer_blocks[0].attn
@@ -149,15 +151,15 @@ def test_go_fast_runs_an_fp8_copy_sharing_encoders_and_vae(engine):
 def test_speed_modes_skip_transformer_steps_and_stay_close(engine, mode):
     steps = 12
     base = render(engine, num_inference_steps=steps)
-    transformer = engine.path("dev-fp8" if mode.fp8 else "dev").transformer
+    transformer = engine.copy("dev-fp8" if mode.fp8 else "dev").transformer
     with block_calls(transformer) as calls:
         fast = render(engine, speed_mode=mode.name, num_inference_steps=steps)
-        assert calls[0] == speed.computed_steps(mode, steps) < steps
+        assert calls[0] == mode.computed_steps(steps) < steps
         assert 0 < mad(base, fast) < 20, mad(base, fast)
         calls[0] = 0
         again = render(engine, speed_mode=mode.name, num_inference_steps=steps)  # FORA resets per request
-        assert np.array_equal(again, fast) and calls[0] == speed.computed_steps(mode, steps)
-    with block_calls(engine.path("dev").transformer) as calls:  # Off: every step computes, as before
+        assert np.array_equal(again, fast) and calls[0] == mode.computed_steps(steps)
+    with block_calls(engine.copy("dev").transformer) as calls:  # Off: every step computes, as before
         assert np.array_equal(render(engine, num_inference_steps=steps), base) and calls[0] == steps
 
 
@@ -180,16 +182,16 @@ def test_true_cfg_runs_two_passes_per_computed_step_and_fora_counts_steps(engine
     """FORA's schedule counts denoising steps, not transformer calls: with true CFG each computed step is two
     passes (the prompt and the negative prompt, cached apart), each cached step none."""
     steps, cfg = 12, {"negative_prompt": "blurry, low quality", "true_cfg_scale": 3.0}
-    transformer = engine.path("dev-fp8" if mode.fp8 else "dev").transformer
+    transformer = engine.copy("dev-fp8" if mode.fp8 else "dev").transformer
     with block_calls(transformer) as calls:
         plain = render(engine, speed_mode=mode.name, num_inference_steps=steps)
         calls[0] = 0
         guided = render(engine, speed_mode=mode.name, num_inference_steps=steps, **cfg)
-        assert calls[0] == 2 * speed.computed_steps(mode, steps)
+        assert calls[0] == 2 * mode.computed_steps(steps)
         assert 0 < mad(plain, guided) and np.isfinite(guided).all()
         req = Request.build(prompt="a knitted purple prune", seed=7, num_inference_steps=steps, megapixels="0.25",
                             speed_mode=mode.name, **cfg)
-        assert engine.generate(req).passes == 2 * speed.computed_steps(mode, steps)
+        assert engine.generate(req).passes == 2 * mode.computed_steps(steps)
     assert np.array_equal(render(engine, speed_mode=mode.name, num_inference_steps=steps, **cfg), guided)
 
 
@@ -214,7 +216,7 @@ def test_a_negative_prompt_over_the_t5_window_is_refused(engine):
 
 def test_a_speed_mode_call_that_fails_midway_leaves_no_caching_behind(engine):
     base = render(engine, num_inference_steps=8)
-    layer = engine.path("dev").transformer.transformer_blocks[0].norm1
+    layer = engine.copy("dev").transformer.transformer_blocks[0].norm1
     seen = [0]
 
     def fail_at_third_step(*_):
@@ -228,7 +230,7 @@ def test_a_speed_mode_call_that_fails_midway_leaves_no_caching_behind(engine):
             render(engine, speed_mode="Juiced 🔥 (default)", num_inference_steps=8)
     finally:
         handle.remove()
-    with block_calls(engine.path("dev").transformer) as calls:
+    with block_calls(engine.copy("dev").transformer) as calls:
         assert np.array_equal(render(engine, num_inference_steps=8), base) and calls[0] == 8
 
 
@@ -241,16 +243,16 @@ def test_speed_mode_applies_to_img2img_and_inpainting(engine, tmp_path):
     Image.fromarray(np.pad(np.full((256, 256), 255, np.uint8), 128)).save(mask)
     juiced = speed.mode("Juiced 🔥 (default)")
     for extra in ({"image": src}, {"image": src, "mask": mask}):
-        with block_calls(engine.path("dev").transformer) as calls:
+        with block_calls(engine.copy("dev").transformer) as calls:
             out = render(engine, speed_mode=juiced.name, prompt_strength=1.0, **extra)
-        assert out.shape[1:3] == (512, 512) and calls[0] == speed.computed_steps(juiced, STEPS)
+        assert out.shape[1:3] == (512, 512) and calls[0] == juiced.computed_steps(STEPS)
 
 
 def test_schnell_with_go_fast_runs_an_fp8_schnell_built_on_first_use_and_loras_follow_it(engine):
     kw = {"model": "schnell", "num_inference_steps": 2}
     bf16 = render(engine, **kw)
     fast = render(engine, go_fast=True, **kw)
-    schnell, schnell_fp8 = engine.path("schnell").transformer, engine.path("schnell-fp8").transformer
+    schnell, schnell_fp8 = engine.copy("schnell").transformer, engine.copy("schnell-fp8").transformer
     before = fp8_weights_of(schnell_fp8)
     assert before  # its linear layers are torchao fp8 tensors (qdata and scale)
     assert schnell_fp8 is not schnell and 0 < mad(bf16, fast) < 20
@@ -273,7 +275,7 @@ def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):
     assert mad(with_lora, bf16_lora) < 0.5 * mad(with_lora, plain_fast), (mad(with_lora, bf16_lora),
                                                                         mad(with_lora, plain_fast))
     # The fp8 twins of the LoRA's layers are a fresh quantization of the fused bf16 weights (q, k and v in one).
-    live = engine.path("dev-fp8").transformer
+    live = engine.copy("dev-fp8").transformer
     for name in ("transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_added_qkv",
                  "single_transformer_blocks.0.attn.to_qkv", "single_transformer_blocks.0.proj_mlp"):
         a, b = live.get_submodule(name).weight, quantized(dev.transformer.get_submodule(name), engine.settings.fp8)
@@ -294,7 +296,7 @@ def _storage_of(t: torch.Tensor) -> int:
 
 def _projections(transformer) -> list[tuple[torch.nn.Module, str, tuple[str, ...]]]:
     return [(attn, fused, parts) for attn in transformer.modules() if getattr(attn, "fused_projections", False)
-            for fused, parts in speed.FUSED.items() if hasattr(attn, fused)]
+            for fused, parts in projections.FUSED.items() if hasattr(attn, fused)]
 
 
 def test_fused_projections_keep_views_so_loras_fuse_and_restore_exactly(engine):
@@ -330,9 +332,9 @@ def test_fused_projections_stay_tied_through_a_move(engine):
     transformer._apply(lambda t: t.clone())  # what .to() does: every parameter gets its own storage
     attn = transformer.transformer_blocks[0].attn
     assert _storage_of(attn.to_q.weight) != _storage_of(attn.to_qkv.weight)
-    speed.tie_projections(transformer)
+    projections.tie_projections(transformer)
     assert _storage_of(attn.to_q.weight) == _storage_of(attn.to_qkv.weight)
-    speed.move(transformer, torch.device("cpu"))
+    projections.move(transformer, torch.device("cpu"))
     assert all(_storage_of(getattr(a, p).weight) == _storage_of(getattr(a, f).weight)
                for a, f, parts in _projections(transformer) for p in parts)
 
@@ -394,6 +396,6 @@ def test_a_compile_failure_on_one_path_falls_back_to_eager_and_never_fails_the_b
     broken.warm_up([(512, 512, 1)])
     assert "COMPILE FAILED on the dev-fp8 path" in caplog.text and "fault injected into the fp8 compile" in caplog.text
     assert "COMPILE FAILED on the dev path" not in caplog.text
-    assert broken.path("dev").compiled[0].regions and not broken.path("dev-fp8").compiled[0].regions
+    assert broken.copy("dev").compiled[0].regions and not broken.copy("dev-fp8").compiled[0].regions
     assert np.array_equal(render(broken, go_fast=True), render(engine, go_fast=True))
     assert np.array_equal(render(broken), render(engine))

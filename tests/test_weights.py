@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flux import progress, tiny, weights
+from flux import progress, variants, weights
+from flux.fakes import tiny
 from flux.errors import UserError
 from tests.helpers.http import FileServer, HubServer
 
@@ -32,15 +33,21 @@ def tar_of(folder: Path, prefix: str = "FLUX.1-dev") -> bytes:
 
 
 def test_defaults(monkeypatch):
-    for name in ("FLUX_WEIGHTS", "COG_WEIGHTS", "FLUX_SCHNELL_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND"):
+    for name in ("FLUX_WEIGHTS", "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
+                 *(v.setting for v in variants.VARIANTS.values())):
         monkeypatch.delenv(name, raising=False)
-    assert weights.sources(has_cuda=False) == weights.Sources("tiny", "tiny", "tiny", "tiny")
-    assert weights.sources(has_cuda=True) == weights.Sources(weights.DEV_REPO, weights.SCHNELL_REPO, weights.SAFETY_REPO,
-                                                             weights.SAFETY_SECOND_REPO)
+    every = {v.name: "tiny" for v in variants.VARIANTS.values()}
+    assert weights.sources(has_cuda=False) == weights.Sources(every, "tiny", "tiny")
+    assert weights.sources(has_cuda=True) == weights.Sources(
+        {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
+         "krea-dev": "black-forest-labs/FLUX.1-Krea-dev"}, weights.SAFETY_REPO, weights.SAFETY_SECOND_REPO)
     monkeypatch.setenv("COG_WEIGHTS", "/models/flux")
-    assert weights.sources(has_cuda=True).dev == "/models/flux"
+    assert weights.sources(has_cuda=True).base == "/models/flux"
     monkeypatch.setenv("FLUX_WEIGHTS", "me/my-flux")
-    assert weights.sources(has_cuda=False).dev == "me/my-flux"
+    assert weights.sources(has_cuda=False).base == "me/my-flux"
+    assert weights.sources(has_cuda=False).variants["schnell"] == "black-forest-labs/FLUX.1-schnell"  # not tiny
+    monkeypatch.setenv("FLUX_KREA_DEV_WEIGHTS", "/models/krea")
+    assert weights.sources(has_cuda=True).variants["krea-dev"] == "/models/krea"
 
 
 def test_tiny_build_is_deterministic_across_processes(tmp_path):
@@ -50,7 +57,7 @@ def test_tiny_build_is_deterministic_across_processes(tmp_path):
     import sys
 
     a = tiny.ensure_pipeline(tmp_path / "a")
-    subprocess.run([sys.executable, "-c", f"import flux; from flux import tiny; from pathlib import Path; "
+    subprocess.run([sys.executable, "-c", f"import flux; from flux.fakes import tiny; from pathlib import Path; "
                     f"tiny.ensure_pipeline(Path({str(tmp_path / 'b')!r}))"], check=True, capture_output=True)
     b = tmp_path / "b"
 

@@ -47,9 +47,9 @@ class FaultPredictor(Predictor):
         engine, marked = self.engine, [False]
         run, flags = engine.run, engine.safety.flags
 
-        def rigged_run(req, out_dir):
+        def rigged_run(req):
             marked[0] = NSFW_MARK in req.prompt
-            return run(req, out_dir)
+            return run(req)
 
         def rigged_flags(imgs):
             got = list(flags(imgs))

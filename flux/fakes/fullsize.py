@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from flux import tiny
+from .. import memory, variants
+from . import tiny
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +103,6 @@ VAE = dict(
     mid_block_add_attention=True,
 )
 
-# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json.
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
-
-
 # CompVis/stable-diffusion-safety-checker config.json: StableDiffusionSafetyChecker builds only the vision tower of
 # this CLIPConfig (CLIP ViT-L/14) and its projection; the text config is left at transformers' defaults.
 SAFETY_VISION = dict(
@@ -146,7 +135,7 @@ def safety_checkers(dtype: torch.dtype = torch.bfloat16) -> list[torch.nn.Module
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, ViTConfig, ViTForImageClassification
 
-    with torch.device("meta"), default_dtype(dtype):
+    with torch.device("meta"), building_in(dtype):
         return [StableDiffusionSafetyChecker(CLIPConfig(vision_config=SAFETY_VISION, projection_dim=SAFETY_PROJECTION_DIM)),
                 ViTForImageClassification(ViTConfig(**SAFETY_SECOND))]
 
@@ -180,7 +169,7 @@ MODELS = {"transformer": _transformer, "text_encoder_2": _text_encoder_2, "text_
 
 
 @contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
+def building_in(dtype: torch.dtype):
     """Modules constructed in this context get dtype (no float32 copy first, no cast)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -214,7 +203,7 @@ def build_model(name: str, device: str | torch.device, dtype: torch.dtype = torc
     """
     device = torch.device(device)
     started = time.monotonic()
-    with device, default_dtype(dtype):
+    with device, building_in(dtype):
         model = MODELS[name]()
     if device.type != "meta":
         init_weights(model, torch.Generator(device).manual_seed(seed))
@@ -244,15 +233,13 @@ def build(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed:
     assert len(tokenizer) <= TEXT_ENCODER["vocab_size"] and len(tokenizer_2) <= TEXT_ENCODER_2["vocab_size"]
     models = {name: build_model(name, device, dtype, seed) for name in MODELS}
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **models
+        scheduler=FlowMatchEulerDiscreteScheduler(**variants.BASE.scheduler), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **models
     )
 
 
 def plan_sizes(dtype: torch.dtype = torch.bfloat16):
     """What the memory plan needs of the full-size FLUX.1-dev (flux/memory.py: Sizes), counted on the meta device:
     no weights, no GPU. T5 is sized as streamed on a CUDA stream (its next block on the GPU too)."""
-    from flux import memory
-
     models = {name: build_model(name, "meta", dtype) for name in MODELS}
     return memory.Sizes.of(models["transformer"], models["text_encoder"], models["text_encoder_2"], models["vae"],
                            safety_checkers(dtype), streams=True)

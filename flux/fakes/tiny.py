@@ -3,7 +3,9 @@
 Every component of the real pipeline is here (FluxTransformer2DModel, CLIP-L and
 T5 text encoders with their tokenizers, an 8x AutoencoderKL, the flow-matching
 scheduler) plus a tiny CompVis safety checker, so every code path of the
-predictor runs on any CPU with no download. The images are noise.
+predictor runs on any CPU with no download. The images are noise. Each FLUX variant
+(flux/variants.py) has a tiny twin: the same architecture with its own seed, guidance
+embedder and scheduler, so tests tell the variants apart.
 
 The build is deterministic: the same code gives bit-identical weights, so
 tests can compare images across processes.
@@ -18,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .. import variants
+from ..variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +87,18 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _scheduler(schnell: bool):
+def _scheduler(variant: Variant):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if schnell:  # FLUX.1-schnell's published scheduler config
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
-    from .fullsize import SCHEDULER  # FLUX.1-dev's published scheduler config
-
-    return FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+    return FlowMatchEulerDiscreteScheduler(**variant.scheduler)
 
 
-def _transformer(schnell: bool, latent_channels: int):
+def _transformer(variant: Variant, latent_channels: int):
+    """The variant's tiny twin: one architecture for every variant, its own seed, a guidance embedder where the
+    variant is guidance-distilled."""
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(2 if schnell else 1)
+    torch.manual_seed(variant.tiny_seed)
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=latent_channels * 4,
@@ -105,7 +108,7 @@ def _transformer(schnell: bool, latent_channels: int):
         num_attention_heads=2,
         joint_attention_dim=TEXT_DIM,
         pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=not schnell,
+        guidance_embeds=variant.guidance,
         axes_dims_rope=(4, 6, 6),
     )
 
@@ -149,21 +152,21 @@ def _text_encoders(clip_vocab: int, t5_vocab: int):
     return clip, t5
 
 
-def build_pipeline(schnell: bool = False):
-    """The tiny FluxPipeline in memory (fp32, CPU)."""
+def build_pipeline(variant: Variant = variants.BASE):
+    """A variant's tiny FluxPipeline in memory (fp32, CPU): the shared components are the same for every variant."""
     from diffusers import FluxPipeline
 
     latent_channels = 4
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     clip, t5 = _text_encoders(len(tokenizer), len(tokenizer_2))
     return FluxPipeline(
-        scheduler=_scheduler(schnell),
+        scheduler=_scheduler(variant),
         vae=_vae(latent_channels),
         text_encoder=clip,
         tokenizer=tokenizer,
         text_encoder_2=t5,
         tokenizer_2=tokenizer_2,
-        transformer=_transformer(schnell, latent_channels),
+        transformer=_transformer(variant, latent_channels),
     )
 
 
@@ -230,9 +233,9 @@ def _save_atomically(dest: Path, write) -> Path:
     return dest
 
 
-def ensure_pipeline(dest: Path, schnell: bool = False) -> Path:
-    """The tiny pipeline saved in diffusers format at dest (built once)."""
-    return _save_atomically(dest, lambda tmp: build_pipeline(schnell).save_pretrained(tmp, safe_serialization=True))
+def ensure_pipeline(dest: Path, variant: Variant = variants.BASE) -> Path:
+    """A variant's tiny pipeline saved in diffusers format at dest (built once)."""
+    return _save_atomically(dest, lambda tmp: build_pipeline(variant).save_pretrained(tmp, safe_serialization=True))
 
 
 def ensure_safety_checker(dest: Path) -> Path:

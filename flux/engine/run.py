@@ -1,0 +1,289 @@
+"""One request: routed once, its LoRAs made current, its variant's pipeline called with a step hook, the safety
+checkers, the facts. Images come back as PIL images with what the response's metrics need; writing the files is the
+output stage's (flux/output.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+import lora_loader  # top level beside predict.py, as the design lays it out
+
+from .. import memory, progress, variants
+from ..errors import UserError
+from ..lora import TEXT_ENCODER, Adapter, LoraManager
+from ..request import Request
+from ..safety import NsfwClassifier, SafetyChecker
+from .transformers import Transformers
+
+log = logging.getLogger(__name__)
+
+# diffusers' callback_on_step_end: (pipeline, step index, timestep, the tensors asked for) -> those tensors.
+StepHook = Callable[[object, int, object, dict], dict]
+
+
+@dataclass
+class Generated:
+    """What a request made, before the output stage writes it: the images that passed the safety checkers, in seed
+    order, and the facts of the prediction."""
+
+    req: Request  # as it ran (routed)
+    images: list[Image.Image]
+    seeds: list[int]
+    flagged: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # denoising steps each output ran
+    passes: int = 0  # transformer passes that computed (a step cache's cached steps do not), over every pipeline call
+    loras: list[lora_loader.Fetched] = field(default_factory=list)
+    moves: list[memory.Move] = field(default_factory=list)  # transfers between CPU and GPU memory
+    started: float = field(default_factory=time.monotonic)  # when the prediction started running
+
+    @property
+    def moved_bytes(self) -> int:
+        return sum(m.bytes for m in self.moves)
+
+
+def passes_per_step(req: Request) -> int:
+    """Transformer passes per denoising step: two with true classifier-free guidance (the prompt and the negative
+    prompt, one after the other, as diffusers runs them), else one."""
+    return 2 if req.true_cfg else 1
+
+
+class Runner:
+    """Runs requests on the engine's transformers; shared state (the LoRAs fused, where each transformer lives) is
+    made to match each request before it runs."""
+
+    def __init__(self, transformers: Transformers, loras: LoraManager, loader: lora_loader.LoraLoader,
+                 safety: SafetyChecker | None, second_safety: NsfwClassifier | None, t5_streamed: bool):
+        self.transformers = transformers
+        self.base = transformers.base  # the shared components: text encoders, tokenizers, VAE, image processor
+        self.device, self.dtype = transformers.device, transformers.dtype
+        self.loras = loras
+        self.loader = loader
+        self.safety = safety
+        self.second_safety = second_safety  # re-checks what `safety` flags; None: its flags stand
+        self.t5_streamed = t5_streamed
+
+    def run(self, req: Request) -> Generated:
+        """The whole prediction after validation but the files: route, generate, check."""
+        started = time.monotonic()
+        req = self.transformers.route(req)
+        self.transformers.residency.moves.clear()  # from here on: this prediction's moves between CPU and GPU
+        graphs = self.transformers.graphs()
+        log.info("Using seed: %d", req.seed)
+        for note in req.notes:
+            log.info("note: %s", note)
+        try:
+            generated = self.check_safety(self.generate(req))
+            generated.moves, generated.started = list(self.transformers.residency.moves), started
+        finally:
+            _release_host_memory()
+            if self.transformers.graphs() != graphs:  # setup's warm-up should have compiled everything a request needs
+                log.warning("compile: this prediction compiled new graphs (%s, now %s)", graphs,
+                            self.transformers.graphs())
+        if generated.moves:
+            log.info("memory: this prediction moved %.2f GB between CPU and GPU: %s", memory.gb(generated.moved_bytes),
+                     ", ".join(f"{m} ({memory.gb(m.bytes):.2f} GB, {m.seconds:.2f}s)" for m in generated.moves))
+        return generated
+
+    def generate(self, req: Request, on_step: StepHook | None = None) -> Generated:
+        """The pipeline run for a request (routed here if it was not): images in output order, before the safety
+        check. on_step: called at every denoising step of every call, after the progress bar, with the latents."""
+        req = self.transformers.route(req)
+        try:
+            return self._generate(req, on_step)
+        except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
+            _free_memory()
+            raise UserError(
+                f"Out of GPU memory generating {req.width}x{req.height}: try a smaller size (megapixels 0.25) or "
+                "fewer outputs, or run again."
+            ) from None
+
+    def _generate(self, req: Request, on_step: StepHook | None) -> Generated:
+        self.check_prompt(req)
+        copy = self.transformers.get(req.transformer)
+        self.transformers.residency.use(req.transformer, self.working_bytes(req))
+        started = time.monotonic()
+        fetched = self.use_loras(req)
+        timings = {"lora": time.monotonic() - started}
+        kwargs = dict(width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
+                      guidance_scale=req.guidance_scale, output_type="pil")
+        if req.image is not None:
+            kwargs.update(image=req.image, strength=req.prompt_strength)
+        if req.mask is not None:
+            kwargs.update(mask_image=req.mask)
+        if req.true_cfg:  # otherwise the call is exactly the one without these inputs
+            kwargs.update(true_cfg_scale=req.true_cfg_scale)
+        generated = self._calls(copy, req, kwargs, timings, on_step)
+        if req.mask is not None:  # unmasked pixels come back exactly as they were
+            started = time.monotonic()
+            processor = self.base.image_processor
+            generated.images = [processor.apply_overlay(req.mask, req.image, img) for img in generated.images]
+            timings["decode"] += time.monotonic() - started
+        generated.loras = fetched
+        return generated
+
+    def _calls(self, copy, req: Request, kwargs: dict, timings: dict[str, float],
+               on_step: StepHook | None) -> Generated:
+        """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
+        progress bar over every call; the time of each stage and the transformer passes added up over them."""
+        steps = progress.Steps(calls=1)
+        timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
+        passes = [0]
+
+        def hook(pipe, step, timestep, tensors):
+            tensors = steps(pipe, step, timestep, tensors)
+            return on_step(pipe, step, timestep, tensors) if on_step is not None else tensors
+
+        def call(batch_seeds: list[int]) -> list[Image.Image]:
+            # CPU generators: the same seed gives the same noise on any device.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+            with torch.inference_mode():
+                started = time.monotonic()
+                embeds = self.encode_prompt(req, len(batch_seeds))
+                denoising = time.monotonic()
+                timings["text_encode"] += denoising - started
+                output, cached = copy.run(req.task, req.mode, passes_per_step(req), generator=generators,
+                                          callback_on_step_end=hook, callback_on_step_end_tensor_inputs=["latents"],
+                                          **embeds, **kwargs)
+            ended = time.monotonic()
+            timings["denoise"] += (steps.last_step_at or ended) - denoising
+            timings["decode"] += ended - (steps.last_step_at or ended)
+            passes[0] += (steps.steps_per_call - cached) * passes_per_step(req)
+            return output.images
+
+        seeds = req.seeds
+        try:
+            images = call(seeds)
+        except torch.OutOfMemoryError:
+            if len(seeds) == 1:
+                raise
+            _free_memory()
+            log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
+            steps.expect(len(seeds))
+            images = [img for s in seeds for img in call([s])]
+        return Generated(req=req, images=images, seeds=seeds, timings=timings, steps=steps.steps_per_call,
+                         passes=passes[0])
+
+    # ----- the parts of a request ----------------------------------------------------------------------------------
+
+    def working_bytes(self, req: Request) -> int:
+        """The GPU memory a request needs beside its transformer: activations and the VAE decode, plus what its
+        speed mode's step cache holds."""
+        working = memory.activation_bytes(req.width, req.height, req.num_outputs)
+        if req.mode.caches:
+            copy = self.transformers.copies.get(req.transformer)
+            config = (copy.transformer if copy is not None else self.base.transformer).config
+            working += passes_per_step(req) * req.mode.step_cache.holds_bytes(  # each pass of a step cached apart
+                config, req.width, req.height, req.num_outputs, variants.get(req.model).max_sequence_length,
+                torch.finfo(self.dtype).bits // 8)
+        return working
+
+    def check_prompt(self, req: Request) -> None:
+        variant = variants.get(req.model)
+        limit = variant.max_sequence_length
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt if req.true_cfg else None)):
+            if text is None:
+                continue
+            tokens = len(self.base.tokenizer_2(text, truncation=False).input_ids)
+            if tokens > limit:
+                raise UserError(
+                    f"{name} is {tokens} tokens long; {variant.title} reads at most {limit}. Shorten the {name}."
+                )
+
+    def use_loras(self, req: Request) -> list[lora_loader.Fetched]:
+        """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing.
+        Returns what was fetched, for the metrics."""
+        tokens = lora_loader.Tokens.of(req.hf_api_token, req.civitai_api_token)
+        targets = [req.model, TEXT_ENCODER]
+        fetched: dict[str, tuple[lora_loader.Fetched, float]] = {}
+        for reference, scale in req.loras:
+            got = self.loader.fetch(reference, tokens)
+            _, before = fetched.get(got.key, (got, 0.0))
+            fetched[got.key] = (got, before + scale)  # two references to one file: one LoRA, scales added
+        in_use = {a.weights.key: a.weights for name in targets for a in self.loras.adapters(name)}
+        adapters = [
+            Adapter(in_use.get(key) or self.loader.load(got), scale)
+            for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
+        ]
+        self.loras.use(adapters, targets)
+        if req.fp8:
+            self.transformers.sync_fp8(req.model)
+        return [got for got, _ in fetched.values()]
+
+    def encode_prompt(self, req: Request, outputs: int) -> dict[str, torch.Tensor]:
+        """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
+        the embeddings the pipeline is then given, so that text encoding is timed apart."""
+        embeds = {}
+        for prefix, text in (("", req.prompt), ("negative_", req.negative_prompt if req.true_cfg else None)):
+            if text is None:
+                continue
+            started = time.monotonic()
+            prompt_embeds, pooled, _ = self.base.encode_prompt(
+                prompt=text, prompt_2=None, device=self.device, num_images_per_prompt=outputs,
+                max_sequence_length=variants.get(req.model).max_sequence_length)
+            embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
+            if self.t5_streamed:  # every T5 block crossed to the GPU once for this prompt
+                self.transformers.residency.moves.append(memory.Move(
+                    memory.T5, "streamed", self.transformers.plan.sizes.bytes[memory.T5], time.monotonic() - started))
+        return embeds
+
+    def check_safety(self, generated: Generated) -> Generated:
+        """Drop the images both checkers flag (CompVis', then the second opinion on what it flagged); fail if none is
+        left."""
+        if generated.req.disable_safety_checker or self.safety is None:
+            return generated
+        started = time.monotonic()
+        flags = self.safety.flags(generated.images)
+        first = [i for i, flag in enumerate(flags) if flag]
+        if first and self.second_safety is not None:
+            confirmed = self.second_safety.flags([generated.images[i] for i in first])
+            for i, flag in zip(first, confirmed):
+                flags[i] = flag
+            log.info("safety checker: CompVis flagged %d of %d outputs; the second opinion (NSFW classifier) "
+                     "confirmed %d", len(first), len(flags), sum(confirmed))
+        kept = [(img, s) for img, s, flag in zip(generated.images, generated.seeds, flags) if not flag]
+        flagged = len(flags) - len(kept)
+        generated.timings["safety"] = time.monotonic() - started
+        if flagged:
+            log.warning("safety checker: removed %d of %d outputs as NSFW", flagged, len(flags))
+        if not kept:
+            raise UserError(
+                f"All {len(flags)} generated images were flagged as NSFW by the safety checker. "
+                "Try a different prompt or seed."
+            )
+        generated.images, generated.seeds, generated.flagged = [i for i, _ in kept], [s for _, s in kept], flagged
+        return generated
+
+
+def _free_memory() -> None:
+    """Give cached GPU memory back after an out-of-memory error, so the next prediction starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _release_host_memory() -> None:
+    """Return freed heap pages to the OS after a prediction (glibc keeps them otherwise), so the resident size
+    of a container that runs for days stays flat instead of wandering with the sizes it has seen."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_LIBC = _load_libc()

@@ -1,0 +1,277 @@
+"""The transformers: each FLUX variant's bf16 transformer and go_fast's fp8 copy of it, each in a pipeline for every
+task, smashed by pruna with the step caches and compiled (a `Copy`); placed by the memory plan; kept in step with
+the LoRAs.
+
+The base variant's copies are built by setup; another variant's on its first request, sharing the base's text
+encoders and VAE (flux/variants.py). A copy is named by its variant, "-fp8" for go_fast's: "dev", "dev-fp8", ...
+Where the plan keeps a variant's bf16 transformer off the GPU, its requests run the fp8 copy (`route`). LoRAs are fused into the bf16 weights (flux/lora); each fp8 copy is re-quantized from the bf16 layers a
+LoRA change touched (`sync_fp8`), in place, so compiled graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import compiler, memory, speed, variants, weights
+from ..lora import TRANSFORMER, LoraManager
+from ..request import Request
+from ..settings import Settings
+from ..speed import fp8 as fp8_
+from ..speed import projections, step_cache
+from ..variants import Variant
+
+log = logging.getLogger(__name__)
+
+
+class Copy:
+    """One transformer (bf16 or fp8) in a pipeline for each task, smashed by pruna, run with a speed mode; its
+    compiled regions fall back to eager on a compile error."""
+
+    def __init__(self, name: str, smashed, caches: dict[str, step_cache.StepCache], pipelines: dict[str, object]):
+        from pruna import PrunaModel
+
+        self.name = name
+        self.caches = caches
+        self.transformer = smashed.model.transformer
+        # Every task's pipeline called through pruna's wrapper, like the smashed one.
+        self.models = {task: smashed if pipe is smashed.model else PrunaModel(pipe, smashed.smash_config)
+                       for task, pipe in pipelines.items()}
+        self.compiled: list[compiler.Compiled] = []  # its blocks, and the VAE decoder it shares with other copies
+
+    def pipeline(self, task: str):
+        """The plain diffusers pipeline of a task (every task's shares this copy's transformer)."""
+        return self.models[task].model
+
+    def run(self, task: str, mode: speed.Mode, passes_per_step: int = 1, **kwargs) -> tuple[object, int]:
+        """The pipeline's output, and how many denoising steps the mode's step cache served (0 with mode Off).
+        passes_per_step: transformer calls per denoising step (2 with true classifier-free guidance), cached apart."""
+        try:
+            return self._run(task, mode, passes_per_step, **kwargs)
+        except Exception as exc:
+            if not self.fall_back(exc):
+                raise
+            return self._run(task, mode, passes_per_step, **kwargs)
+
+    def fall_back(self, exc: BaseException) -> bool:
+        """After a compile error: make the failing compiled region eager again, loudly. False: not a compile error."""
+        region = getattr(exc, "flux_region", None)
+        failing = [c for c in self.compiled if c.regions and (region is None or region in c.kinds)]
+        if not failing or not compiler.is_compile_error(exc):
+            return False
+        for compiled in failing:
+            compiled.revert()
+        cause = getattr(exc, "inner_exception", None) or exc  # dynamo wraps a backend's error
+        detail = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+        log.error("=" * 78 + "\nCOMPILE FAILED on the %s path (%s): %s: %s\nIt runs eager from now on: slower, same "
+                  "results.\n" + "=" * 78, self.name, region or "compiled regions", type(cause).__name__, detail)
+        return True
+
+    def _run(self, task: str, mode: speed.Mode, passes_per_step: int, **kwargs):
+        model = self.models[task]
+        if not mode.caches:
+            return model(**kwargs), 0
+        return self.caches[mode.cache].run(lambda: model(**kwargs), model.model, mode.params, passes_per_step)
+
+
+@dataclass
+class Fp8Twin:
+    """An fp8 copy's link to its bf16 transformer: the re-quantizer, the LoRA state quantized into it (None: unknown,
+    resync) and the bf16 weights whose LoRA change it carries."""
+
+    sync: fp8_.Fp8Sync
+    lora: tuple | None = ()
+    touched: set[int] = field(default_factory=set)
+
+
+class Transformers:
+    """Every copy this engine runs, by name, built as needed and placed by the memory plan (`residency`)."""
+
+    def __init__(self, base, settings: Settings, device: torch.device, dtype: torch.dtype, plan: memory.Plan | None,
+                 loras: LoraManager, sources: dict[str, str], stages, vae_compiled: compiler.Compiled | None):
+        """base: the base variant's loaded pipeline (its transformer already prepared: `prepare`); sources: every
+        variant's weights (flux/weights.py), read for the variants loaded on first use."""
+        self.base = base
+        self.settings, self.device, self.dtype, self.plan = settings, device, dtype, plan
+        self.loras = loras
+        self.sources = sources
+        self.stages = stages
+        self.vae_compiled = vae_compiled
+        self.copies: dict[str, Copy] = {}
+        self.residency = memory.Residency.for_plan(device, plan, mover=projections.move)
+        self._lock = threading.Lock()
+        self._pipes: dict[str, object] = {variants.BASE.name: base}  # each variant's bf16 pipeline, once loaded
+        self.twins: dict[str, Fp8Twin] = {}  # each fp8 copy follows its variant's bf16 LoRA state: variant -> twin
+        self._add_base(base)
+
+    # ----- what runs where -----------------------------------------------------------------------------------------
+
+    def placed(self, variant: str) -> bool:
+        """Whether a variant's bf16 transformer runs on this GPU (the plan may keep it in CPU memory only)."""
+        return self.plan is None or self.plan.where(variant) != memory.CPU
+
+    def route(self, req: Request) -> Request:
+        """The request as this GPU runs it: where the plan keeps a variant's bf16 transformer off the GPU, its fp8
+        copy runs, and a note says so."""
+        if req.fp8 or self.placed(req.model):
+            return req
+        note = (f"this GPU ({memory.gb(self.plan.budget):.0f} GB) keeps {variants.get(req.model).title} in fp8 only: "
+                "it ran as with go_fast (the memory plan in the setup log; a GPU of 40 GB or more runs bf16)")
+        return req.replace(fp8=True, notes=(*req.notes, note))
+
+    def get(self, name: str) -> Copy:
+        """A copy by name, a variant loaded on first use built now (a failure caches nothing)."""
+        with self._lock:
+            if name not in self.copies:
+                variant, fp8 = variants.of_transformer(name)
+                if variant.at_setup or not (fp8 or self.placed(variant.name)):
+                    raise ValueError(f"{name} does not run on this GPU (memory plan): route the request")
+                self._build(variant, fp8)
+            return self.copies[name]
+
+    def graphs(self) -> dict[str, int]:
+        """The compiled graphs dynamo holds, by region kind (empty when not compiling)."""
+        if not self.settings.compile:
+            return {}
+        return compiler.graph_counts(self.base.transformer, self.base.vae if self.vae_compiled else None)
+
+    def sync_fp8(self, variant: str) -> None:
+        """Bring a variant's fp8 copy to its bf16 LoRA state: re-quantize the layers that either state touches."""
+        twin = self.twins[variant]
+        state = self.loras.state(variant)
+        if state == twin.lora:
+            return
+        started = time.monotonic()
+        touched = self.loras.touched(variant)
+        twin.lora = None  # until the sync completes
+        count = twin.sync.sync(twin.touched | touched)
+        twin.touched, twin.lora = touched, state
+        log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, variant, time.monotonic() - started)
+
+    # ----- building ------------------------------------------------------------------------------------------------
+
+    def prepare(self, transformer) -> None:
+        """What every bf16 transformer gets before it is copied, smashed or compiled: the switches that apply to
+        transformers (the attention backend, the fused projections)."""
+        speed.apply("transformer", transformer, self.settings)
+
+    def _add_base(self, pipe) -> None:
+        """The base variant's copies, at setup: its bf16 transformer placed first (on the GPU where the plan keeps it,
+        so that its fp8 copy is quantized there without crossing PCIe; else in CPU memory), then the fp8 copy, then
+        the bf16 copy where the plan places it."""
+        base = variants.BASE
+        self.loras.register(base.name, pipe.transformer, TRANSFORMER)  # a LoRA target from now on
+        if self.placed(base.name):
+            self.residency.add(base.name, pipe.transformer, resident=False)
+            self.residency.use(base.name)
+        else:  # in CPU memory, where the plan keeps it (a pipeline given on the GPU is moved there)
+            projections.move(pipe.transformer, torch.device("cpu"))
+        self._add_fp8(base, pipe)
+        if self.placed(base.name):
+            self._add_copy(base.name, base, pipe)
+
+    def _add_fp8(self, variant: Variant, pipe, source=None) -> Copy:
+        """A variant's fp8 copy: quantized a block at a time onto the GPU (from `source`, else the variant's bf16
+        transformer in `pipe`), with room made for it first; it then follows the bf16 variant's LoRAs."""
+        bf16 = pipe.transformer
+        source = bf16 if source is None else source
+        residency = self.residency
+        on_gpu = variant.name in residency.resident and residency.modules.get(variant.name) is source
+        residency.make_room(memory.fp8_bytes(source) + memory.block_bytes(source))
+        started = time.monotonic()
+        with self.stages("fp8 quantize", f"{variant.name}, {self.settings.fp8}"):
+            fp8 = fp8_.fp8_transformer(source, self.settings.fp8, self.device, self.settings.fp8_forced)
+        if not on_gpu and residency.budget is not None:  # its bf16 blocks crossed to the GPU to be quantized there
+            residency.moves.append(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
+                                               time.monotonic() - started))
+        copy = self._add_copy(variant.fp8, variant, with_transformer(pipe, fp8), on_gpu=True)
+        self.twins[variant.name] = Fp8Twin(fp8_.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
+        return copy
+
+    def _add_copy(self, name: str, variant: Variant, pipe, on_gpu: bool = False) -> Copy:
+        """A copy: on the GPU (moved there unless on_gpu), smashed by pruna, compiled."""
+        started = time.monotonic()
+        settings = self.settings
+        fp8 = name == variant.fp8
+        if self.residency.modules.get(name) is not pipe.transformer:
+            self.residency.add(name, pipe.transformer, resident=on_gpu)
+        self.residency.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
+        smashed, caches = step_cache.smash(pipe, self.device)
+        copy = Copy(name, smashed, caches, task_pipelines(pipe, variant))
+        if settings.compile:  # beneath the step caches' wrappers, which are off between calls
+            compiler.configure(settings.inductor_tuning)  # torchao's quantization sets inductor flags of its own
+            # torchao's dynamic float8 asks whether the batch is 1 (flux/compiler.py): that copy keeps batch 1 apart
+            batch = "backed" if fp8 and settings.fp8 == "fp8dqrow" else "unbacked"
+            copy.compiled.append(compiler.compile_blocks(pipe.transformer, settings.compile, batch))
+            if self.vae_compiled is not None:
+                copy.compiled.append(self.vae_compiled)
+        self.copies[name] = copy
+        log.info("setup: %s ready (%s%s) in %.2fs", name, f"fp8 {settings.fp8}, " if fp8 else "",
+                 f"compiled with {settings.compile}" if settings.compile else "eager", time.monotonic() - started)
+        return copy
+
+    # ----- variants loaded on first use ----------------------------------------------------------------------------
+
+    def _read_transformer(self, variant: Variant):
+        """A variant's bf16 transformer read from its weights (fetched once) into CPU memory, prepared like every bf16
+        transformer; and the folder it came from."""
+        from diffusers import FluxTransformer2DModel
+
+        folder = weights.locate(self.sources[variant.name], variant.name)
+        with weights.loading(variant.name, folder):
+            transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype,
+                                                                 use_safetensors=True)
+        self.prepare(transformer)
+        return transformer, folder
+
+    def _load(self, variant: Variant):
+        """A variant's bf16 pipeline, sharing the base's text encoders and VAE; its transformer in CPU memory until a
+        copy places it."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        started = time.monotonic()
+        transformer, folder = self._read_transformer(variant)
+        with weights.loading(variant.name, folder):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+        pipe = with_transformer(self.base, transformer, scheduler=scheduler)
+        self.loras.register(variant.name, transformer, TRANSFORMER)
+        log.info("%s: loaded on first use in %.2fs (shares text encoders and VAE)", variant.name,
+                 time.monotonic() - started)
+        return pipe
+
+    def _build(self, variant: Variant, fp8: bool) -> None:
+        """A variant's copy on first use: the bf16 one places its transformer on the GPU; the fp8 one quantizes it a
+        block at a time, from the bf16 transformer while that is untouched (never compiled, no LoRA fused), else
+        from a second copy read from the disk."""
+        started = time.monotonic()
+        if variant.name not in self._pipes:
+            self._pipes[variant.name] = self._load(variant)
+        pipe = self._pipes[variant.name]
+        if not fp8:
+            self._add_copy(variant.name, variant, pipe)
+        else:
+            untouched = variant.name not in self.copies and not self.loras.touched(variant.name)
+            self._add_fp8(variant, pipe, None if untouched else self._read_transformer(variant)[0])
+        log.info("%s: built on first use in %.2fs", variant.fp8 if fp8 else variant.name, time.monotonic() - started)
+
+
+def with_transformer(pipe, transformer, **changes):
+    """A FluxPipeline on another transformer, sharing every other component (no copy, no cast)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**{**pipe.components, "transformer": transformer, **changes})
+
+
+def task_pipelines(pipe, variant: Variant) -> dict[str, object]:
+    """The variant's pipeline of each task, on the same module objects (from_pipe would .to() them)."""
+    import diffusers
+
+    pipes = {task: pipe if type(pipe).__name__ == name else getattr(diffusers, name)(**pipe.components)
+             for task, name in variant.pipelines.items()}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes

@@ -1,0 +1,95 @@
+"""The FLUX variants this container serves: one row each, and the only place that names one.
+
+Everything that differs between FLUX variants is a column here, read by the rest of the code:
+  request validation   the `model` input's choices, the step cap, whether guidance_scale means anything
+  weights              the setting that names a variant's weights, its default Hugging Face repo, the files fetched
+                       and what a folder must hold
+  the engine           which variant setup loads (the base: its pipeline carries the text encoders, tokenizers and
+                       VAE every variant shares) and which load on first use; the diffusers pipeline class of each
+                       task; the T5 window
+  the memory plan      each variant's bf16 and fp8 transformers, placed in table order
+  the fakes            each variant's tiny twin (flux/fakes/tiny.py): the same architecture, its own seed, its
+                       guidance embedder and scheduler from the row
+
+Adding a FLUX variant whose tasks run on diffusers' Flux pipelines is one row here plus its tiny twin's seed; a
+variant with a new task also names that task's pipeline class. README, "Adding a FLUX variant".
+
+No third-party imports here: everything imports this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("txt2img", "img2img", "inpaint")
+# diffusers' Flux pipelines, by task: every variant built on FluxTransformer2DModel runs in them.
+FLUX_PIPELINES = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+
+# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler). Real weights bring
+# their own scheduler folder; this column is what the fakes (tiny twins, the full-size random model) are built with.
+DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                     base_image_seq_len=256, max_image_seq_len=4096)
+# black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json.
+SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+# What is fetched of a repo: only what diffusers loads (FLUX repos also hold single-file checkpoints never read).
+# The base variant brings every shared component; the others only their transformer and scheduler.
+BASE_FILES = ("model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+              "transformer/*", "vae/*")
+BASE_LAYOUT = ("model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2")
+TRANSFORMER_FILES = ("model_index.json", "scheduler/*", "transformer/*")
+TRANSFORMER_LAYOUT = ("transformer",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # the `model` input's value, and the name of its bf16 transformer ("-fp8" names go_fast's copy)
+    title: str  # as logs and messages name it
+    repo: str  # default weights: a Hugging Face repo in diffusers format
+    setting: str  # the environment variable that names other weights (a folder, a repo id, an https .tar)
+    max_sequence_length: int  # T5 tokens it reads: a longer prompt is refused, never cut
+    guidance: bool  # guidance-distilled (a guidance embedder reads guidance_scale); without, guidance_scale is ignored
+    scheduler: dict  # its published scheduler config (the tiny twin and the full-size fake use it)
+    tiny_seed: int  # its tiny twin's transformer seed: twins differ in weights, so tests tell them apart
+    max_steps: int | None = None  # a step cap below the schema's (a timestep-distilled variant)
+    at_setup: bool = False  # loaded by setup() (the base variant); False: on first use, sharing the base's components
+    files: tuple[str, ...] = TRANSFORMER_FILES
+    layout: tuple[str, ...] = TRANSFORMER_LAYOUT  # what a local folder must hold
+    pipelines: dict[str, str] = field(default_factory=lambda: dict(FLUX_PIPELINES))  # task -> diffusers class name
+
+    @property
+    def fp8(self) -> str:
+        """The name of its go_fast copy."""
+        return f"{self.name}-fp8"
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("dev", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev", "FLUX_WEIGHTS", 512, True, DEV_SCHEDULER,
+            tiny_seed=1, at_setup=True, files=BASE_FILES, layout=BASE_LAYOUT),
+    Variant("schnell", "FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX_SCHNELL_WEIGHTS", 256, False,
+            SCHNELL_SCHEDULER, tiny_seed=2, max_steps=4),
+    Variant("krea-dev", "FLUX.1-Krea-dev", "black-forest-labs/FLUX.1-Krea-dev", "FLUX_KREA_DEV_WEIGHTS", 512, True,
+            DEV_SCHEDULER, tiny_seed=11),
+)}
+NAMES = tuple(VARIANTS)
+BASE = next(v for v in VARIANTS.values() if v.at_setup)
+ON_FIRST_USE = tuple(v for v in VARIANTS.values() if not v.at_setup)
+assert sum(v.at_setup for v in VARIANTS.values()) == 1, "exactly one variant (the base) loads at setup"
+
+
+def get(name: str) -> Variant:
+    return VARIANTS[name]
+
+
+def of_transformer(name: str) -> tuple[Variant, bool]:
+    """A transformer's variant, and whether it is the fp8 copy: "schnell-fp8" -> (schnell, True)."""
+    base, fp8 = (name[: -len("-fp8")], True) if name.endswith("-fp8") else (name, False)
+    return VARIANTS[base], fp8
+
+
+def transformer_names() -> tuple[str, ...]:
+    """Every transformer the engine may hold, in table order: each variant's bf16, then its fp8 copy."""
+    return tuple(n for v in VARIANTS.values() for n in (v.name, v.fp8))
+
+# FluxTransformer2DModel's block lists, every variant's architecture: the units compiled, quantized and cached.
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
