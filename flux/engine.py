@@ -458,11 +458,13 @@ class Engine:
         twin.touched, twin.lora = touched, state
         log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, model, time.monotonic() - started)
 
-    def generate(self, req: Request) -> Result:
-        """Run the pipeline for a request: images in output order, before the safety check."""
+    def generate(self, req: Request, step_hook=None) -> Result:
+        """Run the pipeline for a request: images in output order, before the safety check. step_hook: called after
+        each denoising step as diffusers' `callback_on_step_end` (pipe, step, timestep, {"latents": ...}), for tools
+        that watch the latents (script/benchmark gpu)."""
         req = self.route(req)
         try:
-            return self._generate(req)
+            return self._generate(req, step_hook)
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
             _free_memory()
             raise UserError(
@@ -470,7 +472,7 @@ class Engine:
                 "fewer outputs, or run again."
             ) from None
 
-    def _generate(self, req: Request) -> Result:
+    def _generate(self, req: Request, step_hook=None) -> Result:
         self.check_prompt(req)
         path = self.path(req.path)
         self.memory.use(req.path, self.working_bytes(req))
@@ -490,7 +492,7 @@ class Engine:
             kwargs.update(mask_image=req.mask)
         if req.true_cfg:  # otherwise the call is exactly the one without these inputs
             kwargs.update(true_cfg_scale=req.true_cfg_scale)
-        result = self._run(path, req, speed.mode(req.speed_mode), kwargs, timings)
+        result = self._run(path, req, speed.mode(req.speed_mode), kwargs, timings, step_hook)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
             started = time.monotonic()
             processor = self._base.image_processor
@@ -517,10 +519,11 @@ class Engine:
         return embeds
 
     def _run(self, path: speed.FastPath, req: Request, mode: speed.Mode, kwargs: dict,
-             timings: dict[str, float]) -> Result:
+             timings: dict[str, float], step_hook=None) -> Result:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
         progress bar over every call; the time of each stage and the transformer passes added up over them."""
         steps = progress.Steps(calls=1)
+        on_step = steps if step_hook is None else (lambda *args: step_hook(*args[:3], steps(*args)))
         timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
         passes = [0]
 
@@ -533,7 +536,7 @@ class Engine:
                 denoising = time.monotonic()
                 timings["text_encode"] += denoising - started
                 output, cached = path.run(req.task, mode, passes_per_step(req), generator=generators,
-                                          callback_on_step_end=steps, **embeds, **kwargs)
+                                          callback_on_step_end=on_step, **embeds, **kwargs)
             ended = time.monotonic()
             timings["denoise"] += (steps.last_step_at or ended) - denoising
             timings["decode"] += ended - (steps.last_step_at or ended)
