@@ -181,10 +181,6 @@ class Run:
                   flush=True)
         return row
 
-    def timing(self, name: str, outputs: int) -> dict | None:
-        return next((r for r in self.rows if r["kind"] == "timing" and r["name"] == name and r["outputs"] == outputs),
-                    None)
-
 
 def markdown(rows: list[dict]) -> str:
     meta = rows[0]
@@ -638,12 +634,13 @@ def peer_torchao(ctx: Ctx, outputs: int) -> None:
         row = measure(ctx, TORCHAO, outputs, pipe_call(pipe, ctx))
     compile_s = max(row["first s"] - row["s"], 0.0)
     ctx.measured["torchao max-autotune" if mode == "max-autotune" else "torchao default"] = built + compile_s
+    del pipe, transformer, vae
+    free()
     ctx.run.add({**row, "transformer": f"compiled ({ctx.args.backend}, mode {mode}: {why}): {len(times.graphs)} graphs "
                                       f"compiled in the first call",
                  "compile mode": mode, "graphs compiled": len(times.graphs), "build s": round(built, 2),
-                 "fp8": f"dynamic float8, {'per-row' if ctx.rowwise else 'per-tensor (no per-row _scaled_mm here)'}"})
-    del pipe, transformer, vae
-    free()
+                 "fp8": f"dynamic float8, {'per-row' if ctx.rowwise else 'per-tensor (no per-row _scaled_mm here)'}",
+                 "after freeing": gpu_state(ctx.device)})  # what the peer left behind (a cudagraph pool, a leak)
 
 
 # ----- our engine ----------------------------------------------------------------------------------------------------
@@ -803,7 +800,7 @@ def lora_switches(ctx: Ctx) -> None:
 
         def switch(rank: int, go_fast: bool) -> None:
             engine = ctx.ours()
-            if (rank, 0) not in urls:
+            if not {(rank, 0), (rank, 1)} <= set(urls):
                 started = time.perf_counter()
                 make(rank)
                 ctx.measured["lora files"] = time.perf_counter() - started
@@ -822,7 +819,7 @@ def lora_switches(ctx: Ctx) -> None:
             engine.use_loras(request(ctx, {"go_fast": go_fast}))  # no LoRA again: the next section's state
 
         for rank, go_fast in LORA_STEPS:
-            seconds = (ctx.engine_s() + (0 if (rank, 0) in urls else ctx.est("lora files")) + ctx.est("lora switch")
+            seconds = (ctx.engine_s() + (0 if (rank, 1) in urls else ctx.est("lora files")) + ctx.est("lora switch")
                        + ctx.call_s("go_fast" if go_fast else "bf16 compiled", {"go_fast": go_fast}))
             need = ours_need(ctx, request(ctx, {"go_fast": go_fast}))
             ctx.section(f"LoRA switch: rank {rank}, {'go_fast' if go_fast else 'bf16'}", seconds, need,
@@ -1159,13 +1156,8 @@ def run(args) -> Path:
         meta["note"] = (f"Measured with this machine's torch {software['torch']}; the container pins torch {product} "
                         "(requirements.txt, docs/benchmarks.md: the torch pin): every row here is of the torch above.")
     ctx = Ctx(args, device, dtype, shared, Run(out, deadline, meta), work)
-    if args.tiny:
-        ctx.sizes = memory.Sizes.of(shared.transformer, shared.text_encoder, shared.text_encoder_2, shared.vae,
-                                    streams=False)
-    else:
-        from flux import fullsize
-
-        ctx.sizes = fullsize.plan_sizes(dtype)
+    # the model's own sizes: those of the meta-device model (--plan) for the full-size one
+    ctx.sizes = memory.Sizes.of(shared.transformer, shared.text_encoder, shared.text_encoder_2, shared.vae)
     ctx.needs = memory_needs(ctx.sizes, shared.transformer.config, *args.size)
     ctx.rowwise = rowwise_fp8_runs(device)
     ctx.run.arm()
