@@ -13,7 +13,7 @@ r"""The wheels a GPU machine (the workplace's nvidia-h200 image, no network) nee
   script/device-kit DIR --verify           on the GPU machine, after the install below: each carried wheel's
                                            requirements against what that python sees, then the imports
 
-On the GPU machine (carry `.whl`):
+On the GPU machine (carry `.whl`), `script/gpu-benchmark` installs it and runs the benchmark; by hand:
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 
@@ -280,7 +280,8 @@ def describe(folder: Path | None) -> str:
     lines = ["The device kit: wheels for the GPU machine's image (nvidia-h200, Python 3.12, torch 2.11), made by",
              "script/device-kit (script/device_kit.py says why each one travels and how the set was found).",
              "",
-             "Install on the GPU machine (carry this folder):",
+             "On the GPU machine (carry this folder), script/gpu-benchmark installs it and runs the benchmark;",
+             "by hand:",
              "  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\",
              f"    --target /tmp/site {folder.name if folder else '.whl'}/*.whl && export PYTHONPATH=/tmp/site",
              "", "Carried:"]

@@ -82,9 +82,9 @@ class Engine:
         """A validated request, generated and checked: what the output stage writes (flux/output.py)."""
         return self.runner.run(req)
 
-    def generate(self, req, on_step: StepHook | None = None) -> Generated:
+    def generate(self, req, step_hook: StepHook | None = None) -> Generated:
         """The pipeline run alone (no safety check), with a step hook (the benchmark's)."""
-        return self.runner.generate(req, on_step)
+        return self.runner.generate(req, step_hook)
 
     def use_loras(self, req):
         """Make the LoRA state match a request without running it (the benchmark's LoRA switch)."""

@@ -93,12 +93,12 @@ class Runner:
                      ", ".join(f"{m} ({memory.gb(m.bytes):.2f} GB, {m.seconds:.2f}s)" for m in generated.moves))
         return generated
 
-    def generate(self, req: Request, on_step: StepHook | None = None) -> Generated:
+    def generate(self, req: Request, step_hook: StepHook | None = None) -> Generated:
         """The pipeline run for a request (routed here if it was not): images in output order, before the safety
-        check. on_step: called at every denoising step of every call, after the progress bar, with the latents."""
+        check. step_hook: called at every denoising step of every call, after the progress bar, with the latents."""
         req = self.transformers.route(req)
         try:
-            return self._generate(req, on_step)
+            return self._generate(req, step_hook)
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
             _free_memory()
             raise UserError(
@@ -106,7 +106,7 @@ class Runner:
                 "fewer outputs, or run again."
             ) from None
 
-    def _generate(self, req: Request, on_step: StepHook | None) -> Generated:
+    def _generate(self, req: Request, step_hook: StepHook | None) -> Generated:
         self.check_prompt(req)
         copy = self.transformers.get(req.transformer)
         self.transformers.residency.use(req.transformer, self.working_bytes(req))
@@ -121,7 +121,7 @@ class Runner:
             kwargs.update(mask_image=req.mask)
         if req.true_cfg:  # otherwise the call is exactly the one without these inputs
             kwargs.update(true_cfg_scale=req.true_cfg_scale)
-        generated = self._calls(copy, req, kwargs, timings, on_step)
+        generated = self._calls(copy, req, kwargs, timings, step_hook)
         if req.mask is not None:  # unmasked pixels come back exactly as they were
             started = time.monotonic()
             processor = self.base.image_processor
@@ -131,7 +131,7 @@ class Runner:
         return generated
 
     def _calls(self, copy, req: Request, kwargs: dict, timings: dict[str, float],
-               on_step: StepHook | None) -> Generated:
+               step_hook: StepHook | None) -> Generated:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
         progress bar over every call; the time of each stage and the transformer passes added up over them."""
         steps = progress.Steps(calls=1)
@@ -140,7 +140,7 @@ class Runner:
 
         def hook(pipe, step, timestep, tensors):
             tensors = steps(pipe, step, timestep, tensors)
-            return on_step(pipe, step, timestep, tensors) if on_step is not None else tensors
+            return step_hook(pipe, step, timestep, tensors) if step_hook is not None else tensors
 
         def call(batch_seeds: list[int]) -> list[Image.Image]:
             # CPU generators: the same seed gives the same noise on any device.

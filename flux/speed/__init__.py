@@ -187,6 +187,9 @@ class Switch:
     apply: Callable | None = None  # (module, value): applied to each bf16 transformer (target "transformer") or the VAE
     target: str | None = None  # "transformer" or "vae"; None: the engine reads the value where it builds
     compare: tuple[str, ...] = ()  # values `script/benchmark gpu` measures against the default, one engine each
+    # it changes compiler settings that dynamo does not guard on: a benchmark engine with it compiles afresh (dynamo
+    # reset, its own inductor cache) or it would reuse the graphs compiled without it
+    unguarded: bool = False
 
 
 SWITCHES: tuple[Switch, ...] = (
@@ -208,7 +211,7 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("inductor_tuning", "FLUX_INDUCTOR_TUNING_FLAGS",
            flag(lambda device, v: device.type == "cuda", lambda v: v["compile"] == "inductor"), False, True,
            "inductor's tuning flags of the published recipes (on a GPU, with inductor): flux/compiler.py",
-           compare=("0",)),
+           compare=("0",), unguarded=True),
     Switch("warmup", "FLUX_WARMUP", flag(True, _compiling), False, False,
            "setup compiles every schema size on each compiled copy (when compiling): flux/engine/build.py"),
 )
