@@ -154,15 +154,7 @@ def download(
     started = time.monotonic()
     try:
         with _session(url, what, limits) as session:
-            found = _probe(session, url, headers, what, auth_hint)
-            if found.size is not None and found.size > limits.max_bytes:
-                raise DownloadError(
-                    f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
-                )
-            # Parts come from where the redirects led (one version of the file, one hop), without credentials
-            # meant for the first host.
-            target, target_headers = found.url, _headers_for(found.url, url, headers)
-            meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
+            found, target, target_headers, meter = _start(session, url, headers, what, limits, auth_hint)
             if found.ranges and found.size is not None and found.size > limits.part_size:
                 _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             else:
@@ -181,6 +173,20 @@ def download(
     got = dest.stat().st_size
     log.info("%s: fetched %s (%.1f MiB) in %.2fs", what, redact(url), got / MiB, elapsed)
     return dest
+
+
+def _start(session, url: str, headers: dict, what: str, limits: Limits, auth_hint: str | None):
+    """The probe, the size limit, where the parts come from and with which headers, and the progress meter."""
+    found = _probe(session, url, headers, what, auth_hint)
+    if found.size is not None and found.size > limits.max_bytes:
+        raise DownloadError(
+            f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
+        )
+    # Parts come from where the redirects led (one version of the file, one hop), without credentials
+    # meant for the first host.
+    target, target_headers = found.url, _headers_for(found.url, url, headers)
+    meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
+    return found, target, target_headers, meter
 
 
 def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
@@ -330,16 +336,9 @@ def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None =
     fetch(first, last, write, stop) GETs bytes first..last of where url leads, with download()'s checks, retries and
     credentials rule, passing each chunk to write(offset, chunk); it returns early once the threading.Event stop is
     set. Transport failures inside the block become DownloadErrors, as in download()."""
-    headers = headers or {}
     deadline = _Deadline(limits.total_timeout)
     with _session(url, what, limits) as session:
-        found = _probe(session, url, headers, what, auth_hint)
-        if found.size is not None and found.size > limits.max_bytes:
-            raise DownloadError(
-                f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
-            )
-        target, target_headers = found.url, _headers_for(found.url, url, headers)
-        meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
+        found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
 
         def fetch(first: int, last: int, write, stop: threading.Event) -> None:
             _fetch_range(session, target, target_headers, first, last, write, what, limits, deadline, auth_hint,

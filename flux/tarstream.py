@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import io
 import logging
 import os
 import tarfile
@@ -93,7 +92,7 @@ def _extract_parts(fetch, size: int, dest: Path, max_bytes: int, limits: dl.Limi
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tar-part") as pool:
         parts = _Parts(fetch, size, limits.part_size, workers, pool, stop)
         try:
-            with tarfile.open(fileobj=io.BufferedReader(parts, dl.MiB), mode="r|") as tar:
+            with tarfile.open(fileobj=parts, mode="r|", bufsize=dl.MiB, copybufsize=dl.MiB) as tar:
                 total = 0
                 for member in tar:
                     total = check_member(member, total, max_bytes)
@@ -113,46 +112,74 @@ class _Stopped(Exception):
     """Ends a part's GET once the extraction has stopped (its future is never read)."""
 
 
-class _Parts(io.RawIOBase):
-    """The file's bytes in order, from parts fetched ahead by the pool (at most `window` parts held)."""
+class _Part:
+    """One ranged part: its chunks as they arrive (in order: a ranged GET resumes where it stopped)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.size = first, last - first + 1
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.received = self.taken = 0
+        self.arrived = threading.Condition()
+        self.future = None
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        with self.arrived:
+            if offset != self.first + self.received:
+                raise dl.DownloadError("the server sent a part out of order.")
+            self.chunks.append(bytes(chunk))
+            self.received += len(chunk)
+            self.arrived.notify_all()
+
+    def ended(self, _future) -> None:
+        with self.arrived:
+            self.arrived.notify_all()
+
+
+class _Parts:
+    """The file's bytes in order, read as they arrive, from parts fetched ahead by the pool (at most `window` held).
+    A file object for tarfile's stream mode: read(n) hands over the downloaded chunks themselves (no copy)."""
 
     def __init__(self, fetch, size: int, part_size: int, window: int, pool: ThreadPoolExecutor,
                  stop: threading.Event):
         self._ranges = collections.deque((first, min(first + part_size, size) - 1)
                                          for first in range(0, size, part_size))
         self._fetch, self._window, self._pool, self._stop = fetch, window, pool, stop
-        self._ahead: collections.deque = collections.deque()
-        self._current = memoryview(b"")
+        self._ahead: collections.deque[_Part] = collections.deque()
         self._submit()
 
     def _submit(self) -> None:
         while self._ranges and len(self._ahead) < self._window:
-            first, last = self._ranges.popleft()
-            buf = bytearray(last - first + 1)
+            part = _Part(*self._ranges.popleft())
 
-            def write(offset: int, chunk: bytes, buf=buf, first=first) -> None:
+            def write(offset: int, chunk: bytes, part=part) -> None:
                 if self._stop.is_set():  # the extraction failed: this part is not wanted any more
                     raise _Stopped
-                buf[offset - first:offset - first + len(chunk)] = chunk
+                part.write(offset, chunk)
 
-            self._ahead.append((self._pool.submit(self._fetch, first, last, write, self._stop), buf))
+            part.future = self._pool.submit(self._fetch, part.first, part.first + part.size - 1, write, self._stop)
+            part.future.add_done_callback(part.ended)
+            self._ahead.append(part)
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not len(self._current):
-            if not self._ahead:
-                return 0
-            future, buf = self._ahead.popleft()
-            future.result()  # a DownloadError of that part surfaces here, in order
-            self._current = memoryview(buf)
-            self._submit()
-        n = min(len(b), len(self._current))
-        b[:n] = self._current[:n]
-        self._current = self._current[n:]
-        return n
+    def read(self, n: int = -1) -> bytes:
+        while self._ahead:
+            part = self._ahead[0]
+            with part.arrived:
+                while not part.chunks and not part.future.done():
+                    part.arrived.wait()
+                chunk = part.chunks.popleft() if part.chunks else None
+                if chunk is not None and 0 <= n < len(chunk):
+                    chunk, rest = chunk[:n], chunk[n:]
+                    part.chunks.appendleft(rest)
+            if chunk is not None:
+                part.taken += len(chunk)
+                if part.taken == part.size:
+                    self._ahead.popleft()
+                    self._submit()
+                return chunk
+            part.future.result()  # a DownloadError of that part surfaces here, in order
+            raise dl.DownloadError("the download stopped before the archive's end.")  # stopped: never expected
+        return b""
 
     def drain(self) -> None:
-        while self.readinto(bytearray(dl.MiB)):
+        while self.read(dl.MiB):
             pass

@@ -12,24 +12,18 @@ from pathlib import Path
 import pytest
 
 from flux import download as dl
-from flux import tarstream, tiny, weights
+from flux import tarstream, weights
 from flux.errors import UserError
 from tests.helpers.http import FileServer
+from tests.test_weights import tiny_dev, weights_root  # noqa: F401  (fixtures)
 
 KiB = 1024
 SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4, retries=1)
 
 
-@pytest.fixture(scope="module")
-def tiny_dev(tmp_path_factory) -> Path:
-    return tiny.ensure_pipeline(tmp_path_factory.mktemp("src") / "FLUX.1-dev")
-
-
-@pytest.fixture
-def weights_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch):
     monkeypatch.setattr(weights, "TAR_LIMITS", SMALL)
-    return tmp_path / "weights"
 
 
 def tar_of(folder: Path, prefix: str = "FLUX.1-dev", extra: list[tarfile.TarInfo] = ()) -> bytes:
