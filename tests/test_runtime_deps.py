@@ -26,8 +26,8 @@ def run_child(tmp_path, spec: dict, weights_dir) -> subprocess.CompletedProcess:
 
 def test_the_runtime_set_is_the_requirements_and_excludes_the_test_tools():
     allowed = runtime_distributions()
-    assert {"torch", "diffusers", "pruna", "pytorch-lightning", "cog", "coglet", "structlog"} <= allowed
-    dev_only = {canonical(n) for n in ("pytest", "replicate", "schemathesis", "hypothesis")}
+    assert {"torch", "diffusers", "transformers", "peft", "pruna", "pytorch-lightning", "cog", "coglet"} <= allowed
+    dev_only = {canonical(n) for n in ("pytest", "replicate", "schemathesis", "hypothesis", "pydantic", "rich")}
     assert not allowed & dev_only
     assert len(allowed - {"cog", "coglet", "structlog"}) <= 100  # the goal for the image's packages
 
