@@ -2,7 +2,7 @@
 
 `extract_url(url, dest, ...)` fetches the archive in parts of `limits.part_size` bytes by parallel ranged GETs
 (flux/download.py's `ranged`: the same checks, retries and credentials rule as a download), at most `limits.workers`
-parts ahead of the extractor, kept in memory (about (workers + 1) x part_size bytes); tarfile reads them in order as
+parts ahead of the extractor, kept in memory (at most about workers x part_size bytes); tarfile reads them in order as
 one stream and each member is checked (`check_member`) before it is written. Peak disk is what the archive unpacks to,
 never the archive beside it, and unpacking overlaps the download. A server that does not take byte ranges (or does not
 say how big the file is) gets the plain way: the whole archive downloaded, then extracted (`extract_tar`).
