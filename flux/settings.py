@@ -12,7 +12,8 @@ The names follow huggingface/flux-fast's benchmark flags, so that each optimizat
   FLUX_ATTENTION             "sdpa" (PyTorch's scaled_dot_product_attention, which picks its own kernel), "cudnn"
                              (cuDNN's attention through SDPA) or "fa3" (FlashAttention-3, Hopper only: the
                              flash_attn_interface package, or the kernels-community/flash-attn3 kernel from the Hugging
-                             Face kernel hub). Default: sdpa.
+                             Face kernel hub through the `kernels` package; the image has neither, so fa3 is a setup
+                             error unless one is added). Default: sdpa.
   FLUX_FUSED_PROJECTIONS     "1": q, k and v projections fused into one matmul per attention (LoRAs still fuse exactly;
                              flux/speed.py). Default: 1.
   FLUX_COMPILE_VAE           "1": the VAE decoder compiled too. Default: 1 when compiling.
