@@ -19,7 +19,7 @@ here it is set to what this model needs with room to spare, and `fullgraph=True`
 error instead of a silent fallback.
 
 A compile that fails (a backend error, an unsupported op) makes that path eager again (`Compiled.revert`), with a
-loud log line; it never fails the boot or a prediction (flux/speed.py: FastPath).
+loud log line; it never fails the boot or a prediction (flux/engine/transformers.py: Copy).
 """
 
 from __future__ import annotations

@@ -154,15 +154,7 @@ def download(
     started = time.monotonic()
     try:
         with _session(url, what, limits) as session:
-            found = _probe(session, url, headers, what, auth_hint)
-            if found.size is not None and found.size > limits.max_bytes:
-                raise DownloadError(
-                    f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
-                )
-            # Parts come from where the redirects led (one version of the file, one hop), without credentials
-            # meant for the first host.
-            target, target_headers = found.url, _headers_for(found.url, url, headers)
-            meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
+            found, target, target_headers, meter = _start(session, url, headers, what, limits, auth_hint)
             if found.ranges and found.size is not None and found.size > limits.part_size:
                 _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             else:
@@ -181,6 +173,20 @@ def download(
     got = dest.stat().st_size
     log.info("%s: fetched %s (%.1f MiB) in %.2fs", what, redact(url), got / MiB, elapsed)
     return dest
+
+
+def _start(session, url: str, headers: dict, what: str, limits: Limits, auth_hint: str | None):
+    """The probe, the size limit, where the parts come from and with which headers, and the progress meter."""
+    found = _probe(session, url, headers, what, auth_hint)
+    if found.size is not None and found.size > limits.max_bytes:
+        raise DownloadError(
+            f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
+        )
+    # Parts come from where the redirects led (one version of the file, one hop), without credentials
+    # meant for the first host.
+    target, target_headers = found.url, _headers_for(found.url, url, headers)
+    meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
+    return found, target, target_headers, meter
 
 
 def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
@@ -276,31 +282,8 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
     failed = threading.Event()
 
     def fetch(first: int, last: int) -> None:
-        offset = first
-        attempt = 0
-        while offset <= last:
-            if failed.is_set():
-                return
-            try:
-                with client.stream("GET", url, headers={**headers, "Range": f"bytes={offset}-{last}"}) as response:
-                    if response.status_code != 206:
-                        raise _status_error(response, what, url, auth_hint)
-                    for chunk in response.iter_bytes(MiB):
-                        if offset + len(chunk) > last + 1:
-                            raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
-                        os.pwrite(fd, chunk, offset)
-                        offset += len(chunk)
-                        if meter is not None:
-                            meter.advance(len(chunk))
-                        deadline.check(what, url)
-                if offset <= last:
-                    raise httpx.RemoteProtocolError("short range")
-            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
-                attempt += 1
-                if attempt > limits.retries:
-                    raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
-                time.sleep(min(2**attempt * 0.25, 4))
-                deadline.check(what, url, _problem(exc))
+        _fetch_range(client, url, headers, first, last, lambda offset, chunk: os.pwrite(fd, chunk, offset), what,
+                     limits, deadline, auth_hint, meter, failed, size)
 
     try:
         with ThreadPoolExecutor(max_workers=min(limits.workers, len(ranges))) as pool:
@@ -313,3 +296,52 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
                     raise
     finally:
         os.close(fd)
+
+
+def _fetch_range(client, url, headers, first: int, last: int, write, what, limits: Limits, deadline: _Deadline,
+                 auth_hint, meter: Meter | None, stop: threading.Event, size: int) -> None:
+    """Bytes first..last by ranged GETs, each chunk passed to write(offset, chunk); retried from where it stopped.
+    Returns early (incomplete) once stop is set."""
+    offset = first
+    attempt = 0
+    while offset <= last:
+        if stop.is_set():
+            return
+        try:
+            with client.stream("GET", url, headers={**headers, "Range": f"bytes={offset}-{last}"}) as response:
+                if response.status_code != 206:
+                    raise _status_error(response, what, url, auth_hint)
+                for chunk in response.iter_bytes(MiB):
+                    if offset + len(chunk) > last + 1:
+                        raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
+                    write(offset, chunk)
+                    offset += len(chunk)
+                    if meter is not None:
+                        meter.advance(len(chunk))
+                    deadline.check(what, url)
+            if offset <= last:
+                raise httpx.RemoteProtocolError("short range")
+        except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+            attempt += 1
+            if attempt > limits.retries:
+                raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
+            time.sleep(min(2**attempt * 0.25, 4))
+            deadline.check(what, url, _problem(exc))
+
+
+@contextlib.contextmanager
+def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
+           auth_hint: str | None = None):
+    """For a reader that takes a file in parts as they arrive (flux/tarstream.py): yields (probe, fetch), where
+    fetch(first, last, write, stop) GETs bytes first..last of where url leads, with download()'s checks, retries and
+    credentials rule, passing each chunk to write(offset, chunk); it returns early once the threading.Event stop is
+    set. Transport failures inside the block become DownloadErrors, as in download()."""
+    deadline = _Deadline(limits.total_timeout)
+    with _session(url, what, limits) as session:
+        found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
+
+        def fetch(first: int, last: int, write, stop: threading.Event) -> None:
+            _fetch_range(session, target, target_headers, first, last, write, what, limits, deadline, auth_hint,
+                         meter, stop, found.size)
+
+        yield found, fetch

@@ -19,7 +19,7 @@ the shared small models (CLIP, the VAE, the safety checkers) and go_fast's fp8 c
 the path every GPU runs), then its bf16 transformer, then T5, then each variant loaded on first use and its fp8 copy
 (flux/variants.py, in table order), which are resident only where they fit beside everything with the room of the
 largest request (4 outputs at 1440x1440 in a speed mode with true CFG: activations plus the step cache's copy of
-every block's output for both passes, flux/speed.py: step_cache_bytes). A request that needs more room than the plan
+every block's output for both passes, flux/speed/step_cache.py: holds_bytes). A request that needs more room than the plan
 kept moves the least recently used "on demand" transformers out first, then resident ones (`Residency`); a batch that
 still does not fit runs one output at a time (flux/engine).
 
@@ -34,7 +34,7 @@ runs, T5 is streamed (8.87 GB cross PCIe per prompt, about 0.4 s at PCIe 4.0 x16
 `script/memory-plan --gpu-gb N` prints the plan for any size.
 
 Setup never holds two bf16 transformers on the GPU: the fp8 copy is quantized one block at a time from bf16 dev
-wherever it lives (flux/speed.py: fp8_transformer), so setup's peak is the resident set plus one bf16 block (0.63).
+wherever it lives (flux/speed/fp8.py: fp8_transformer), so setup's peak is the resident set plus one bf16 block (0.63).
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ class Residency:
         self.pinned = set(pinned)  # resident in the plan: moved out only after every other
         self.modules: dict[str, torch.nn.Module] = {}
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
-        self.mover = mover  # (module, device): moves a transformer (flux/speed.py re-ties fused projections)
+        self.mover = mover  # (module, device): moves a transformer (flux/speed/projections.py re-ties fused projections)
         self.moves: list[Move] = []
 
     @classmethod

@@ -4,7 +4,7 @@ One setting per component names its source; the same forms work for each:
   - `tiny`: the tiny random-weight FLUX built by flux/fakes/tiny.py (no download)
   - a local folder holding the component in diffusers format
   - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
-  - an https URL of a .tar of that folder, downloaded in parallel and extracted safely
+  - an https URL of a .tar of that folder, extracted safely while it downloads in parallel ranged parts
 
 Settings (environment):
   each FLUX variant's setting (flux/variants.py)  its weights   default: its HF repo on a GPU, tiny without one:
@@ -28,16 +28,16 @@ import logging
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import download as dl
-from . import netguard, progress, variants
+from . import netguard, progress, tarstream, variants
 from .fakes import tiny
 from .folders import weights_dir
+from .tarstream import extract_tar  # noqa: F401  (lora_loader.py imports it from here)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ PATTERNS = {**{v.name: list(v.files) for v in variants.VARIANTS.values()}, SAFET
 LAYOUT = {**{v.name: list(v.layout) for v in variants.VARIANTS.values()}, SAFETY: ["config.json"],
           SAFETY_SECOND: ["config.json"], COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
 MAX_TAR_BYTES = 64 * 1024**3
+# A weights .tar: 16 ranged parts of 32 MiB ahead of the extractor (about 0.5 GiB of memory while it streams).
+TAR_LIMITS = dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=32 * dl.MiB, workers=16)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -212,17 +214,17 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
 
 
 def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
+    """The .tar at url extracted while it downloads (flux/tarstream.py) into a staging folder beside dest, which
+    becomes dest, marked complete, only once everything arrived and was checked."""
     if (dest / ".complete").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}-*"):  # staging left by an interrupted boot
+        log.info("weights %s: removing %s, left by an interrupted download", kind, stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
-        archive = dl.download(
-            url, Path(tmp) / "weights.tar", what=f"{_what(kind)}",
-            limits=dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=256 * dl.MiB, workers=16),
-        )
         unpacked = Path(tmp) / "unpacked"
-        extract_tar(archive, unpacked, max_bytes=MAX_TAR_BYTES)
-        archive.unlink()
+        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS)
         root = _single_root(unpacked)
         (root / ".complete").write_text(dl.redact(url))
         if dest.exists():
@@ -237,25 +239,3 @@ def _single_root(folder: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir() and not (folder / "model_index.json").exists():
         return entries[0]
     return folder
-
-
-def extract_tar(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
-    """Extract regular files and folders only: no absolute paths, no '..', no links or devices, bounded size."""
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            total = 0
-            for member in members:
-                name = member.name
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise UserError(f"the archive holds an unsafe path ({name!r}); refusing to extract it.")
-                if not (member.isfile() or member.isdir()):
-                    raise UserError(f"the archive holds a link or special file ({name!r}); refusing to extract it.")
-                total += member.size
-                if total > max_bytes:
-                    raise UserError(f"the archive unpacks to more than {max_bytes / 1024**3:.0f} GiB; refusing to extract it.")
-            tar.extractall(dest, members=members, filter="data")
-    except tarfile.TarError as exc:
-        raise UserError(f"the archive is not a valid .tar ({exc}).") from None
-    return [dest / m.name for m in members if m.isfile()]

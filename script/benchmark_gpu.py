@@ -389,7 +389,7 @@ def plan_table(gpus_gib=(78, 139)) -> str:
     gib = memory.GiB
     lines = [f"shared all run (T5, CLIP, VAE): {needs['base'] / gib:.2f} GiB; bf16 transformer "
              f"{sizes.bytes['dev'] / gib:.2f}, fp8 copy {sizes.bytes['dev-fp8'] / gib:.2f}, largest block "
-             f"{sizes.block / gib:.2f} (GiB, the meta-device sizes of flux/fullsize.py)", "",
+             f"{sizes.block / gib:.2f} (GiB, the meta-device sizes of flux/fakes/fullsize.py)", "",
              "| section | holds at its peak (GiB) | " + " | ".join(f"{g} GiB" for g in gpus_gib) + " |",
              "|---|---|" + "---|" * len(gpus_gib)]
     for section, key, with_base in PLAN_ROWS:

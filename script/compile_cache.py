@@ -1,9 +1,10 @@
 """Compile bundles: what a boot compiled, carried to the next container (flux/compile_cache.py).
 
-  script/compile-cache export DIR      boot the engine as setup() does (the weights and the speed settings from the
+  script/compile-cache export [DIR]    boot the engine as setup() does (the weights and the speed settings from the
                                        environment, FLUX_COMPILE on; the warm-up compiles every size on each path,
                                        or loads what FLUX_COMPILE_CACHE already holds), then write the bundle to DIR:
-                                       a folder, or a .tar when DIR ends in .tar
+                                       a folder, or a .tar when DIR ends in .tar. Default: weights/compile-bundle.tar
+                                       (FLUX_WEIGHTS_DIR), where nothing is built into the image
 
 Host the bundle next to the weights (an https URL of the .tar, or a Hugging Face repo holding the folder) and point
 FLUX_COMPILE_CACHE at it: a container booting on the same GPU type with the same software and settings then loads
@@ -50,9 +51,14 @@ def export(dest: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    out = sub.add_parser("export", help="boot, then write the compile bundle to DIR (a folder, or DIR.tar)")
-    out.add_argument("dest", type=Path, metavar="DIR")
+    out = sub.add_parser("export", help="boot, then write the compile bundle to DIR (a folder, or DIR.tar; default "
+                                        "weights/compile-bundle.tar)")
+    out.add_argument("dest", type=Path, metavar="DIR", nargs="?")
     args = parser.parse_args()
+    if args.dest is None:
+        from flux.folders import weights_dir
+
+        args.dest = weights_dir() / "compile-bundle.tar"
     logging.getLogger("flux").setLevel(logging.INFO)
     print(json.dumps(export(args.dest), default=str))
     return 0

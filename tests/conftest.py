@@ -15,6 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Compile caches of this test run, never the checkout's weights/ (flux/__init__.py would put them there), set before
+# anything imports torch._dynamo (which fixes inductor's cache folder at import).
+_caches = tempfile.mkdtemp(prefix="flux-test-compile-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
+
 from flux.settings import VARIABLES  # noqa: E402  (reads no environment at import)
 
 # Nothing from the machine's environment reaches a test: no tokens, no limits, no other weights, no speed switch.
@@ -28,10 +34,6 @@ os.environ["FLUX_CIVITAI_URL"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
 os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
-# Compile caches of this test run, never the checkout's weights/ (flux/__init__.py would put them there).
-_caches = tempfile.mkdtemp(prefix="flux-test-compile-")
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
-os.environ["TRITON_CACHE_DIR"] = os.path.join(_caches, "triton")
 
 import pytest  # noqa: E402
 

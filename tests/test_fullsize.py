@@ -1,4 +1,4 @@
-"""The full-size random FLUX.1-dev (flux/fullsize.py): architecture checked on the meta device, init on tiny modules."""
+"""The full-size random FLUX.1-dev (flux/fakes/fullsize.py): architecture checked on the meta device, init on tiny modules."""
 
 import pytest
 import torch

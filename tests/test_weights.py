@@ -90,9 +90,11 @@ def test_unrecognised_source(weights_root):
 
 
 def test_tar_url_downloaded_in_parallel_and_extracted_once(tiny_dev, weights_root, monkeypatch, caplog):
-    from flux import download
+    import dataclasses
 
-    monkeypatch.setattr(download.Limits, "__init__", _small_parts(download.Limits.__init__))
+    # 64 KiB parts, and the tiny FLUX is small: show its progress too
+    monkeypatch.setattr(weights, "TAR_LIMITS", dataclasses.replace(weights.TAR_LIMITS, part_size=64 * 1024,
+                                                                   progress_bytes=64 * 1024))
     caplog.set_level("INFO", logger="flux")
     body = tar_of(tiny_dev)
     with FileServer() as srv:

@@ -8,7 +8,7 @@ on the CPU: the transformer alone has 11.9e9 parameters), then filled tensor by 
 generator on that device, which takes seconds on a GPU. On the meta device nothing is allocated and
 nothing initialized: that is how the tests check the architecture on a CPU.
 
-The tokenizers are flux.tiny's, trained offline; their vocabularies are much smaller than the models'
+The tokenizers are flux/fakes/tiny.py's, trained offline; their vocabularies are much smaller than the models'
 embeddings, so every id they produce is in range.
 """
 

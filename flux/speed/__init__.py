@@ -81,7 +81,7 @@ ATTENTION = {"sdpa": "native", "cudnn": "_native_cudnn"}  # FLUX_ATTENTION -> di
 
 def attention_backend(name: str, device: torch.device) -> str:
     """diffusers' attention backend for a FLUX_ATTENTION value, or a SettingsError saying why it cannot run here."""
-    from diffusers.utils import is_flash_attn_3_available
+    from diffusers.utils import is_flash_attn_3_available, is_kernels_available
 
     if name == "sdpa":
         return ATTENTION[name]
@@ -94,8 +94,15 @@ def attention_backend(name: str, device: torch.device) -> str:
     if torch.cuda.get_device_capability(device)[0] != 9:
         raise SettingsError("FLUX_ATTENTION=fa3: FlashAttention-3 runs on Hopper GPUs (H100, H200) only. "
                             "Use FLUX_ATTENTION=cudnn or sdpa.")
-    # The flash_attn_interface package where it is installed, else the kernel hub's build (fetched in setup).
-    return "_flash_3" if is_flash_attn_3_available() else "_flash_3_hub"
+    # The flash_attn_interface package where it is installed, else the kernel hub's build (fetched in setup). The
+    # image has neither (requirements.txt: the `kernels` package and FlashAttention-3 are not in it).
+    if is_flash_attn_3_available():
+        return "_flash_3"
+    if not is_kernels_available():
+        raise SettingsError("FLUX_ATTENTION=fa3: FlashAttention-3 is not installed in this image (it needs the "
+                            "flash_attn_interface package, or the `kernels` package for the kernel hub's build). "
+                            "Use FLUX_ATTENTION=cudnn or sdpa.")
+    return "_flash_3_hub"
 
 
 def set_attention(transformer, name: str) -> None:
@@ -200,7 +207,8 @@ SWITCHES: tuple[Switch, ...] = (
            "go_fast's fp8: auto (dynamic per-row float8 on compute capability 8.9+, weight-only fp8 elsewhere), "
            "fp8dqrow or fp8wo: flux/speed/fp8.py"),
     Switch("attention", "FLUX_ATTENTION", choice(ATTENTION_BACKENDS, "sdpa"), "sdpa", True,
-           "diffusers' attention backend: sdpa, cudnn or fa3 (Hopper): set_attention", set_attention, "transformer",
+           "diffusers' attention backend: sdpa, cudnn or fa3 (Hopper, where flash_attn_interface or the `kernels` "
+           "package is installed; the image has neither): set_attention", set_attention, "transformer",
            compare=("cudnn", "fa3")),
     Switch("fused_projections", "FLUX_FUSED_PROJECTIONS", flag(True), True, True,
            "q, k, v in one matmul: flux/speed/projections.py", fuse_projections, "transformer", compare=("0",)),

@@ -1,0 +1,151 @@
+""".tar weights extracted while they download (flux/tarstream.py), from FileServer on 127.0.0.1: the files, parallel
+ranged parts, every member checked mid-stream, an interrupted server, and the disk it takes at its peak."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flux import download as dl
+from flux import tarstream, weights
+from flux.errors import UserError
+from tests.helpers.http import FileServer
+from tests.test_weights import tiny_dev, weights_root  # noqa: F401  (fixtures)
+
+KiB = 1024
+SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4, retries=1)
+
+
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch):
+    monkeypatch.setattr(weights, "TAR_LIMITS", SMALL)
+
+
+def tar_of(folder: Path, prefix: str = "FLUX.1-dev", extra: list[tarfile.TarInfo] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(folder, arcname=prefix)
+        for info in extra:  # after every real member: refused mid-stream, with parts already extracted
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".complete"}
+
+
+def ranged_gets(srv: FileServer) -> list[str]:
+    return [r.headers["Range"] for r in srv.requests if r.headers.get("Range", "bytes=0-0") != "bytes=0-0"]
+
+
+def test_streamed_files_are_the_archive_s_fetched_in_parallel_ranged_parts(tiny_dev, tmp_path):
+    body = tar_of(tiny_dev)
+    assert len(body) > 8 * SMALL.part_size  # many parts, more than the window
+    with FileServer() as srv:
+        files = tarstream.extract_url(srv.add("/w.tar", body), tmp_path / "out", max_bytes=len(body), limits=SMALL)
+        parts = ranged_gets(srv)
+    assert digests(tmp_path / "out" / "FLUX.1-dev") == digests(tiny_dev)
+    assert sorted(p.relative_to(tmp_path / "out" / "FLUX.1-dev").as_posix() for p in files) == sorted(digests(tiny_dev))
+    assert len(parts) == -(-len(body) // SMALL.part_size) and len(set(parts)) == len(parts)  # each part once
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "FLUX.1-dev"]  # no archive kept beside
+
+
+def test_locate_streams_and_marks_complete_once(tiny_dev, weights_root):
+    with FileServer() as srv:
+        url = srv.add("/weights/flux-dev.tar", tar_of(tiny_dev)) + "?signature=SECRET"
+        path = weights.locate(url, "dev")
+        assert (path / ".complete").is_file() and digests(path) == digests(tiny_dev)
+        count = len(srv.requests)
+        assert weights.locate(url, "dev") == path and len(srv.requests) == count  # complete: no request
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging left
+
+
+def unsafe(kind: str) -> tarfile.TarInfo:
+    names = {"dotdot": "FLUX.1-dev/../../evil.txt", "absolute": "/tmp/evil.txt"}
+    info = tarfile.TarInfo(names.get(kind, "FLUX.1-dev/x"))
+    if kind in ("dotdot", "absolute"):
+        info.size = 4
+    elif kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, "FLUX.1-dev/model_index.json"
+    elif kind == "device":
+        info.type = tarfile.CHRTYPE
+    return info
+
+
+@pytest.mark.parametrize("kind,message", [("dotdot", "unsafe path"), ("absolute", "unsafe path"),
+                                          ("symlink", "link or special"), ("hardlink", "link or special"),
+                                          ("device", "link or special")])
+def test_an_unsafe_member_after_good_ones_stops_the_stream_and_leaves_nothing(tiny_dev, weights_root, tmp_path,
+                                                                             kind, message):
+    body = tar_of(tiny_dev, extra=[unsafe(kind)])
+    with FileServer() as srv:
+        url = srv.add("/evil.tar", body)
+        with pytest.raises(UserError, match=message):
+            weights.locate(url, "dev")
+        assert len(ranged_gets(srv)) > 1  # refused mid-stream, not before the download
+    assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+    assert [p for p in weights_root.rglob("*") if p.is_file()] == []
+
+
+def test_the_size_cap_counts_every_member(tiny_dev, tmp_path):
+    body = tar_of(tiny_dev)
+    unpacked = sum(p.stat().st_size for p in tiny_dev.rglob("*") if p.is_file())
+    with FileServer() as srv:
+        with pytest.raises(UserError, match="unpacks to more than"):
+            tarstream.extract_url(srv.add("/w.tar", body), tmp_path / "out", max_bytes=unpacked - 1, limits=SMALL)
+
+
+def test_an_interrupted_server_leaves_nothing_that_looks_complete(tiny_dev, weights_root):
+    body = tar_of(tiny_dev)
+    with FileServer() as srv:
+        url = srv.add("/cut.tar", body, truncate=len(body) * 2 // 3, reset=True)
+        with pytest.raises(UserError, match="dropping the connection"):
+            weights.locate(url, "dev")
+    assert [p for p in weights_root.rglob("*") if p.is_file()] == []
+    assert not list(weights_root.rglob(".complete"))
+
+
+def test_staging_left_by_a_killed_boot_is_removed_and_the_fetch_starts_over(tiny_dev, weights_root):
+    with FileServer() as srv:
+        url = srv.add("/w.tar", tar_of(tiny_dev))
+        dest = weights_root / "url" / weights._url_folder(url)
+        stale = dest.parent / f".{dest.name}-killed" / "unpacked" / "FLUX.1-dev"
+        stale.mkdir(parents=True)
+        (stale / "model_index.json").write_text("{}")  # half of an earlier extraction
+        assert weights.locate(url, "dev") == dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+    assert digests(dest) == digests(tiny_dev)
+
+
+@pytest.fixture
+def disk_peak(monkeypatch, tmp_path):
+    """The bytes on disk under tmp_path, measured after each file tarfile writes (disk only grows there, and a
+    downloaded archive is on disk by then): their maximum."""
+    peak = [0]
+    original = tarfile.TarFile.makefile
+
+    def makefile(self, tarinfo, targetpath):
+        original(self, tarinfo, targetpath)
+        peak[0] = max(peak[0], sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()))
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", makefile)
+    return peak
+
+
+def test_peak_disk_is_the_archive_s_size_not_twice_it(tiny_dev, weights_root, disk_peak):
+    body = tar_of(tiny_dev)
+    with FileServer() as srv:
+        shutil.rmtree(weights.locate(srv.add("/w.tar", body), "dev"))
+        streamed, disk_peak[0] = disk_peak[0], 0
+        weights.locate(srv.add("/plain.tar", body, no_ranges=True), "dev")  # no ranges: downloaded, then extracted
+        whole = disk_peak[0]
+    assert streamed <= 1.1 * len(body)
+    assert whole >= 1.9 * len(body)  # the measure sees the archive when it is there
