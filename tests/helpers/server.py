@@ -42,7 +42,9 @@ def decode_image(uri: str) -> Image.Image:
 
 
 class CogServer:
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None, setup_timeout: float = 300):
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, setup_timeout: float = 300,
+                 cwd: Path = ROOT):
+        self.cwd = cwd  # where coglet reads .cog/openapi_schema.json and the predictor's file from
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -68,7 +70,7 @@ class CogServer:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.cwd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
     def wait_status(self, wanted=("READY",), timeout: float | None = None) -> dict:
