@@ -801,8 +801,12 @@ def _numbers(tensors: dict, shown: str) -> dict:
                 raise LoraError(f"{shown}: {_short(name)} holds {value.numel()} numbers; an alpha is one number.")
             if not value.is_floating_point():
                 if value.dtype.is_complex or value.dtype == torch.bool:
-                    raise LoraError(f"{shown}: {_short(name)} is a {value.dtype}, not a number an alpha can be.")
+                    raise LoraError(f"{shown}: {_short(name)} is a {str(value.dtype).removeprefix('torch.')}, not a "
+                                    "number an alpha can be.")
                 value = value.to(torch.float32)
+        elif value.numel() == 0:
+            raise LoraError(f"{shown}: {_short(name)} is empty (shape {tuple(value.shape)}): a LoRA of rank 0 changes "
+                            "nothing. Use an intact LoRA file.")
         elif not value.is_floating_point():
             raise LoraError(f"{shown}: {_short(name)} holds {str(value.dtype).removeprefix('torch.')} values, not "
                             "floating-point numbers: it is not LoRA weights. Use an intact LoRA file.")
@@ -935,9 +939,9 @@ def _scales(component: str, modules: dict, config: dict | None, alphas: dict, sh
     own = {k.removesuffix(".alpha").split(".lora_A.")[0][len(component) + 1:]: float(v)
            for k, v in alphas.items() if k.startswith(component + ".")}
     if not own:
-        return {m: 1.0 for m in modules}
+        return dict.fromkeys(modules, 1.0)
     common = collections.Counter(own.values()).most_common(1)[0][0]  # diffusers' lora_alpha for modules without one
-    return {m: own.get(m, common) / rank for m, rank in ranks.items()}
+    return {m: own.get(m, common) / rank if rank else math.nan for m, rank in ranks.items()}  # rank 0: refused later
 
 
 def _metadata_number(value, name: str, shown: str) -> float:

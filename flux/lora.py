@@ -104,7 +104,8 @@ class Delta:
         f = self.factors
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items())
         if any(not v.is_floating_point() for v in f.values()):
-            return f"holds factors that are not floating-point numbers ({', '.join(f'{k} {v.dtype}' for k, v in f.items())})"
+            kinds = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in f.items())
+            return f"holds factors that are not floating-point numbers ({kinds})"
         if any(v.ndim != 2 for v in f.values()):
             return f"has factors that are not matrices ({shapes})"
         if self.kind == "lokr":

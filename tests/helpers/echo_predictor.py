@@ -25,7 +25,7 @@ class EchoPredictor(BasePredictor):
         seen = {"text": text, "type": f"{type(image).__module__}.{type(image).__qualname__}", "temp": tempfile.gettempdir()}
         if image is not None:
             path = os.path.abspath(os.fspath(image))
-            seen["path"] = path
+            seen["value"], seen["path"] = str(image), path
             try:
                 info = os.lstat(path)
                 seen |= {"regular": stat.S_ISREG(info.st_mode), "mode": oct(stat.S_IMODE(info.st_mode)),

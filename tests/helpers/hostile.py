@@ -98,7 +98,7 @@ def torch_zip_checkpoint() -> bytes:
 
 # Library exception names, and words of their messages, that no message to a caller may carry.
 LIBRARY_WORDS = ("Error:", "KeyError", "RuntimeError", "ValueError", "TypeError", "AttributeError", "IndexError",
-                 "JSONDecodeError", "SafetensorError", "LoraConfig", "peft", "PEFT", "httpx", "TooManyRedirects",
+                 "JSONDecodeError", "SafetensorError", "LoraConfig", "httpx", "TooManyRedirects",
                  "DecodingError", "ReadError", "TarError", "BadZipFile", "zlib", "Traceback", "Errno", "torch.",
                  "tensor(", "should be a positive integer", "could not be instantiated", "meta device", "device='meta'")
 
