@@ -917,7 +917,7 @@ def _scales(component: str, modules: dict, config: dict | None, alphas: dict, sh
             log.info("lora: %s: adapter metadata %s not used (this loader fuses the file's low-rank pairs only)",
                      shown, ", ".join(_short(k, 40) for k in unused[:6]))
         if fields.get("use_dora"):
-            raise LoraError(f"{shown}'s adapter metadata asks for DoRA (use_dora): this loader applies LoRA weights, "
+            raise LoraError(f"{shown}: its adapter metadata asks for DoRA (use_dora): this loader applies LoRA weights, "
                             "not DoRA's weight decomposition. Use the LoRA without DoRA.")
         r = _metadata_rank(fields.get("r", defaults["r"].default), "r", shown)
         alpha = _metadata_number(fields.get("lora_alpha", defaults["lora_alpha"].default), "lora_alpha", shown)
@@ -925,12 +925,12 @@ def _scales(component: str, modules: dict, config: dict | None, alphas: dict, sh
         alpha_pattern = _pattern(fields.get("alpha_pattern"), "alpha_pattern", shown, _metadata_number)
         rslora = fields.get("use_rslora") or False
         if not isinstance(rslora, bool):
-            raise LoraError(f"{shown}'s adapter metadata gives use_rslora={_short(repr(rslora), 40)}, not true or false.")
+            raise LoraError(f"{shown}: its adapter metadata gives use_rslora={_short(repr(rslora), 40)}, not true or false.")
         scales = {}
         for module, rank in ranks.items():
             own_r = _matching(rank_pattern, module, r)
             if own_r != rank:
-                raise LoraError(f"{shown}'s adapter metadata gives rank {own_r} for {component}.{_short(module)}, but "
+                raise LoraError(f"{shown}: its adapter metadata gives rank {own_r} for {component}.{_short(module)}, but "
                                 f"its weights have rank {rank}: the metadata does not belong to these weights. Save "
                                 "the LoRA again, or remove the metadata.")
             own_alpha = _matching(alpha_pattern, module, alpha)
@@ -946,14 +946,14 @@ def _scales(component: str, modules: dict, config: dict | None, alphas: dict, sh
 
 def _metadata_number(value, name: str, shown: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LoraError(f"{shown}'s adapter metadata gives {name}={_short(repr(value), 40)}, not a finite number. "
+        raise LoraError(f"{shown}: its adapter metadata gives {name}={_short(repr(value), 40)}, not a finite number. "
                         "Save the LoRA again, or remove the metadata.")
     return float(value)
 
 
 def _metadata_rank(value, name: str, shown: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LoraError(f"{shown}'s adapter metadata gives rank {name}={_short(repr(value), 40)}; a rank is a whole "
+        raise LoraError(f"{shown}: its adapter metadata gives rank {name}={_short(repr(value), 40)}; a rank is a whole "
                         "number of at least 1. Save the LoRA again, or remove the metadata.")
     return value
 
@@ -967,11 +967,11 @@ def _pattern(value, name: str, shown: str, check) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise LoraError(f"{shown}'s adapter metadata gives {name} as {type(value).__name__}, not an object of module "
+        raise LoraError(f"{shown}: its adapter metadata gives {name} as {type(value).__name__}, not an object of module "
                         "names. Save the LoRA again, or remove the metadata.")
     for key in value:
         if not _MODULE_NAME.fullmatch(key):
-            raise LoraError(f"{shown}'s adapter metadata has {name} key {_short(repr(key), 60)}, which is not a module "
+            raise LoraError(f"{shown}: its adapter metadata has {name} key {_short(repr(key), 60)}, which is not a module "
                             "name (a regular expression is not read from a file). Save the LoRA again with module names.")
     return {key: check(v, f"{name}[{_short(key, 40)}]", shown) for key, v in value.items()}
 
