@@ -78,7 +78,7 @@ from flux import download as dl
 from flux import netguard
 from flux.cache import DiskCache
 from flux.errors import UserError
-from flux.lora import COMPONENTS, TRANSFORMER, Delta, LoraWeights
+from flux.lora import COMPONENTS, FACTORS, TRANSFORMER, Delta, LoraWeights
 from flux.progress import human_bytes
 from flux.weights import shown as shown_reference
 from flux.weights import weights_dir
@@ -770,7 +770,7 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         deltas = _lycoris(tensors, shown, kind)
     else:
         deltas = _low_rank(tensors, header, kind, shown)
-    for name, delta in deltas.items():
+    for delta in deltas.values():
         problem = delta.problem()
         if problem:
             raise LoraError(f"{shown} cannot be used: {_short(delta.source)} {problem}. Use an intact LoRA file.")
@@ -987,11 +987,7 @@ def _matching(pattern: dict, module: str, default):
 # ----- LyCORIS: LoKr and LoHa ----------------------------------------------------------------------------------------
 
 # The tensors of one module per kind (LyCORIS' names); "lora" is a plain LoRA pair, which LyCORIS files mix in.
-_LYCORIS = {
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "lora": ("lora_down.weight", "lora_up.weight"),
-}
+_LYCORIS = {"lokr": FACTORS["lokr"], "loha": FACTORS["loha"], "lora": ("lora_down.weight", "lora_up.weight")}
 # Parts of LyCORIS that FLUX's Linear layers have no use for or that this loader does not apply.
 _LYCORIS_UNSUPPORTED = {"lokr_t1": "a Tucker core (conv layers)", "lokr_t2": "a Tucker core (conv layers)",
                         "hada_t1": "a Tucker core (conv layers)", "hada_t2": "a Tucker core (conv layers)",

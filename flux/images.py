@@ -35,7 +35,8 @@ EXTENSIONS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 class Delivered:
     """A file input as the server passed it on: `value` is what the server handed to the predictor (its path object
     for a file it fetched, or a string it did not fetch), `folder` and `prefix` where and how the server writes the
-    files it fetches. Read only if it is such a file (`open`)."""
+    files it fetches. Read only if it is such a file (`open`). A caller cannot name another prediction's file there:
+    the server names them at random, never shows the names, and deletes them after their prediction."""
 
     value: object
     folder: str

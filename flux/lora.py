@@ -25,6 +25,7 @@ the predictor is left exactly as it was.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -134,10 +135,11 @@ class Delta:
             return "holds numbers that are not finite (NaN or infinity)"
         if not math.isfinite(self.scale):
             return f"has a scale (alpha / rank) that is not finite ({self.scale})"
-        if not math.isfinite(self.bound()):
+        if not math.isfinite(self.bound):
             return "has numbers so large that its weight change is not finite"
         return None
 
+    @functools.cached_property
     def bound(self) -> float:
         """An upper bound on the largest entry of scale * ΔW (Cauchy-Schwarz on each product), without forming
         ΔW: float64, cheap, and loose only by the factors' shapes."""
@@ -416,8 +418,8 @@ def _plan(target: _Target, adapters: Sequence[Adapter]) -> _Plan:
             )
     for layer, parts in plan.items():
         limit = torch.finfo(layer.weight.dtype).max * HEADROOM
-        if sum(delta.bound() * abs(scale) for delta, scale in parts) > limit:
-            delta, scale = max(parts, key=lambda p: p[0].bound() * abs(p[1]))
+        if sum(delta.bound * abs(scale) for delta, scale in parts) > limit:
+            delta, scale = max(parts, key=lambda p: p[0].bound * abs(p[1]))
             shown = next(a.weights.shown for a in adapters if delta in a.weights.deltas.values())
             raise UserError(
                 f"{shown} changes {delta.source} by numbers too large for the model's "
