@@ -181,9 +181,19 @@ def test_a_lora_that_makes_the_latents_non_finite_fails_naming_it_and_its_scale(
 REFUSED_IMAGE = "image could not be read: send an uploaded file, a data: URI or an http(s) URL."
 
 
-def delivered(body: bytes, mime: str = "image/png") -> CogPath:
-    """A file as cog delivers it: cog's own Path for a data: URI, fetched by cog into its temporary file."""
-    return CogPath.validate(data_uri(body, mime)).convert()
+@pytest.fixture
+def delivered():
+    """A file as cog delivers it: cog's own Path for a data: URI, fetched by cog into its temporary file (which cog
+    deletes after the prediction, and this fixture after the test)."""
+    made = []
+
+    def deliver(body: bytes, mime: str = "image/png") -> CogPath:
+        made.append(CogPath.validate(data_uri(body, mime)).convert())
+        return made[-1]
+
+    yield deliver
+    for path in made:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -247,7 +257,7 @@ PATH_CASES = [
 @pytest.mark.parametrize("case,make", PATH_CASES, ids=[c[0] for c in PATH_CASES])
 @pytest.mark.parametrize("field", ["image", "mask"])
 def test_files_cog_did_not_deliver_are_refused_with_one_message(predict, engine, reference, cache_dir, in_temp,
-                                                                tmp_path, case, make, field):
+                                                                delivered, tmp_path, case, make, field):
     image, _ = reference
     before = state.fingerprint(engine, cache_dir)
     value = make(in_temp, tmp_path)
@@ -259,7 +269,7 @@ def test_files_cog_did_not_deliver_are_refused_with_one_message(predict, engine,
     assert run(predict) == image
 
 
-def test_files_cog_delivered_are_read(predict, tmp_path):
+def test_files_cog_delivered_are_read(predict, delivered, tmp_path):
     """An upload / data: URI as cog hands it to predict() works, as does a Python caller's own file."""
     body = encoded(gradient(256, 256))
     own = save(gradient(256, 256), tmp_path, "own.png")
