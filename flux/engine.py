@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
 
+class NonFiniteOutput(UserError):
+    """The latents of a request came out NaN or infinite (its LoRAs, at their scales, broke the model)."""
+
+
 @dataclass
 class Result:
     images: list[Image.Image]
@@ -436,14 +440,26 @@ class Engine:
             _, before = fetched.get(got.key, (got, 0.0))
             fetched[got.key] = (got, before + scale)  # two references to one file: one LoRA, scales added
         in_use = {a.weights.key: a.weights for name in targets for a in self.loras.adapters(name)}
-        adapters = [
-            Adapter(in_use.get(key) or loader.load(got), scale)
-            for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
-        ]
-        self.loras.use(adapters, targets)
+        try:
+            adapters = [
+                Adapter(in_use.get(key) or loader.load(got), scale)
+                for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
+            ]
+            self.loras.use(adapters, targets)  # refuses what does not fit before any weight changes
+        except UserError:
+            for key, (got, _) in fetched.items():  # no file stays cached for a LoRA the model refused
+                if key not in in_use:
+                    loader.forget(got)
+            raise
         if req.fp8:
             self._sync_fp8(req.model)
         return [got for got, _ in fetched.values()]
+
+    def _drop_loras(self, req: Request) -> None:
+        """Back to no LoRA on the modules a request used (after its LoRAs broke its output)."""
+        self.loras.use([], [req.model, TEXT_ENCODER])
+        if req.model in self._fp8:
+            self._sync_fp8(req.model)
 
     def _sync_fp8(self, model: str) -> None:
         """Bring a model's fp8 path to its bf16 LoRA state: re-quantize the layers that either state touches."""
@@ -465,6 +481,9 @@ class Engine:
         req = self.route(req)
         try:
             return self._generate(req, step_hook)
+        except NonFiniteOutput:  # the request's LoRAs broke the output: the next request starts without them
+            self._drop_loras(req)
+            raise
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
             _free_memory()
             raise UserError(
@@ -523,9 +542,14 @@ class Engine:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
         progress bar over every call; the time of each stage and the transformer passes added up over them."""
         steps = progress.Steps(calls=1)
-        on_step = steps if step_hook is None else (lambda *args: step_hook(*args[:3], steps(*args)))
         timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
         passes = [0]
+
+        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            steps(pipe, step, timestep, callback_kwargs)
+            if step == pipe.num_timesteps - 1:  # the latents the VAE decodes: checked once per call
+                self._check_finite(callback_kwargs.get("latents"), req)
+            return callback_kwargs if step_hook is None else step_hook(pipe, step, timestep, callback_kwargs)
 
         def call(batch_seeds: list[int]) -> list[Image.Image]:
             # CPU generators: the same seed gives the same noise on any device.
@@ -536,7 +560,7 @@ class Engine:
                 denoising = time.monotonic()
                 timings["text_encode"] += denoising - started
                 output, cached = path.run(req.task, mode, passes_per_step(req), generator=generators,
-                                          callback_on_step_end=on_step, **embeds, **kwargs)
+                                          callback_on_step_end=step_end, **embeds, **kwargs)
             ended = time.monotonic()
             timings["denoise"] += (steps.last_step_at or ended) - denoising
             timings["decode"] += ended - (steps.last_step_at or ended)
@@ -554,6 +578,19 @@ class Engine:
             steps.expect(len(seeds))
             images = [img for s in seeds for img in call([s])]
         return Result(images=images, seeds=seeds, timings=timings, steps=steps.steps_per_call, passes=passes[0])
+
+    def _check_finite(self, latents: torch.Tensor | None, req: Request) -> None:
+        """Latents with a NaN or an infinity decode to black pixels: fail instead, naming the likely cause."""
+        if latents is None or bool(torch.isfinite(latents).all()):
+            return
+        loras = [a for name in (req.model, TEXT_ENCODER) for a in self.loras.adapters(name)]
+        if not loras:
+            raise RuntimeError(f"the {req.path} transformer produced non-finite latents without a LoRA")
+        named = " and ".join(dict.fromkeys(f"{a.weights.shown} at scale {a.scale:g}" for a in loras))
+        raise NonFiniteOutput(
+            f"The image came out as numbers that are not finite (NaN or infinity) with the LoRA {named}: it pushes "
+            "the model beyond what it can compute. Lower lora_scale (or extra_lora_scale), or use another LoRA."
+        )
 
     def check_safety(self, req: Request, result: Result) -> Result:
         """Drop the images both checkers flag (CompVis', then the second opinion on what it flagged); fail if none is
