@@ -12,25 +12,34 @@ References (README, "LoRAs"):
                HF_TOKEN. Built on HF_ENDPOINT.
   CivitAI      civitai.com/models/<id>[/<name>][?modelVersionId=<v>], civitai.com/api/download/models/<v>.
                Token: civitai_api_token or CIVITAI_API_TOKEN, sent as a header (never in a URL). Built on FLUX_CIVITAI_URL.
-  URLs         any http(s) URL of a .safetensors file (signed URLs with a query string too) or of a .tar holding one.
-  data: URIs   base64 of a .safetensors file or of a .tar holding one.
+  URLs         any http(s) URL of a .safetensors file (signed URLs with a query string too) or of a .tar or .zip
+               holding one.
+  data: URIs   base64 of a .safetensors file or of a .tar or .zip holding one.
 
-Every file lands, after safe extraction and a check that it is a safetensors file, in
-an LRU cache under weights/loras/ (flux.cache.DiskCache) named by a hash of the
-redacted reference. References that can change (an unversioned Replicate model, a
-Hugging Face branch, a CivitAI model page) are resolved again at most every
-FLUX_LORA_RECHECK_S seconds, so a new version is picked up; the others are cached
-for good. Only safetensors are ever read: pickle files (.bin, .ckpt, .pt) are
+Every file is unpacked (an archive read as a stream: at most MAX_MEMBERS members and
+FLUX_LORA_MAX_BYTES of content, counted while reading), read and checked in a staging
+folder, and only then lands in an LRU cache under weights/loras/ (flux.cache.DiskCache)
+named by a hash of its key: the whole reference (a URL's query included: two URLs that
+differ only there are two files) or, for the hosts above, what identifies the file
+there. References that can change (an unversioned Replicate model, a Hugging Face
+branch, a CivitAI model page) are resolved again at most every FLUX_LORA_RECHECK_S
+seconds, so a new version is picked up; the others are cached for good. Only
+safetensors are ever read: pickle files (.bin, .ckpt, .pt, a torch.save zip) are
 refused, never passed to torch.load.
 
-Formats: diffusers' FluxLoraLoaderMixin.lora_state_dict decides: it turns the
-layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as
-ComfyUI writes it) into diffusers/PEFT keys, and this module checks that the
-result is complete. It routes only what diffusers cannot do for FLUX.1: BFL names
-with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`,
-whose diffusers converter is written for FLUX.1's full block counts) go to the
-ComfyUI form diffusers converts at any size, and LyCORIS LoKr/LoHa files become
-flux.lora.Delta factors per diffusers module (a fused BFL qkv/linear1 split by rows).
+Formats: every layout becomes per-layer factors (flux.lora.Delta), which flux/lora.py
+fuses one way. diffusers' FluxLoraLoaderMixin.lora_state_dict turns the key names of
+the layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as
+ComfyUI writes it) into diffusers/PEFT keys; each lora_A/lora_B pair becomes a Delta
+scaled as PEFT would scale it (lora_alpha / r from the adapter metadata, or the file's
+alphas). The adapter metadata is read for those numbers only, each checked: nothing in
+a file configures the serving model. It routes only what diffusers cannot do for
+FLUX.1: BFL names with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under
+`base_model.model.`, whose diffusers converter is written for FLUX.1's full block
+counts) go to the ComfyUI form diffusers converts at any size, and LyCORIS LoKr/LoHa
+files become Deltas per diffusers module (a fused BFL qkv/linear1 split by rows). Every
+tensor must be finite and floating-point, every Delta fusable (flux.lora.Delta.problem)
+before the LoRA is cached or used; DoRA is refused.
 
 Settings (environment, read on every call):
   FLUX_LORA_MAX_BYTES   largest LoRA download (default 2 GiB)
@@ -44,26 +53,35 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
+import json
 import logging
+import lzma
+import math
 import os
 import re
 import tarfile
 import threading
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
+
+import torch
 
 from flux import download as dl
 from flux import netguard
 from flux.cache import DiskCache
 from flux.errors import UserError
-from flux.lora import LoraWeights
-from flux.weights import extract_tar, weights_dir
+from flux.lora import COMPONENTS, FACTORS, TRANSFORMER, Delta, LoraWeights
+from flux.progress import human_bytes
 from flux.weights import shown as shown_reference
+from flux.weights import weights_dir
 
 log = logging.getLogger("flux.lora_loader")
 
@@ -205,7 +223,7 @@ class ReplicateRef(Ref):
         except dl.DownloadError as exc:
             raise _not_found(exc, f"Replicate model {self.shown} was not found or has no trained LoRA weights. "
                              "Check the owner/model[/version] reference.") from None
-        key = f"replicate:{self.shown}@{dl.redact(found.url)}#{found.etag or found.size}"
+        key = f"replicate:{self.shown}@{dl.redact(found.url)}#{found.etag or _digest(found.url)}"
         return Source(key, found.url, "replicate" if dl.same_origin(found.url, url) else None, hint)
 
 
@@ -327,7 +345,9 @@ class UrlRef(Ref):
     def locate(self, tokens: Tokens) -> Source:
         if urlsplit(self.url).path.lower().endswith(PICKLE_SUFFIXES):
             raise LoraError(_pickle_message(self.shown))
-        return Source(f"url:{self.shown}", self.url, None, "If the file needs a login, use a signed URL.")
+        # The whole URL is the key (hashed: its query may hold a signature): two URLs that differ only in their query
+        # are two files. A re-signed URL of a file already cached is fetched again.
+        return Source(f"url:{_digest(self.url)}", self.url, None, "If the file needs a login, use a signed URL.")
 
 
 @dataclass(frozen=True)
@@ -357,7 +377,12 @@ class DataRef(Ref):
             path.write_bytes(body)
             return path
 
-        return Source(f"data:{hashlib.sha256(self.uri.encode()).hexdigest()}", data=fetch)
+        return Source(f"data:{_digest(self.uri)}", data=fetch)
+
+
+def _digest(text: str) -> str:
+    """What a key holds of a reference that may carry a secret (a signed query, a data: URI): its hash."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -438,10 +463,12 @@ class Fetched:
     shown: str  # safe to log and to return: never a token or a query string
     path: Path
     cached: bool  # it was in the disk cache already
+    weights: LoraWeights | None = field(default=None, repr=False, compare=False)  # read while it was checked
 
 
 class LoraLoader:
-    """Fetches references into the on-disk cache (remembering where unversioned ones led) and loads them."""
+    """Fetches references into the on-disk cache (remembering where unversioned ones led) and loads them. Only a
+    file that reads as a LoRA enters the cache: a download is unpacked, read and checked in a staging folder first."""
 
     def __init__(self):
         # (reference, tokens' fingerprint) -> (source, when located): a caller with other tokens locates again,
@@ -460,9 +487,16 @@ class LoraLoader:
             return Fetched(source.key, ref.shown, path, cached=True)
         with files.staging() as folder:
             raw = source.fetch(folder, tokens)
-            path = files.put(source.key, _as_safetensors(raw, folder, ref.shown))
+            path = _as_safetensors(raw, folder, ref.shown)
+            weights = self._read(path, source.key, ref.shown)
+            path = files.put(source.key, path)
         log.info("lora: %s fetched into the cache in %.2fs", ref.shown, time.monotonic() - started)
-        return Fetched(source.key, ref.shown, path, cached=False)
+        return Fetched(source.key, ref.shown, path, cached=False, weights=weights)
+
+    @staticmethod
+    def forget(fetched: Fetched) -> None:
+        """Drop a fetched file from the cache (a LoRA the model refused: no file stays for a failed request)."""
+        cache().discard(fetched.key)
 
     def _locate(self, reference: str, ref: Ref, tokens: Tokens) -> Source:
         if ref.pinned:
@@ -480,40 +514,144 @@ class LoraLoader:
             self._located[memo] = (source, now)
         return source
 
+    @classmethod
+    def load(cls, fetched: Fetched) -> LoraWeights:
+        return fetched.weights or cls._read(fetched.path, fetched.key, fetched.shown)
+
     @staticmethod
-    def load(fetched: Fetched) -> LoraWeights:
+    def _read(path: Path, key: str, shown: str) -> LoraWeights:
         started = time.monotonic()
-        weights = normalize(fetched.path, fetched.key, fetched.shown)
+        weights = normalize(path, key, shown)
         log.info(
-            "lora: %s read (%s layout, %s, rank %d) in %.2fs", fetched.shown, weights.layout,
-            ", ".join(f"{len(weights.modules(c)) + len(weights.deltas_of(c))} {c.replace('_', ' ')} modules"
-                      for c in weights.components),
+            "lora: %s read (%s layout, %s, rank %d) in %.2fs", shown, weights.layout,
+            ", ".join(f"{len(weights.deltas_of(c))} {c.replace('_', ' ')} modules" for c in weights.components),
             weights.rank, time.monotonic() - started,
         )
         return weights
 
 
+# An archive of a LoRA holds the LoRA and a few files beside it (a trainer's config, sample images): more members
+# than this is refused while reading, before the time it would take to go through them.
+MAX_MEMBERS = 1000
+
+
 def _as_safetensors(raw: Path, folder: Path, shown: str) -> Path:
-    """The one .safetensors file a download holds (itself, or the one in its .tar), checked to be one."""
+    """The one .safetensors file a download holds (itself, or the one in its .tar or .zip), checked to be one."""
     path = raw
-    if tarfile.is_tarfile(raw):
-        try:
-            members = extract_tar(raw, folder / "unpacked", max_bytes=max_bytes())
-        except UserError as exc:
-            raise LoraError(f"{shown}: {exc}") from None
+    if _is_tar(raw):
+        path = _from_tar(raw, folder / "lora.safetensors", shown)
+    elif zipfile.is_zipfile(raw):
+        path = _from_zip(raw, folder / "lora.safetensors", shown)
+    if path != raw:
         raw.unlink()
-        found = [m for m in members if m.name.endswith(SAFETENSORS)]
-        names = [m.relative_to(folder / "unpacked").as_posix() for m in members]
-        if not found:
-            pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-            raise LoraError(f"{shown}: the archive holds no .safetensors file (it holds: {_listing(names)})"
-                            + (". Pickle files are never loaded." if pickles else "."))
-        if len(found) > 1:
-            raise LoraError(f"{shown}: the archive holds several .safetensors files "
-                            f"({_listing([n for n in names if n.endswith(SAFETENSORS)])}); expected one LoRA.")
-        path = found[0]
     _check_safetensors(path, shown)
     return path
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (EOFError, zlib.error, lzma.LZMAError, OSError):  # a compressed stream that is not a tar
+        return False
+
+
+def _member_problem(name: str, regular: bool) -> str | None:
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        return f"holds an unsafe path ({_short(name)!r})"
+    if not regular:
+        return f"holds a link or special file ({_short(name)!r})"
+    return None
+
+
+def _from_tar(raw: Path, dest: Path, shown: str) -> Path:
+    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members and max_bytes() of content
+    (counted from each member's header before its content is read); the one .safetensors written to dest."""
+    names, found, total = [], [], 0
+    try:
+        with tarfile.open(raw, mode="r|*") as tar:
+            for member in tar:
+                if len(names) == MAX_MEMBERS:
+                    raise LoraError(_too_many(shown, "tar"))
+                problem = _member_problem(member.name, member.isfile() or member.isdir())
+                if problem:
+                    raise LoraError(f"{shown}: the archive {problem}; refusing to read it.")
+                total += member.size
+                if total > max_bytes():
+                    raise LoraError(_too_big(shown))
+                names.append(member.name)
+                if member.isfile() and member.name.endswith(SAFETENSORS):
+                    found.append(member.name)
+                    if len(found) == 1:
+                        _copy(tar.extractfile(member), dest, shown)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        log.info("lora: %s: reading the tar archive failed (%s)", shown, type(exc).__name__)
+        raise LoraError(f"{shown}: the .tar archive is damaged or truncated: check the file.") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the archive
+            raise
+        raise LoraError(f"{shown}: the .tar archive is damaged or truncated: check the file.") from None
+    return _the_one(shown, names, found, dest)
+
+
+def _from_zip(raw: Path, dest: Path, shown: str) -> Path:
+    """A zip read like a tar: at most MAX_MEMBERS members, max_bytes() of content (counted as it is unpacked, not as
+    the zip announces it); the one .safetensors written to dest. A zip of a pickle (torch.save) is refused as one."""
+    try:
+        with zipfile.ZipFile(raw) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise LoraError(_too_many(shown, "zip"))
+            for member in members:
+                problem = _member_problem(member.filename, (member.external_attr >> 28) != 0o12)  # not a symlink
+                if problem:
+                    raise LoraError(f"{shown}: the zip archive {problem}; refusing to read it.")
+            names = [m.filename for m in members]
+            found = [m for m in members if not m.is_dir() and m.filename.endswith(SAFETENSORS)]
+            if not found and any(PurePosixPath(n).name == "data.pkl" for n in names):
+                raise LoraError(_pickle_message(shown))
+            if len(found) == 1:
+                with archive.open(found[0]) as source:
+                    _copy(source, dest, shown)
+    except UserError:
+        raise
+    except zipfile.BadZipFile:
+        raise LoraError(f"{shown}: the .zip archive is damaged or truncated: check the file.") from None
+    except (zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        log.info("lora: %s: reading the zip archive failed (%s)", shown, type(exc).__name__)
+        raise LoraError(f"{shown}: the .zip archive is damaged, encrypted or compressed in a way this loader does "
+                        "not read: use a .safetensors file or a plain .zip.") from None
+    return _the_one(shown, names, [m.filename for m in found], dest)
+
+
+def _the_one(shown: str, names: list[str], found: list[str], dest: Path) -> Path:
+    if not found:
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        raise LoraError(f"{shown}: the archive holds no .safetensors file (it holds: {_listing(names)})"
+                        + (". Pickle files are never loaded." if pickles else "."))
+    if len(found) > 1:
+        raise LoraError(f"{shown}: the archive holds several .safetensors files ({_listing(found)}); expected one LoRA.")
+    return dest
+
+
+def _copy(source, dest: Path, shown: str) -> None:
+    """Unpack one member, stopping at max_bytes() of what it really unpacks to."""
+    written, limit = 0, max_bytes()
+    with open(dest, "wb") as out:
+        while chunk := source.read(dl.MiB):
+            written += len(chunk)
+            if written > limit:
+                raise LoraError(_too_big(shown))
+            out.write(chunk)
+
+
+def _too_many(shown: str, kind: str) -> str:
+    return (f"{shown}: the {kind} archive holds more than {MAX_MEMBERS:,} files; a LoRA's archive holds the "
+            ".safetensors file and a few files beside it. Send the .safetensors file itself.")
+
+
+def _too_big(shown: str) -> str:
+    return (f"{shown}: the archive unpacks to more than {human_bytes(max_bytes())}, the LoRA size limit "
+            "(FLUX_LORA_MAX_BYTES). Send the .safetensors file itself.")
 
 
 def _check_safetensors(path: Path, shown: str) -> None:
@@ -530,7 +668,10 @@ def _check_safetensors(path: Path, shown: str) -> None:
         head = fh.read(64)
     if head.lstrip()[:1] == b"<":
         raise LoraError(f"{shown} is a web page, not a safetensors file: use the file's direct download URL.")
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04":
+        raise LoraError(f"{shown} is a .zip archive that cannot be read (damaged or truncated); a torch checkpoint "
+                        "(.pt/.ckpt, a zip of a pickle) is never loaded either. Use the LoRA's .safetensors file.")
+    if head[:1] == b"\x80":
         raise LoraError(_pickle_message(shown))
     raise LoraError(f"{shown} is not a safetensors file (or it is truncated): check the URL.")
 
@@ -591,24 +732,28 @@ FORMATS = ("diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native (Com
 def _unreadable(shown: str, keys: list[str], why: str = "") -> LoraError:
     """What the file holds and what is accepted; `why` says what was recognised, if anything."""
     if why:
-        return LoraError(f"{shown} {why} (its keys look like {', '.join(keys[:4])}). This loader reads FLUX LoRAs "
-                         f"in these layouts: {FORMATS}.")
+        return LoraError(f"{shown} {why} (its keys look like {', '.join(_short(k) for k in keys[:4])}). This loader "
+                         f"reads FLUX LoRAs in these layouts: {FORMATS}.")
     return LoraError(
         f"{shown} is not a FLUX LoRA in any layout this loader reads ({FORMATS}): its keys look like "
-        f"{', '.join(keys[:4])}. Use a LoRA trained for FLUX.1-dev, as a .safetensors file in one of these layouts."
+        f"{', '.join(_short(k) for k in keys[:4])}. Use a LoRA trained for FLUX.1-dev, as a .safetensors file in one "
+        "of these layouts."
     )
 
 
-def normalize(path: Path, key: str, shown: str) -> LoraWeights:
-    """A safetensors LoRA file as diffusers/PEFT keys per component, refused with a clear message if it cannot be."""
-    from diffusers import FluxPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _short(text: str, limit: int = 80) -> str:
+    """A name from the file, cut to a length a message can carry."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    with safe_open(path, "pt") as f:
-        keys, file_metadata = list(f.keys()), f.metadata()
-    kind = layout(keys, file_metadata)
+
+def normalize(path: Path, key: str, shown: str) -> LoraWeights:
+    """A safetensors LoRA file as per-layer factors (flux.lora.Delta per "<component>.<module>"), each checked to be
+    fusable (matrices of finite numbers that multiply out, rank at least 1, a finite scale); refused with a message
+    that says what to change if it cannot be. Key names go through diffusers' own converters; the file's adapter
+    metadata is read only for the numbers that scale the LoRA (as PEFT would scale it), never as a configuration."""
+    tensors, header = _read(path, shown)
+    keys = list(tensors)
+    kind = layout(keys, header)
     if kind == "bfl-control":
         raise LoraError(f"{shown} is a FLUX Control LoRA (Canny/Depth): it needs a control image, which this model "
                         "does not take.")
@@ -616,50 +761,233 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     if dropped:
         log.warning("lora: %s carries T5 text-encoder weights (%d tensors); diffusers' FLUX loader has no T5 LoRA "
                     "support, so they are not applied", shown, len(dropped))
+    tensors = _numbers(tensors, shown)
+    dora = next((k for k in keys if k.endswith((".dora_scale", "lora_magnitude_vector"))), None)
+    if dora is not None:
+        raise LoraError(f"{shown} is a DoRA ({_short(dora)}): this loader applies LoRA, LoKr and LoHa weights, not "
+                        "DoRA's weight decomposition. Use the LoRA without DoRA.")
     if kind in ("lokr", "loha", "lycoris"):
-        return _lycoris(load_file(path), key, shown, kind)
+        deltas = _lycoris(tensors, shown, kind)
+    else:
+        deltas = _low_rank(tensors, header, kind, shown)
+    for delta in deltas.values():
+        problem = delta.problem()
+        if problem:
+            raise LoraError(f"{shown} cannot be used: {_short(delta.source)} {problem}. Use an intact LoRA file.")
+    return LoraWeights(key=key, shown=shown, layout=kind, deltas=deltas)
+
+
+def _read(path: Path, shown: str) -> tuple[dict, dict]:
+    """The file's tensors (on the CPU) and its header's metadata."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     try:
-        if kind in ("bfl", "bfl-peft", "fal") and not any(k.startswith("diffusion_model.") and ".lora_down." in k
-                                                          for k in keys):
-            source = _bfl_to_comfy(load_file(path))
-            state_dict, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True,
-                                                                        return_lora_metadata=True)
-        else:
-            state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
-                str(path), use_safetensors=True, return_alphas=True, return_lora_metadata=True)
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+        return load_file(path), header
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError):
+        raise LoraError(f"{shown} is not a safetensors file this loader can read (its header or tensors are "
+                        "damaged, or use a type torch has no place for): check the file.") from None
+
+
+def _numbers(tensors: dict, shown: str) -> dict:
+    """The tensors, refused unless each is floating-point and finite; an alpha may be a one-element integer (as
+    float32 then, which diffusers' converters take)."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(".alpha"):
+            if value.numel() != 1:
+                raise LoraError(f"{shown}: {_short(name)} holds {value.numel()} numbers; an alpha is one number.")
+            if not value.is_floating_point():
+                if value.dtype.is_complex or value.dtype == torch.bool:
+                    raise LoraError(f"{shown}: {_short(name)} is a {str(value.dtype).removeprefix('torch.')}, not a "
+                                    "number an alpha can be.")
+                value = value.to(torch.float32)
+        elif value.numel() == 0:
+            raise LoraError(f"{shown}: {_short(name)} is empty (shape {tuple(value.shape)}): a LoRA of rank 0 changes "
+                            "nothing. Use an intact LoRA file.")
+        elif not value.is_floating_point():
+            raise LoraError(f"{shown}: {_short(name)} holds {str(value.dtype).removeprefix('torch.')} values, not "
+                            "floating-point numbers: it is not LoRA weights. Use an intact LoRA file.")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise LoraError(f"{shown}: {_short(name)} holds numbers that are not finite (NaN or infinity): the file is "
+                            "damaged or was saved from a diverged training run. Use another LoRA file.")
+        out[name] = value
+    return out
+
+
+def _low_rank(tensors: dict, header: dict, kind: str, shown: str) -> dict[str, Delta]:
+    """A low-rank LoRA in any layout diffusers converts, as one "lora" Delta per module, scaled as PEFT would."""
+    from diffusers import FluxPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    config = _adapter_metadata(header, shown)
+    source = dict(tensors)  # diffusers' converters pop what they convert
+    if kind in ("bfl", "bfl-peft", "fal") and not any(k.startswith("diffusion_model.") and ".lora_down." in k
+                                                      for k in tensors):
+        source = _bfl_to_comfy(source)
+    try:
+        state_dict, alphas = FluxPipeline.lora_state_dict(source, return_alphas=True)
+        state_dict = {("transformer." + k if k.startswith(_TRANSFORMER_ROOTS) else k): v for k, v in state_dict.items()}
+        alphas = {("transformer." + k if k.startswith(_TRANSFORMER_ROOTS) else k): v for k, v in (alphas or {}).items()}
+        parts = {}
+        for component in COMPONENTS:
+            part = {k[len(component) + 1:]: v for k, v in state_dict.items() if k.startswith(component + ".")}
+            if part and not any(".lora_A." in k for k in part):
+                part = (convert_unet_state_dict_to_peft(part) if component == TRANSFORMER
+                        else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part)))
+            parts[component] = part
     except MemoryError:
         raise
     except Exception as exc:  # diffusers' converters fail with whatever the keys trip: the user gets the keys
+        log.info("lora: %s: diffusers' converter for the %s layout failed (%s)", shown, kind, type(exc).__name__)
         what = f"a {kind} LoRA" if kind != "unknown" else "a LoRA"
         raise LoraError(
-            f"{shown} looks like {what} but its keys do not fit FLUX.1 (e.g. {', '.join(keys[:4])}): it was made for "
-            f"a different model, or is damaged ({type(exc).__name__}). This loader reads FLUX LoRAs in these "
-            f"layouts: {FORMATS}."
+            f"{shown} looks like {what} but its keys do not fit FLUX.1 (e.g. {', '.join(_short(k) for k in list(tensors)[:4])}): "
+            f"it was made for a different model, or is damaged. This loader reads FLUX LoRAs in these layouts: "
+            f"{FORMATS}."
         ) from None
-    state_dict = {("transformer." + k if k.startswith(_TRANSFORMER_ROOTS) else k): v for k, v in state_dict.items()}
-    parts = {}
-    for component in ("transformer", "text_encoder"):
-        part = {k[len(component) + 1:]: v for k, v in state_dict.items() if k.startswith(component + ".")}
-        if part and not any(".lora_A." in k for k in part):
-            part = (convert_unet_state_dict_to_peft(part) if component == "transformer"
-                    else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part)))
-        parts |= {f"{component}.{k}": v for k, v in part.items()}
-    leftover = [k for k in state_dict if not k.startswith(("transformer.", "text_encoder."))]
-    if leftover or not parts:
-        raise _unreadable(shown, leftover or keys)
-    alphas = {k: float(v) for k, v in (alphas or {}).items()}
-    return LoraWeights(key=key, shown=shown, layout=kind, state_dict=parts, network_alphas=alphas or None,
-                       metadata=metadata or None)
+    leftover = [k for k in state_dict if not k.startswith(tuple(c + "." for c in COMPONENTS))]
+    if leftover or not any(parts.values()):
+        raise _unreadable(shown, leftover or list(tensors))
+    deltas = {}
+    for component, part in parts.items():
+        modules = _pairs(part, component, shown)
+        for module, scale in _scales(component, modules, config, alphas, shown).items():
+            a, b = modules[module]
+            deltas[f"{component}.{module}"] = Delta("lora", {"lora_up": b, "lora_down": a}, scale, f"{component}.{module}")
+    return deltas
+
+
+_PAIR = {".lora_A.weight": 0, ".lora_B.weight": 1}
+
+
+def _pairs(part: dict, component: str, shown: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) from PEFT keys; anything else in the file (a bias, a full weight) is refused by name."""
+    found: dict[str, list] = {}
+    for key, value in part.items():
+        suffix = next((s for s in _PAIR if key.endswith(s)), None)
+        if suffix is None:
+            what = ("a bias for lora_B (PEFT's lora_bias), which this loader does not apply" if key.endswith(".lora_B.bias")
+                    else "a weight that is not part of a low-rank pair (lora_A / lora_B): a LoRA changes layers only "
+                    "through such pairs")
+            raise LoraError(f"{shown} holds {component}.{_short(key)}, {what}. Use a LoRA of low-rank pairs only.")
+        found.setdefault(key[: -len(suffix)], [None, None])[_PAIR[suffix]] = value
+    incomplete = [m for m, (a, b) in found.items() if a is None or b is None]
+    if incomplete:
+        raise LoraError(f"{shown} is not a valid LoRA: {component}.{_short(incomplete[0])} lacks a matching "
+                        "lora_A/lora_B pair.")
+    return {m: (a, b) for m, (a, b) in found.items()}
+
+
+# PEFT's LoraConfig fields that scale a LoRA, read from a file's adapter metadata as numbers (the rest is not read).
+_SCALE_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+
+
+def _adapter_metadata(header: dict, shown: str) -> dict | None:
+    """diffusers' adapter metadata from the file's header (`lora_adapter_metadata`, JSON), checked to be an object."""
+    raw = header.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoraError(f"{shown}: its adapter metadata (lora_adapter_metadata in the safetensors header) is not "
+                        "valid JSON. Save the LoRA again, or remove that metadata.") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{shown}: its adapter metadata (lora_adapter_metadata in the safetensors header) is not a "
+                        "JSON object of settings. Save the LoRA again, or remove that metadata.")
+    return config
+
+
+def _scales(component: str, modules: dict, config: dict | None, alphas: dict, shown: str) -> dict[str, float]:
+    """Each module's scale, as PEFT would give it: lora_alpha / r (alpha / sqrt(r) with use_rslora), r and alpha
+    from the adapter metadata (its rank_pattern and alpha_pattern matched as PEFT does: the module's name or a
+    suffix of it), else from the file's alpha tensors (diffusers' network alphas), else 1. The metadata's rank must
+    be the weights' rank: PEFT would fail on any other."""
+    from peft import LoraConfig
+
+    fields = {k[len(component) + 1:]: v for k, v in (config or {}).items() if k.startswith(component + ".")}
+    ranks = {m: a.shape[0] for m, (a, _) in modules.items()}
+    if fields:
+        defaults = LoraConfig.__dataclass_fields__
+        unused = sorted(k for k in fields if k not in _SCALE_FIELDS)
+        if unused:
+            log.info("lora: %s: adapter metadata %s not used (this loader fuses the file's low-rank pairs only)",
+                     shown, ", ".join(_short(k, 40) for k in unused[:6]))
+        if fields.get("use_dora"):
+            raise LoraError(f"{shown}: its adapter metadata asks for DoRA (use_dora): this loader applies LoRA weights, "
+                            "not DoRA's weight decomposition. Use the LoRA without DoRA.")
+        r = _metadata_rank(fields.get("r", defaults["r"].default), "r", shown)
+        alpha = _metadata_number(fields.get("lora_alpha", defaults["lora_alpha"].default), "lora_alpha", shown)
+        rank_pattern = _pattern(fields.get("rank_pattern"), "rank_pattern", shown, _metadata_rank)
+        alpha_pattern = _pattern(fields.get("alpha_pattern"), "alpha_pattern", shown, _metadata_number)
+        rslora = fields.get("use_rslora") or False
+        if not isinstance(rslora, bool):
+            raise LoraError(f"{shown}: its adapter metadata gives use_rslora={_short(repr(rslora), 40)}, not true or false.")
+        scales = {}
+        for module, rank in ranks.items():
+            own_r = _matching(rank_pattern, module, r)
+            if own_r != rank:
+                raise LoraError(f"{shown}: its adapter metadata gives rank {own_r} for {component}.{_short(module)}, but "
+                                f"its weights have rank {rank}: the metadata does not belong to these weights. Save "
+                                "the LoRA again, or remove the metadata.")
+            own_alpha = _matching(alpha_pattern, module, alpha)
+            scales[module] = own_alpha / (math.sqrt(rank) if rslora else rank)
+        return scales
+    own = {k.removesuffix(".alpha").split(".lora_A.")[0][len(component) + 1:]: float(v)
+           for k, v in alphas.items() if k.startswith(component + ".")}
+    if not own:
+        return dict.fromkeys(modules, 1.0)
+    common = collections.Counter(own.values()).most_common(1)[0][0]  # diffusers' lora_alpha for modules without one
+    return {m: own.get(m, common) / rank if rank else math.nan for m, rank in ranks.items()}  # rank 0: refused later
+
+
+def _metadata_number(value, name: str, shown: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoraError(f"{shown}: its adapter metadata gives {name}={_short(repr(value), 40)}, not a finite number. "
+                        "Save the LoRA again, or remove the metadata.")
+    return float(value)
+
+
+def _metadata_rank(value, name: str, shown: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LoraError(f"{shown}: its adapter metadata gives rank {name}={_short(repr(value), 40)}; a rank is a whole "
+                        "number of at least 1. Save the LoRA again, or remove the metadata.")
+    return value
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def _pattern(value, name: str, shown: str, check) -> dict:
+    """A rank_pattern / alpha_pattern: module names (PEFT reads them as regular expressions; here only names are
+    taken, never an expression from a file) to numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LoraError(f"{shown}: its adapter metadata gives {name} as {type(value).__name__}, not an object of module "
+                        "names. Save the LoRA again, or remove the metadata.")
+    for key in value:
+        if not _MODULE_NAME.fullmatch(key):
+            raise LoraError(f"{shown}: its adapter metadata has {name} key {_short(repr(key), 60)}, which is not a module "
+                            "name (a regular expression is not read from a file). Save the LoRA again with module names.")
+    return {key: check(v, f"{name}[{_short(key, 40)}]", shown) for key, v in value.items()}
+
+
+def _matching(pattern: dict, module: str, default):
+    """PEFT's pattern rule: the first key equal to the module's name or to a dotted suffix of it."""
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
 
 
 # ----- LyCORIS: LoKr and LoHa ----------------------------------------------------------------------------------------
 
 # The tensors of one module per kind (LyCORIS' names); "lora" is a plain LoRA pair, which LyCORIS files mix in.
-_LYCORIS = {
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "lora": ("lora_down.weight", "lora_up.weight"),
-}
+_LYCORIS = {"lokr": FACTORS["lokr"], "loha": FACTORS["loha"], "lora": ("lora_down.weight", "lora_up.weight")}
 # Parts of LyCORIS that FLUX's Linear layers have no use for or that this loader does not apply.
 _LYCORIS_UNSUPPORTED = {"lokr_t1": "a Tucker core (conv layers)", "lokr_t2": "a Tucker core (conv layers)",
                         "hada_t1": "a Tucker core (conv layers)", "hada_t2": "a Tucker core (conv layers)",
@@ -744,15 +1072,14 @@ def _lycoris_targets(module: str) -> list[tuple[str, tuple[int, ...] | None, boo
     return [(f"transformer.{name}", None, False)] if name else None
 
 
-def _lycoris(tensors: dict, key: str, shown: str, kind: str) -> LoraWeights:
+def _lycoris(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
     """A LyCORIS file as one Delta per diffusers module, checked to be complete and consistent."""
-    from flux.lora import Delta
-
     grouped: dict[str, dict[str, object]] = {}
     for name, value in tensors.items():
         suffix = _suffix(name)
         if suffix is None:
-            raise _unreadable(shown, [name], f"looks like a LyCORIS file but {name!r} is no LoKr, LoHa or LoRA tensor")
+            raise _unreadable(shown, [name], f"looks like a LyCORIS file but {_short(name)!r} is no LoKr, LoHa or LoRA "
+                              "tensor")
         grouped.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
     deltas = {}
     for module, parts in grouped.items():
@@ -760,18 +1087,19 @@ def _lycoris(tensors: dict, key: str, shown: str, kind: str) -> LoraWeights:
             continue  # T5: logged by normalize()
         unsupported = [_LYCORIS_UNSUPPORTED[s] for s in parts if s in _LYCORIS_UNSUPPORTED]
         if unsupported:
-            raise LoraError(f"{shown}: {module} uses {unsupported[0]}, which this loader does not apply to FLUX's "
-                            "linear layers.")
+            raise LoraError(f"{shown}: {_short(module)} uses {unsupported[0]}, which this loader does not apply to "
+                            "FLUX's linear layers.")
         what = next((k for k, names in _LYCORIS.items() if any(s in parts for s in names)), None)
         if what is None:
             continue  # an alpha alone
         targets = _lycoris_targets(module)
         if targets is None:
-            raise _unreadable(shown, [module], f"is a {kind} file for another model: {module!r} names no layer FLUX.1 has")
+            raise _unreadable(shown, [module], f"is a {kind} file for another model: {_short(module)!r} names no layer "
+                              "FLUX.1 has")
         factors = {s.removesuffix(".weight"): v for s, v in parts.items() if s in _LYCORIS[what]}
-        problem = _factors_problem(what, factors)
+        problem = Delta(what, factors, 1.0, module).problem()
         if problem:
-            raise LoraError(f"{shown} is not a valid {kind} file: {module} {problem}.")
+            raise LoraError(f"{shown} is not a valid {kind} file: {_short(module)} {problem}.")
         rank = Delta(what, factors, 1.0, module).rank
         alpha = parts.get("alpha")
         alpha = float(alpha) if alpha is not None and float(alpha) != 0 else None
@@ -784,46 +1112,17 @@ def _lycoris(tensors: dict, key: str, shown: str, kind: str) -> LoraWeights:
             rows = None
             if shares:
                 if out % sum(shares):
-                    raise LoraError(f"{shown}: {module} changes {out} rows, which do not split into "
+                    raise LoraError(f"{shown}: {_short(module)} changes {out} rows, which do not split into "
                                     f"{', '.join(n.rsplit('.', 1)[-1] for n, _, _ in targets)} as FLUX.1's do.")
                 unit = out // sum(shares)
                 start = sum(shares[:index]) * unit
                 rows = ((start, start + shares[index] * unit),)
             elif swap:
                 if out % 2:
-                    raise LoraError(f"{shown}: {module} changes {out} rows, an odd number for FLUX.1's final "
+                    raise LoraError(f"{shown}: {_short(module)} changes {out} rows, an odd number for FLUX.1's final "
                                     "modulation (shift and scale).")
                 rows = ((out // 2, out), (0, out // 2))
             deltas[name] = Delta(what, factors, scale, module, rows)
     if not deltas:
         raise _unreadable(shown, list(tensors), "looks like a LyCORIS file but holds no module to apply")
-    return LoraWeights(key=key, shown=shown, layout=kind, state_dict={}, deltas=deltas)
-
-
-def _factors_problem(what: str, f: dict) -> str | None:
-    """Why a module's factors cannot multiply out (None when they can)."""
-    if any(v.ndim != 2 for v in f.values()):
-        return "has factors that are not matrices (" + ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items()) + ")"
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items())
-    if what == "lokr":
-        for w in ("lokr_w1", "lokr_w2"):
-            if w in f:
-                continue
-            if f.get(w + "_a") is None or f.get(w + "_b") is None:
-                return f"lacks {w} (or {w}_a and {w}_b)"
-            if f[w + "_a"].shape[1] != f[w + "_b"].shape[0]:
-                return f"has LoKr factors that do not multiply ({shapes})"
-        return None
-    if what == "loha":
-        missing = [n for n in _LYCORIS["loha"] if n not in f]
-        if missing:
-            return f"lacks {', '.join(missing)}"
-        a1, b1, a2, b2 = (f[n] for n in _LYCORIS["loha"])
-        if a1.shape[1] != b1.shape[0] or a2.shape[1] != b2.shape[0] or a1.shape[0] != a2.shape[0] or b1.shape[1] != b2.shape[1]:
-            return f"has LoHa factors that do not multiply out to one shape ({shapes})"
-        return None
-    if "lora_down" not in f or "lora_up" not in f:
-        return "lacks lora_down or lora_up"
-    if f["lora_up"].shape[1] != f["lora_down"].shape[0]:
-        return f"has a lora_down/lora_up pair that does not multiply ({shapes})"
-    return None
+    return deltas

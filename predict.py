@@ -17,7 +17,7 @@ from typing import List, Optional
 from cog import BasePredictor, Input, Path, Secret
 
 import flux  # noqa: F401  (sets library environment defaults before anything imports diffusers)
-from flux import engine, gpu, logs, output, weights
+from flux import engine, gpu, images, logs, output, weights
 from flux.request import Request
 
 log = logging.getLogger("flux.predict")
@@ -162,6 +162,7 @@ class Predictor(BasePredictor):
         ),
     ) -> List[Path]:
         inputs = {name: value for name, value in locals().items() if name != "self"}  # every input, as SPEC names
+        inputs.update(image=delivered(image), mask=delivered(mask))
         request = Request.build(**inputs)
         prediction = output.write(self.engine.run(request), self._new_out_dir())
         for name, value in prediction.metrics.items():  # beside predict_time in the response's metrics
@@ -175,3 +176,17 @@ class Predictor(BasePredictor):
             shutil.rmtree(self._out_dir, ignore_errors=True)
         self._out_dir = _Path(tempfile.gettempdir()) / f"flux-out-{uuid.uuid4().hex}"
         return self._out_dir
+
+
+def delivered(value):
+    """A file input as cog delivered it, for the engine to read only if cog fetched it for this prediction.
+
+    cog 0.23.1 (coglet) fetches every file a caller sends (an upload, a data: URI, an http(s) URL) before predict()
+    runs, with cog.types.URLPath.convert: a tempfile.NamedTemporaryFile in the temp folder, passed as cog's Path, and
+    deleted after the prediction. Any other string (a path on this machine) it passes on as a str, unread
+    (tests/test_coglet.py pins both). Both are handed on as images.Delivered; only a Python caller's own
+    pathlib.Path or PIL image (tests, scripts) is passed as it is.
+    """
+    if isinstance(value, (str, Path)):
+        return images.Delivered(value, folder=tempfile.gettempdir(), prefix=tempfile.template)
+    return value

@@ -61,6 +61,10 @@ class DiskCache:
         self._trim(keep=path)
         return path
 
+    def discard(self, key: str) -> None:
+        """Remove key's entry, if there is one."""
+        self.path_for(key).unlink(missing_ok=True)
+
     def entries(self) -> list[tuple[Path, int, float]]:
         """(file, bytes, last use) of every entry, least recently used first."""
         found = []

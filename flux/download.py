@@ -4,6 +4,11 @@ Parallel ranged GETs where the server allows them, a plain stream where it does
 not; every part retried and resumed; a size limit enforced on the announced and
 the received length; the result lands atomically (a .part file renamed into
 place), so an interrupted download never leaves a file that looks complete.
+Files are asked for as they are (Accept-Encoding: identity); a server that
+compresses them anyway (Content-Encoding: gzip, ...) is read, its body decoded,
+with the size limit applied to the bytes on the wire and to what they decode to,
+each named in its message. Every failure a server or a URL can cause is a
+DownloadError (a UserError) that says what to change, never httpx's text.
 URLs are logged without their query string (signed URLs carry credentials
 there) and headers are never logged. After a redirect to another host (a CDN,
 a signed storage URL) the parts are fetched from where the redirect led, and an
@@ -60,9 +65,10 @@ class Probe:
     """What the first request learned: where redirects led, the size, whether ranges work, the ETag."""
 
     url: str  # after redirects
-    size: int | None
+    size: int | None  # of the file; of the compressed body when `encoded`
     ranges: bool
     etag: str | None
+    encoded: bool = False  # the server compresses the body (Content-Encoding) although asked not to
 
 
 def redact(url: str) -> str:
@@ -110,6 +116,55 @@ class _Deadline:
             raise DownloadError(f"{what}: downloading {redact(url)} took too long; try again or use a faster host.")
 
 
+# Files are fetched as they are: ranges and sizes then count the file's own bytes.
+IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def _encoding(response: httpx.Response) -> str | None:
+    """The Content-Encoding a response's body is compressed with (None: the bytes are the file's)."""
+    value = response.headers.get("content-encoding", "").strip().lower()
+    return None if value in ("", "identity") else value
+
+
+def _length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+class _Counter:
+    """The bytes of one body as they arrive, checked against the limits: on the wire (what the server sends,
+    against max_bytes and what it announced) and, for a compressed body, what it decodes to (against max_bytes)."""
+
+    def __init__(self, response: httpx.Response, what: str, url: str, limits: Limits, announced: int | None,
+                 wire_before: int = 0):
+        self.response, self.what, self.url, self.limits = response, what, redact(url), limits
+        self.encoding = _encoding(response)
+        self.announced = _length(response) if self.encoding else announced
+        self.wire_before = 0 if self.encoding else wire_before
+        self.decoded = 0
+
+    @property
+    def wire(self) -> int:
+        return self.wire_before + self.response.num_bytes_downloaded
+
+    def add(self, chunk: bytes) -> None:
+        self.decoded += len(chunk)
+        limit = human_bytes(self.limits.max_bytes)
+        if self.wire > self.limits.max_bytes:
+            raise DownloadError(f"{self.what}: {self.url} is over the {limit} limit"
+                                + (f" ({self.encoding}-compressed bytes received)." if self.encoding else "."))
+        if self.encoding and self.decoded > self.limits.max_bytes:
+            raise DownloadError(f"{self.what}: {self.url} is {self.encoding}-compressed and decodes to more than the "
+                                f"{limit} limit.")
+        if self.announced is not None and self.wire > self.announced:
+            raise DownloadError(f"{self.what}: {self.url} sent more bytes than it announced ({self.announced}"
+                                + (f" {self.encoding}-compressed)." if self.encoding else ")."))
+
+    @property
+    def complete(self) -> bool:
+        return self.announced is None or self.wire == self.announced
+
+
 def _problem(exc: Exception) -> str:
     return "stopped sending data" if isinstance(exc, httpx.TimeoutException) else "kept dropping the connection"
 
@@ -124,10 +179,21 @@ def _session(url: str, what: str, limits: Limits):
         yield client
     except httpx.TimeoutException:
         raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
-    except httpx.TransportError as exc:
-        raise DownloadError(f"{what}: could not fetch {redact(url)} ({type(exc).__name__}); check the URL.") from None
-    except httpx.InvalidURL:
-        raise DownloadError(f"{what}: {redact(url)} is not a valid URL.") from None
+    except httpx.TooManyRedirects:
+        raise DownloadError(f"{what}: {redact(url)} redirects too many times (a redirect loop?): use the file's "
+                            "direct URL.") from None
+    except httpx.DecodingError:
+        raise DownloadError(f"{what}: {redact(url)} sent a body that does not decode as its Content-Encoding says "
+                            "(a broken server or proxy): try again later, or use another host.") from None
+    except httpx.UnsupportedProtocol:
+        raise DownloadError(f"{what}: {redact(url)} redirects to a URL that is not http(s); use the file's direct "
+                            "https URL.") from None
+    except (httpx.NetworkError, httpx.ProxyError):
+        raise DownloadError(f"{what}: could not connect to {redact(url)}; check the URL, or try again later.") from None
+    except httpx.ProtocolError:
+        raise DownloadError(f"{what}: {redact(url)} answered something that is not valid HTTP; check the URL.") from None
+    except (httpx.InvalidURL, httpx.RequestError, UnicodeError):
+        raise DownloadError(f"{what}: {redact(url)} is not a URL this container can fetch; check it.") from None
     finally:
         client.close()
 
@@ -155,7 +221,7 @@ def download(
     try:
         with _session(url, what, limits) as session:
             found, target, target_headers, meter = _start(session, url, headers, what, limits, auth_hint)
-            if found.ranges and found.size is not None and found.size > limits.part_size:
+            if found.ranges and not found.encoded and found.size is not None and found.size > limits.part_size:
                 _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             else:
                 _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
@@ -203,11 +269,11 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
         with session.stream("GET", url, headers={**(headers or {}), "Accept": "application/json"}) as response:
             if response.status_code != 200:
                 raise _status_error(response, what, url, auth_hint)
-            body = b""
+            body = bytearray()
+            counter = _Counter(response, what, url, limits, None)
             for chunk in response.iter_bytes():
+                counter.add(chunk)
                 body += chunk
-                if len(body) > limits.max_bytes:
-                    raise DownloadError(f"{what}: {redact(url)} answered more than {limits.max_bytes} bytes.")
     try:
         return json.loads(body)
     except ValueError:
@@ -216,14 +282,13 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
 
 def _probe(client: httpx.Client, url: str, headers: dict, what: str, auth_hint: str | None) -> Probe:
     """Total size (if announced), whether the server honours byte ranges, and where redirects led."""
-    with client.stream("GET", url, headers={**headers, "Range": "bytes=0-0"}) as response:
-        final, etag = str(response.url), response.headers.get("etag")
+    with client.stream("GET", url, headers={**headers, **IDENTITY, "Range": "bytes=0-0"}) as response:
+        final, etag, encoded = str(response.url), response.headers.get("etag"), _encoding(response) is not None
         if response.status_code == 206:
             total = response.headers.get("content-range", "").rpartition("/")[2]
-            return Probe(final, int(total) if total.isdigit() else None, total.isdigit(), etag)
-        if response.status_code == 200:
-            length = response.headers.get("content-length")
-            return Probe(final, int(length) if length and length.isdigit() else None, False, etag)
+            return Probe(final, int(total) if total.isdigit() else None, total.isdigit(), etag, encoded)
+        if response.status_code == 200:  # no ranges; a compressed body announces its compressed length
+            return Probe(final, _length(response), False, etag, encoded)
         if response.status_code == 416:  # empty file
             return Probe(final, 0, False, etag)
         raise _status_error(response, what, url, auth_hint)
@@ -231,35 +296,36 @@ def _probe(client: httpx.Client, url: str, headers: dict, what: str, auth_hint: 
 
 def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline, auth_hint,
             meter: Meter | None) -> None:
-    """One GET, resumed with a Range header after a dropped connection where the server allows it."""
+    """One GET, resumed with a Range header after a dropped connection where the server allows it (a compressed
+    body is fetched again from its start: its decoded bytes are no offset into what the server sends)."""
     received = 0
     attempt = 0
+    encoded = False
     with open(part, "wb") as fh:
         while True:
-            request_headers = dict(headers)
-            if received:
+            request_headers = {**headers, **IDENTITY}
+            if received and not encoded:
                 request_headers["Range"] = f"bytes={received}-"
             try:
                 with client.stream("GET", url, headers=request_headers) as response:
                     if response.status_code not in (200, 206):
                         raise _status_error(response, what, url, auth_hint)
-                    if received and response.status_code == 200:  # no resume: start over
+                    encoded = _encoding(response) is not None
+                    if received and (response.status_code == 200 or encoded):  # no resume: start over
                         fh.seek(0)
                         fh.truncate()
                         received = 0
                         if meter is not None:
                             meter.done = 0
+                    counter = _Counter(response, what, url, limits, size, wire_before=received)
                     for chunk in response.iter_bytes(MiB):
+                        counter.add(chunk)
                         received += len(chunk)
-                        if received > limits.max_bytes:
-                            raise DownloadError(f"{what}: {redact(url)} is over the {human_bytes(limits.max_bytes)} limit.")
-                        if size is not None and received > size:
-                            raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
                         fh.write(chunk)
                         if meter is not None:
                             meter.advance(len(chunk))
                         deadline.check(what, url)
-                if size is None or received == size:
+                if counter.complete:
                     return
                 raise httpx.RemoteProtocolError("short read")
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
@@ -308,9 +374,12 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
         if stop.is_set():
             return
         try:
-            with client.stream("GET", url, headers={**headers, "Range": f"bytes={offset}-{last}"}) as response:
+            with client.stream("GET", url, headers={**headers, **IDENTITY, "Range": f"bytes={offset}-{last}"}) as response:
                 if response.status_code != 206:
                     raise _status_error(response, what, url, auth_hint)
+                if _encoding(response) is not None:
+                    raise DownloadError(f"{what}: {redact(url)} answered a byte range compressed "
+                                        f"({_encoding(response)}), which cannot be put in place; try again later.")
                 for chunk in response.iter_bytes(MiB):
                     if offset + len(chunk) > last + 1:
                         raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")

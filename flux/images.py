@@ -1,10 +1,21 @@
-"""Reading user images and masks, writing output files."""
+"""Reading user images and masks, writing output files.
+
+An image or mask comes from one of two kinds of caller. The server (predict.py) hands over what its caller sent as
+`Delivered`: such a file is read only if it is one the server fetched itself for this prediction (a regular file,
+in the folder the server writes what it fetches to, named as the server names its temporary files); anything else
+(a path on this machine, a FIFO, a device, a link) is refused before it is opened, with one message that does not
+depend on what exists there. A Python caller of the engine (tests, scripts) passes its own file path or a PIL image,
+which is read as given (a regular file only).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +31,68 @@ Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS  # PIL warns above this and refuses ab
 EXTENSIONS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
-def _open(path: Path, name: str) -> Image.Image:
+@dataclass(frozen=True)
+class Delivered:
+    """A file input as the server passed it on: `value` is what the server handed to the predictor (its path object
+    for a file it fetched, or a string it did not fetch), `folder` and `prefix` where and how the server writes the
+    files it fetches. Read only if it is such a file (`open`). A caller cannot name another prediction's file there:
+    the server names them at random, never shows the names, and deletes them after their prediction."""
+
+    value: object
+    folder: str
+    prefix: str
+
+    def open(self, name: str):
+        """The file, opened for reading, or a UserError whose message says nothing about what is at the path. The
+        checks run on the open file (no link is followed, a FIFO or device is opened without blocking and refused)."""
+        if isinstance(self.value, (str, bytes)) or not isinstance(self.value, os.PathLike):
+            raise _unreadable(name)  # the server fetches nothing it passes on as a string
+        path = os.path.abspath(os.fspath(self.value))
+        if (os.path.dirname(path) != os.path.abspath(self.folder)
+                or not os.path.basename(path).startswith(self.prefix)):
+            raise _unreadable(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            raise _unreadable(name) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
+            os.close(fd)
+            raise _unreadable(name)
+        return os.fdopen(fd, "rb")
+
+
+def _unreadable(name: str) -> UserError:
+    return UserError(f"{name} could not be read: send an uploaded file, a data: URI or an http(s) URL.")
+
+
+def _source(value, name: str):
+    """What Image.open reads: a Delivered file opened after its checks, or a Python caller's own regular file."""
+    if isinstance(value, Delivered):
+        return value.open(name)
+    path = Path(value)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        raise _unreadable(name) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _unreadable(name)
+    return os.fdopen(fd, "rb")
+
+
+def _open(value, name: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return _checked(value.copy(), name)
+    with _source(value, name) as file:
+        return _checked(_decode(file, name), name)
+
+
+def _decode(file, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(file)
             w, h = img.size
             if w * h > MAX_INPUT_PIXELS:
                 raise UserError(
@@ -40,12 +108,15 @@ def _open(path: Path, name: str) -> Image.Image:
         raise UserError(
             f"{name} is {size}; the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP: downscale it before sending."
         ) from None
-    except FileNotFoundError:
-        raise UserError(f"{name} could not be read: send an uploaded file, a data: URI or an http(s) URL.") from None
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image file PIL can read: send a PNG, JPEG or WebP.") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{name} could not be decoded ({exc}); the file may be truncated or corrupt: send it again.") from None
+        log.info("%s: PIL could not decode it (%s)", name, type(exc).__name__)
+        raise UserError(f"{name} could not be decoded; the file may be truncated or corrupt: send it again.") from None
+    return img
+
+
+def _checked(img: Image.Image, name: str) -> Image.Image:
     if min(img.size) < MIN_INPUT_SIDE:
         raise UserError(
             f"{name} is {img.width}x{img.height} pixels; each side must be at least {MIN_INPUT_SIDE}: send a larger image."
@@ -66,9 +137,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8), "L")
 
 
-def load_image(path: Path | str, name: str = "image") -> Image.Image:
-    """An RGB image, EXIF orientation applied, alpha flattened onto white."""
-    img = _to_8bit(_open(Path(path), name))
+def load_image(source, name: str = "image") -> Image.Image:
+    """An RGB image, EXIF orientation applied, alpha flattened onto white. source: a Delivered file, a path or a PIL
+    image."""
+    img = _to_8bit(_open(source, name))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -78,9 +150,9 @@ def load_image(path: Path | str, name: str = "image") -> Image.Image:
     return img.convert("RGB")
 
 
-def load_mask(path: Path | str, size: tuple[int, int]) -> Image.Image:
-    """A greyscale mask (white = repaint), resized to `size` if it differs."""
-    mask = _to_8bit(_open(Path(path), "mask"))
+def load_mask(source, size: tuple[int, int]) -> Image.Image:
+    """A greyscale mask (white = repaint), resized to `size` if it differs. source: as load_image's."""
+    mask = _to_8bit(_open(source, "mask"))
     if mask.mode in ("RGBA", "LA", "PA", "P"):
         mask = mask.convert("RGBA")
         background = Image.new("RGBA", mask.size, (0, 0, 0, 255))

@@ -1,47 +1,37 @@
-"""LoRA adapters on the pipelines' modules: fused into the weights, restored bit-exactly.
+"""LoRAs fused into the pipelines' weights in place and restored bit-exactly: one mechanism for every layout.
 
-A LoRA arrives here already normalized by lora_loader.py: diffusers/PEFT keys
-(`transformer.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, ...)
-with its alphas or adapter config. `LoraManager` puts the set of LoRAs a request
-asks for onto every registered module ("target": the FLUX.1-dev transformer, the
-schnell transformer when it is loaded, the CLIP text encoder, any other copy
-registered later), using diffusers and PEFT for every step:
+A LoRA arrives here as per-layer factors (lora_loader.py turns every layout it reads into them, key names through
+diffusers' own converters): for each module a `Delta`, its weight change kept as the factors it was trained as (a
+low-rank pair B @ A; a LyCORIS Kronecker or Hadamard product) times the scale its file gives it (alpha / rank, as
+PEFT would scale it). `LoraManager` puts the set of LoRAs a request asks for onto every registered module ("target":
+the FLUX.1-dev transformer, the schnell transformer once loaded, the CLIP text encoder):
 
-  1. inject   `FluxPipeline.load_lora_into_transformer` (PEFT layers, unfused); for CLIP, the same LoraConfig
-              through PEFT's `inject_adapter_in_model` (see _inject_text_encoder for why not diffusers' call)
+  1. check    before any weight changes: every Delta's layer exists and is a Linear of the Delta's shape, and the
+              largest entry the change can reach stays far inside the weight's dtype (so a fused weight is finite)
   2. restore  every weight the previous LoRAs changed is copied back from an exact copy kept on the CPU
   3. keep     the first time a LoRA touches a weight, an exact copy of it is kept (once; originals never change)
-  4. fuse     `set_adapters` with the scales, then `fuse_lora`: W += scale * B @ A, in place, in W's dtype
-  5. remove   `unload_lora`: the PEFT layers go, the fused weights stay
+  4. fuse     W += sum over the LoRAs of scale * ΔW, computed in float32 on W's device and rounded once into W's
+              dtype, in place (the same tensor: the module tree, shapes, dtypes and flags never change)
 
-So a prediction runs on plain modules (no per-step LoRA cost, the same module tree
-and the same parameter tensors as without a LoRA: weights change in place, same
-shapes, same dtypes), switching back to no LoRA gives bit-identical weights (no
-drift from repeated fuse/unfuse), and a scale change is a restore plus a fuse from
-the LoRA kept in memory (no download, no file read).
+So a prediction runs on plain modules (no per-step LoRA cost), switching back to no LoRA gives bit-identical weights
+(no drift from repeated fuse/unfuse), and a scale change is a restore plus a fuse from the factors kept in memory.
+No library machinery touches the serving model: PEFT's injection would let a file's adapter metadata configure it
+(modules_to_save wraps modules, r and target_modules decide what is injected) and its unload does not undo all of it.
+A Kronecker or Hadamard ΔW of a fused BFL qkv/linear1 is split by rows into q/k/v/mlp (`rows`).
 
-LyCORIS LoKr and LoHa modules (and the plain LoRA pairs such a file mixes in)
-arrive as `Delta`s: their factors, turned into ΔW per layer at fuse time and added
-in place to the weight after step 4, with the same keep/restore (steps 2-3), so
-they restore exactly and the fp8 twin is re-quantized from them like any LoRA.
-PEFT is not used for them: a Kronecker or Hadamard ΔW of a fused BFL qkv/linear1
-is split by rows into q/k/v/mlp, and the parts are no longer Kronecker or
-Hadamard products PEFT's LoKr/LoHa layers can hold; nor do PEFT's layers take
-factor shapes other than those of their own factorization of each target.
-
-A failure while injecting leaves the weights untouched (nothing is fused before
-every adapter is in); a failure later restores the target's originals and puts
-the previous LoRAs back, so the predictor is left exactly as it was.
+A failure while fusing (a GPU out of memory) restores the target's originals and puts the previous LoRAs back, so
+the predictor is left exactly as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -52,21 +42,32 @@ log = logging.getLogger(__name__)
 TRANSFORMER = "transformer"
 TEXT_ENCODER = "text_encoder"
 COMPONENTS = (TRANSFORMER, TEXT_ENCODER)
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 # Modules FLUX.1-dev has and FLUX.1-schnell lacks: a dev LoRA's weights for them are skipped on schnell.
 OPTIONAL_MODULES = ("time_text_embed.guidance_embedder.",)
+# The largest entry a fused change may reach, as a share of the weight dtype's largest number: far beyond any
+# trained LoRA, and far enough inside the dtype that W + ΔW stays finite.
+HEADROOM = 2.0**-8
+
+# Each kind's factors (LyCORIS' names; "lora" is a low-rank pair, from any layout).
+FACTORS = {
+    "lora": ("lora_up", "lora_down"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+}
+KIND_NAMES = {"lokr": "LoKr", "loha": "LoHa", "lora": "LoRA"}
 
 
 @dataclass(frozen=True, eq=False)
 class Delta:
-    """One module's weight change kept as its factors (LyCORIS' conventions): ΔW is computed when it is fused.
+    """One module's weight change kept as its factors: ΔW is computed when it is fused.
 
+      lora  lora_up @ lora_down (B @ A)
       lokr  kron(w1, w2), each factor full (lokr_w1) or a product (lokr_w1_a @ lokr_w1_b)
       loha  (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
-      lora  lora_up @ lora_down (a plain LoRA pair in a LyCORIS file)
 
-    times `scale` (alpha / rank); `rows` picks the rows of that product this module takes, in order (one of q, k,
-    v of a fused BFL qkv, or the final modulation with its halves swapped). Several Deltas may share factors.
+    times `scale` (alpha / rank, as the file's layout defines it); `rows` picks the rows of that product this module
+    takes, in order (one of q, k, v of a fused BFL qkv, or the final modulation with its halves swapped). Several
+    Deltas may share factors. `problem()` says why a Delta cannot be fused (None: it can).
     """
 
     kind: str
@@ -98,6 +99,66 @@ class Delta:
                 return f[name].shape[0] if name == "lora_down" else f[name].shape[1]
         return 1
 
+    def problem(self) -> str | None:
+        """Why these factors cannot be fused into any layer (None when they can): not matrices of numbers, shapes
+        that do not multiply, a rank of 0, values or a scale that are not finite."""
+        f = self.factors
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in f.items())
+        if any(not v.is_floating_point() for v in f.values()):
+            kinds = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in f.items())
+            return f"holds factors that are not floating-point numbers ({kinds})"
+        if any(v.ndim != 2 for v in f.values()):
+            return f"has factors that are not matrices ({shapes})"
+        if self.kind == "lokr":
+            for w in ("lokr_w1", "lokr_w2"):
+                if w in f:
+                    continue
+                if f.get(w + "_a") is None or f.get(w + "_b") is None:
+                    return f"lacks {w} (or {w}_a and {w}_b)"
+                if f[w + "_a"].shape[1] != f[w + "_b"].shape[0]:
+                    return f"has LoKr factors that do not multiply ({shapes})"
+        elif self.kind == "loha":
+            missing = [n for n in FACTORS["loha"] if n not in f]
+            if missing:
+                return f"lacks {', '.join(missing)}"
+            a1, b1, a2, b2 = (f[n] for n in FACTORS["loha"])
+            if a1.shape[1] != b1.shape[0] or a2.shape[1] != b2.shape[0] or a1.shape[0] != a2.shape[0] or b1.shape[1] != b2.shape[1]:
+                return f"has LoHa factors that do not multiply out to one shape ({shapes})"
+        else:
+            if "lora_down" not in f or "lora_up" not in f:
+                return "lacks lora_down or lora_up (lora_A or lora_B)"
+            if f["lora_up"].shape[1] != f["lora_down"].shape[0]:
+                return f"has a low-rank pair that does not multiply ({shapes})"
+        if self.rank < 1 or 0 in self.product_shape:
+            return f"has rank 0 ({shapes}): it changes nothing and cannot be scaled"
+        if not all(bool(torch.isfinite(v).all()) for v in f.values()):
+            return "holds numbers that are not finite (NaN or infinity)"
+        if not math.isfinite(self.scale):
+            return f"has a scale (alpha / rank) that is not finite ({self.scale})"
+        if not math.isfinite(self.bound):
+            return "has numbers so large that its weight change is not finite"
+        return None
+
+    @functools.cached_property
+    def bound(self) -> float:
+        """An upper bound on the largest entry of scale * ΔW (Cauchy-Schwarz on each product), without forming
+        ΔW: float64, cheap, and loose only by the factors' shapes."""
+        f = {k: v.double() for k, v in self.factors.items()}
+
+        def product(a: str, b: str) -> float:
+            return float(f[a].norm(dim=1).max() * f[b].norm(dim=0).max())
+
+        def part(w: str) -> float:
+            return float(f[w].abs().max()) if w in f else product(w + "_a", w + "_b")
+
+        if self.kind == "lokr":
+            value = part("lokr_w1") * part("lokr_w2")
+        elif self.kind == "loha":
+            value = product("hada_w1_a", "hada_w1_b") * product("hada_w2_a", "hada_w2_b")
+        else:
+            value = product("lora_up", "lora_down")
+        return value * abs(self.scale)
+
     def weight(self, device=None) -> torch.Tensor:
         """scale * ΔW for this module, in float32 on `device`."""
         f = {k: v.to(device, torch.float32) for k, v in self.factors.items()}
@@ -114,9 +175,6 @@ class Delta:
         return delta * self.scale if self.scale != 1 else delta
 
 
-_KINDS = {"lokr": "LoKr", "loha": "LoHa", "lora": "LoRA"}
-
-
 def _factor_shape(factors: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
     if name in factors:
         return tuple(factors[name].shape)
@@ -125,44 +183,25 @@ def _factor_shape(factors: dict[str, torch.Tensor], name: str) -> tuple[int, int
 
 @dataclass(frozen=True, eq=False)
 class LoraWeights:
-    """One LoRA, normalized: diffusers/PEFT keys prefixed by the component they apply to, on the CPU."""
+    """One LoRA, as per-layer factors on the CPU: "<component>.<module>" -> its Delta."""
 
     key: str  # identifies the file's content (cache key); never holds a token
     shown: str  # how logs and messages name it; never holds a token
-    layout: str  # the layout the file was written in (diffusers, kohya, xlabs, ...)
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
-    network_alphas: dict[str, float] | None = field(default=None, repr=False)
-    metadata: dict | None = field(default=None, repr=False)  # diffusers' adapter config from the file header
-    deltas: dict[str, Delta] = field(default_factory=dict, repr=False)  # "<component>.<module>" -> its Delta
-
-    def part(self, component: str) -> dict[str, torch.Tensor]:
-        prefix = component + "."
-        return {k: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+    layout: str  # the layout the file was written in (diffusers, kohya, xlabs, lokr, ...)
+    deltas: dict[str, Delta] = field(repr=False)
 
     @property
     def components(self) -> tuple[str, ...]:
-        return tuple(c for c in COMPONENTS if any(k.startswith(c + ".") for k in (*self.state_dict, *self.deltas)))
+        return tuple(c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.deltas))
 
     def deltas_of(self, component: str) -> dict[str, Delta]:
         """module name -> Delta for one component."""
         prefix = component + "."
         return {k[len(prefix):]: v for k, v in self.deltas.items() if k.startswith(prefix)}
 
-    def modules(self, component: str) -> dict[str, dict[str, torch.Tensor]]:
-        """module name -> {suffix: tensor} for one component."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in self.part(component).items():
-            rest = key[len(component) + 1:]
-            suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
-            if suffix is None:
-                raise UserError(f"{self.shown} holds a key this loader cannot apply: {key!r}.")
-            out.setdefault(rest[: -len(suffix)], {})[suffix] = value
-        return out
-
     @property
     def rank(self) -> int:
-        return max([v.shape[0] for k, v in self.state_dict.items() if k.endswith(".lora_A.weight")]
-                   + [d.rank for d in self.deltas.values()], default=0)
+        return max((d.rank for d in self.deltas.values()), default=0)
 
 
 @dataclass(frozen=True)
@@ -173,64 +212,6 @@ class Adapter:
 
 def _state(adapters: Sequence[Adapter]) -> tuple:
     return tuple((a.weights.key, float(a.scale)) for a in adapters)
-
-
-# ----- what each component needs from diffusers -----------------------------------------------------------------------
-
-def _inject_transformer(module, weights: LoraWeights, name: str, sd: dict) -> None:
-    from diffusers import FluxPipeline
-
-    FluxPipeline.load_lora_into_transformer(
-        sd, network_alphas=weights.network_alphas or None, transformer=module, adapter_name=name,
-        metadata=weights.metadata, low_cpu_mem_usage=True,
-    )
-
-
-def _inject_text_encoder(module, weights: LoraWeights, name: str, sd: dict) -> None:
-    """diffusers' load_lora_into_text_encoder, with PEFT's own injection in place of transformers' load_adapter.
-
-    transformers 5.23's load_adapter needs peft >= 0.20 (peft.utils.transformers_weight_conversion) and
-    requirements.txt pins peft 0.18.1, so diffusers' path fails here; this is the same LoraConfig (diffusers'
-    get_peft_kwargs or the file's adapter metadata) injected the way diffusers injects into its own models.
-    With peft >= 0.20 this can become FluxPipeline.load_lora_into_text_encoder again.
-    """
-    from diffusers.utils import get_peft_kwargs
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    def strip(d: dict) -> dict:
-        return {k[len(TEXT_ENCODER) + 1:]: v for k, v in (d or {}).items() if k.startswith(TEXT_ENCODER + ".")}
-
-    sd = strip(sd)
-    if not hasattr(module, "text_model"):  # recent transformers flatten CLIPTextModel; LoRAs still say text_model.
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    metadata = strip(weights.metadata)
-    if not metadata:
-        rank = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
-        metadata = get_peft_kwargs(rank, strip(weights.network_alphas), sd, is_unet=False)
-    inject_adapter_in_model(LoraConfig(**metadata), module, adapter_name=name, low_cpu_mem_usage=True, state_dict=sd)
-    result = set_peft_model_state_dict(module, sd, adapter_name=name, low_cpu_mem_usage=True)
-    unexpected = [k for k in getattr(result, "unexpected_keys", None) or () if "lora_" in k]
-    if unexpected:
-        raise UserError(f"{weights.shown}: CLIP has no place for {', '.join(unexpected[:3])}.")
-
-
-def _fuse_transformer(module, names: list[str], scales: list[float]) -> None:
-    module.set_adapters(names, scales)
-    module.fuse_lora(lora_scale=1.0, adapter_names=names)
-
-
-def _fuse_text_encoder(module, names: list[str], scales: list[float]) -> None:
-    from diffusers.loaders.lora_base import fuse_text_encoder_lora, set_adapters_for_text_encoder
-
-    set_adapters_for_text_encoder(names, module, scales)
-    fuse_text_encoder_lora(module, lora_scale=1.0, adapter_names=names)
-
-
-def _remove_from_text_encoder(module) -> None:
-    # What FluxPipeline.unload_lora_weights() does for a text encoder (diffusers keeps it module-private).
-    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
-
-    _remove_text_encoder_monkey_patch(module)
 
 
 def _text_encoder_module(root, name: str):
@@ -250,18 +231,7 @@ def _transformer_module(root, name: str):
         return None
 
 
-@dataclass(frozen=True)
-class _Component:
-    inject: Callable
-    fuse: Callable
-    remove: Callable
-    find: Callable
-
-
-_COMPONENTS = {
-    TRANSFORMER: _Component(_inject_transformer, _fuse_transformer, lambda m: m.unload_lora(), _transformer_module),
-    TEXT_ENCODER: _Component(_inject_text_encoder, _fuse_text_encoder, _remove_from_text_encoder, _text_encoder_module),
-}
+_FIND = {TRANSFORMER: _transformer_module, TEXT_ENCODER: _text_encoder_module}
 
 
 @dataclass
@@ -279,6 +249,10 @@ class _Target:
     touched: dict[int, _Kept] = field(default_factory=dict)  # weights that differ from their originals now
 
 
+# One fuse: each layer with the (Delta, LoRA scale) pairs that change it.
+_Plan = dict[torch.nn.Linear, list[tuple[Delta, float]]]
+
+
 class LoraManager:
     """The LoRA state of every registered module; `use()` makes it match a request."""
 
@@ -293,10 +267,9 @@ class LoraManager:
         """Add a module that LoRAs apply to (component: "transformer" or "text_encoder").
 
         It starts with no LoRA; `use()` brings it up to date the first time a request uses it. It is frozen
-        (requires_grad off) here: PEFT freezes every base weight it injects into, and a module frozen from the
-        start keeps the same parameter flags through any number of LoRAs (torch.compile guards on them).
+        (requires_grad off) here, so the parameter flags torch.compile guards on never change.
         """
-        if component not in _COMPONENTS:
+        if component not in _FIND:
             raise ValueError(f"unknown component {component!r}")
         with self._lock:
             if name in self._targets:
@@ -320,11 +293,11 @@ class LoraManager:
 
     # ----- the one operation -----------------------------------------------------------------------------------
 
-
     def use(self, adapters: Sequence[Adapter], targets: Sequence[str]) -> bool:
         """Make these targets carry exactly these LoRAs at these scales. Returns whether anything changed.
 
-        The same LoRAs and scales again cost nothing. On failure every target is left as it was.
+        The same LoRAs and scales again cost nothing. A LoRA that does not fit is refused before any weight changes;
+        on any other failure every target is left as it was.
         """
         adapters = tuple(a for a in adapters if a.scale != 0)  # scale 0 is the model without that LoRA
         with self._lock:
@@ -332,20 +305,17 @@ class LoraManager:
             stale = [t for t in chosen if _state(t.applied) != _state(adapters)]
             if not stale:
                 return False
-            for adapter in adapters:  # refuse a LoRA that does not fit before changing anything
-                for component in adapter.weights.components:
-                    for target in (t for t in stale if t.component == component):
-                        _check_fits(adapter.weights, target)
+            plans = {t.name: _plan(t, adapters) for t in stale}  # refuses what does not fit, before any change
             started = time.monotonic()
             done: list[tuple[_Target, tuple[Adapter, ...]]] = []
             try:
                 for target in stale:
                     previous = target.applied
-                    self._apply(target, adapters)
+                    self._apply(target, adapters, plans[target.name])
                     done.append((target, previous))
             except BaseException:
                 for target, previous in done:  # put back what this call already changed
-                    self._apply(target, previous)
+                    self._apply(target, previous, _plan(target, previous))
                 raise
             log.info(
                 "lora: %s on %s in %.2fs",
@@ -356,64 +326,26 @@ class LoraManager:
 
     # ----- one target ------------------------------------------------------------------------------------------
 
-    def _apply(self, target: _Target, adapters: tuple[Adapter, ...]) -> None:
-        component = _COMPONENTS[target.component]
-        names: list[str] = []
-        scales: list[float] = []
-        deltas: list[tuple[dict[str, torch.nn.Linear], dict[str, Delta], float]] = []  # (layers, Deltas, scale)
-        try:
-            param = next(target.module.parameters())
-            for i, adapter in enumerate(adapters):
-                part = _part_for(adapter.weights, target)
-                if part:  # the LoRA on the target's device and dtype (it is small; the kept copy stays on the CPU)
-                    sd = {k: v.to(param.device, param.dtype) for k, v in part.items()}
-                    with warnings.catch_warnings():  # PEFT warns whenever a second adapter joins: intended here
-                        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                        component.inject(target.module, adapter.weights, f"lora_{i}", sd)
-                    names.append(f"lora_{i}")
-                    scales.append(float(adapter.scale))
-                own = _deltas_for(adapter.weights, target)
-                if own:
-                    layers = {name: component.find(target.module, name) for name in own}
-                    deltas.append((layers, own, float(adapter.scale)))
-        except BaseException:
-            component.remove(target.module)  # nothing was fused: the weights are as they were
-            raise
+    def _apply(self, target: _Target, adapters: tuple[Adapter, ...], plan: _Plan) -> None:
         previous = target.applied
         try:
             self._restore(target)
-            if names or deltas:
-                target.touched = self._keep(target.module, names, [l for layers, _, _ in deltas for l in layers.values()])
-            if names:
-                component.fuse(target.module, names, scales)
-            for layers, own, scale in deltas:  # after PEFT's fuse: W += scale * ΔW, rounded once into W's dtype
-                _add(layers, own, scale)
+            target.touched = self._keep(plan)
+            _fuse(plan)
             target.applied = adapters
         except BaseException:
             self._restore(target)
             target.applied = ()
-            component.remove(target.module)
             if previous:
                 log.warning("lora: applying to %s failed; putting the previous LoRAs back", target.name)
-                self._apply(target, previous)
+                self._apply(target, previous, _plan(target, previous))
             raise
-        component.remove(target.module)
 
-    def _keep(self, module: torch.nn.Module, names: list[str], layers: Sequence[torch.nn.Linear] = ()) -> dict[int, _Kept]:
-        """The weights the injected adapters (and the Deltas of these layers) will change; an exact CPU copy of each is
-        kept the first time."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+    def _keep(self, plan: _Plan) -> dict[int, _Kept]:
+        """The weights this plan changes; an exact CPU copy of each is kept the first time."""
         touched: dict[int, _Kept] = {}
-        changed: list[torch.Tensor] = [layer.weight for layer in layers]
-        for layer in module.modules():
-            if not names or not isinstance(layer, BaseTunerLayer) or not any(n in layer.lora_A for n in names):
-                continue
-            base = layer.get_base_layer()
-            changed.append(base.weight)
-            if base.bias is not None and any(getattr(layer, "lora_bias", {}).get(n) for n in names):
-                changed.append(base.bias)
-        for p in changed:
+        for layer in plan:
+            p = layer.weight
             kept = self._kept.get(id(p))
             if kept is None or kept.param is not p:
                 kept = self._kept[id(p)] = _Kept(p, _cpu_copy(p))
@@ -439,72 +371,60 @@ def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def _add(layers: dict[str, torch.nn.Linear], deltas: dict[str, Delta], scale: float) -> None:
-    """W += scale * ΔW in place (the same tensor), computed in float32 on W's device and rounded once."""
+def _fuse(plan: _Plan) -> None:
+    """W += sum of scale * ΔW in place (the same tensor), computed in float32 on W's device and rounded once."""
     with torch.no_grad():
-        for name, delta in deltas.items():
-            weight = layers[name].weight
-            change = delta.weight(weight.device)
-            weight.copy_((weight.float() + (change * scale if scale != 1 else change)).to(weight.dtype))
+        for layer, parts in plan.items():
+            weight = layer.weight
+            change = None
+            for delta, scale in parts:
+                part = delta.weight(weight.device)
+                part = part * scale if scale != 1 else part
+                change = part if change is None else change + part
+            weight.copy_((weight.float() + change).to(weight.dtype))
 
 
-def _deltas_for(weights: LoraWeights, target: _Target) -> dict[str, Delta]:
-    """The LoRA's Deltas for this target's component, less those of optional modules the target lacks."""
-    find = _COMPONENTS[target.component].find
-    return {name: d for name, d in weights.deltas_of(target.component).items()
-            if not (name.startswith(OPTIONAL_MODULES) and find(target.module, name) is None)}
-
-
-def _part_for(weights: LoraWeights, target: _Target) -> dict[str, torch.Tensor]:
-    """The LoRA's tensors for this target's component, less those of optional modules the target lacks."""
-    find = _COMPONENTS[target.component].find
-    absent = {name for name in weights.modules(target.component)
-              if name.startswith(OPTIONAL_MODULES) and find(target.module, name) is None}
-    prefix = target.component + "."
-    return {k: v for k, v in weights.part(target.component).items()
-            if not any(k.startswith(f"{prefix}{name}.") for name in absent)}
-
-
-def _check_fits(weights: LoraWeights, target: _Target) -> None:
-    find = _COMPONENTS[target.component].find
-    missing, wrong = [], []
-    def linear(name: str) -> torch.nn.Linear | None:
-        """The target's Linear the LoRA names (None: an optional module it lacks, or missing: noted)."""
-        module = find(target.module, name)
-        if module is None and name.startswith(OPTIONAL_MODULES):
-            log.info("lora: %s: %s is not in %s; skipped there", weights.shown, name, target.name)
-            return None
-        if not isinstance(module, torch.nn.Linear):
-            missing.append(name)
-            return None
-        return module
-
-    for name, tensors in weights.modules(target.component).items():
-        if (module := linear(name)) is None:
-            continue
-        a, b = tensors.get(".lora_A.weight"), tensors.get(".lora_B.weight")
-        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise UserError(f"{weights.shown} is not a valid LoRA: {target.component}.{name} lacks a matching lora_A/lora_B pair.")
-        if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
-            wrong.append(f"{name} is {module.in_features}->{module.out_features} here, "
-                         f"the LoRA's is {a.shape[1]}->{b.shape[0]}")
-    for name, delta in weights.deltas_of(target.component).items():
-        if (module := linear(name)) is None:
-            continue
-        if delta.shape != (module.out_features, module.in_features):
-            out, inner = delta.shape
+def _plan(target: _Target, adapters: Sequence[Adapter]) -> _Plan:
+    """Each layer of the target the adapters change, with their Deltas and scales; refuses (UserError) a LoRA whose
+    modules the target lacks, whose shapes differ, or whose change would leave the dtype's range."""
+    find = _FIND[target.component]
+    plan: _Plan = {}
+    for adapter in adapters:
+        weights = adapter.weights
+        missing, wrong = [], []
+        for name, delta in weights.deltas_of(target.component).items():
+            layer = find(target.module, name)
+            if layer is None and name.startswith(OPTIONAL_MODULES):
+                log.info("lora: %s: %s is not in %s; skipped there", weights.shown, name, target.name)
+                continue
+            if not isinstance(layer, torch.nn.Linear):
+                missing.append(name)
+                continue
+            if delta.shape != (layer.out_features, layer.in_features):
+                (out, inner), kind = delta.shape, KIND_NAMES[delta.kind]
+                wrong.append(f"{name} is {layer.in_features}->{layer.out_features} here, the {kind}'s "
+                             f"({delta.source}) is {inner}->{out}")
+                continue
+            plan.setdefault(layer, []).append((delta, float(adapter.scale)))
+        if wrong:
             raise UserError(
-                f"{weights.shown}: the {_KINDS[delta.kind]} factors of {delta.source} multiply out to a {out}x{inner} "
-                f"change, but {target.component}.{name} is {module.out_features}x{module.in_features} here: it was made "
-                "for a different model, or is damaged. Use a LoRA trained for FLUX.1-dev."
+                f"{weights.shown} was made for a different model (e.g. SDXL, or FLUX at another size): "
+                f"{'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}. Use a LoRA trained for FLUX.1-dev."
             )
-    if wrong:
-        raise UserError(
-            f"{weights.shown} was made for a different model (e.g. SDXL, or FLUX at another size): "
-            f"{'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}. Use a LoRA trained for FLUX.1-dev."
-        )
-    if missing:
-        raise UserError(
-            f"{weights.shown} has weights for modules FLUX.1's {target.component.replace('_', ' ')} does not have "
-            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): it was made for a different model."
-        )
+        if missing:
+            raise UserError(
+                f"{weights.shown} has weights for modules FLUX.1's {target.component.replace('_', ' ')} does not "
+                f"have ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): it was made for a different model."
+            )
+    for layer, parts in plan.items():
+        limit = torch.finfo(layer.weight.dtype).max * HEADROOM
+        if sum(delta.bound * abs(scale) for delta, scale in parts) > limit:
+            delta, scale = max(parts, key=lambda p: p[0].bound * abs(p[1]))
+            shown = next(a.weights.shown for a in adapters if delta in a.weights.deltas.values())
+            raise UserError(
+                f"{shown} changes {delta.source} by numbers too large for the model's "
+                f"{str(layer.weight.dtype).removeprefix('torch.')} weights "
+                f"at scale {scale:g} (its alpha or its weights are far beyond a trained LoRA's): lower the scale, or "
+                "use another LoRA."
+            )
+    return plan

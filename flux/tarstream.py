@@ -66,7 +66,7 @@ def extract_url(url: str, dest: Path, *, max_bytes: int, what: str = "download",
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with dl.ranged(url, what=what, headers=headers, limits=limits, auth_hint=auth_hint) as (found, fetch):
-            if found.ranges and found.size:
+            if found.ranges and not found.encoded and found.size:  # a compressed body has no byte offsets to range
                 files = _extract_parts(fetch, found.size, dest, max_bytes, limits)
                 log.info("%s: fetched and extracted %s (%.1f MiB) in %.2fs", what, dl.redact(url),
                          found.size / dl.MiB, time.monotonic() - started)
@@ -76,7 +76,8 @@ def extract_url(url: str, dest: Path, *, max_bytes: int, what: str = "download",
             raise
         raise dl.DownloadError(f"{what}: the disk is full ({os.strerror(exc.errno)}) while extracting "
                                f"{dl.redact(url)}; nothing was kept. Free disk space and try again.") from None
-    log.info("%s: %s does not take byte ranges: downloading it whole, then extracting", what, dl.redact(url))
+    log.info("%s: %s does not take byte ranges (or sends them compressed): downloading it whole, then extracting",
+             what, dl.redact(url))
     archive = dl.download(url, dest.parent / f".{dest.name}.tar", what=what, headers=headers, limits=limits,
                           auth_hint=auth_hint)
     try:

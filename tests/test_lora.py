@@ -8,11 +8,13 @@ mapped onto it by configuration (FLUX_REPLICATE_URL, HF_ENDPOINT, FLUX_CIVITAI_U
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from cog import Secret
 
+import lora_loader
 from flux.errors import UserError
 from tests.helpers import loras
 from tests.helpers.images import data_uri
@@ -277,29 +279,137 @@ def test_failures_leave_the_predictor_as_it_was(predict, hub, dev, attention, ot
 
 
 def test_failure_while_fusing_restores_every_target(predict, hub, dev, attention, engine, monkeypatch):
-    """A fault inside PEFT's merge (as a GPU running out of memory would raise) in the text encoder, after the
+    """A fault while fusing into the text encoder (as a GPU running out of memory would raise), after the
     transformer took the new LoRA: both are put back as they were."""
-    from peft.tuners.lora import layer as lora_layer
+    from flux import lora
 
     transformer, clip = dev
     good = serve(hub, attention, "ai-toolkit", name="fuse-keep")
     with_good = image(predict, replicate_weights=good)
     before = snapshot(transformer, clip)
     other = loras.make_update(transformer, "ALL", text_encoder=clip, seed=8)
-    clip_layers = {id(m) for m in clip.modules()}
-    original = lora_layer.Linear.merge
+    original = lora.Delta.weight
 
-    def merge(self, safe_merge=False, adapter_names=None):
-        if id(self.get_base_layer()) in clip_layers:
+    def weight(self, device=None):
+        if self.source.startswith("text_encoder."):
             raise RuntimeError("simulated: CUDA out of memory")
-        return original(self, safe_merge=safe_merge, adapter_names=adapter_names)
+        return original(self, device)
 
-    monkeypatch.setattr(lora_layer.Linear, "merge", merge)
+    monkeypatch.setattr(lora.Delta, "weight", weight)
     with pytest.raises(RuntimeError, match="simulated"):
         predict(**KW, replicate_weights=serve(hub, other, "diffusers", name="fuse-fail"))
     monkeypatch.undo()
     assert same(before, transformer, clip) and no_peft_layers(transformer, clip)
     assert image(predict, replicate_weights=good) == with_good
+
+
+# ----- scales: what PEFT and diffusers would have given ----------------------------------------------------------------
+
+def peft_fused(transformer, clip, path: Path, scale: float):
+    """The reference: copies of the modules with the file loaded the way diffusers loads it (its converters, then
+    PEFT's layers configured by the file's metadata or alphas), fused at `scale` by PEFT. CLIP goes through PEFT's
+    own injection with diffusers' config (diffusers' load_lora_into_text_encoder needs peft >= 0.20). Only copies are
+    touched: this is what the serving model no longer runs."""
+    import copy
+
+    from diffusers import FluxPipeline
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora, set_adapters_for_text_encoder
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    transformer, clip = copy.deepcopy(transformer), copy.deepcopy(clip)
+    with safe_open(path, "pt") as f:
+        keys, header = list(f.keys()), f.metadata()
+    kind = lora_loader.layout(keys, header)
+    source = lora_loader._bfl_to_comfy(load_file(path)) if kind in ("bfl-peft", "fal") else str(path)
+    sd, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True, return_lora_metadata=True)
+    sd = {("transformer." + k if k.startswith(lora_loader._TRANSFORMER_ROOTS) else k): v for k, v in sd.items()}
+    FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas or None, transformer=transformer,
+                                            adapter_name="a", metadata=metadata)
+    transformer.set_adapters(["a"], [scale])
+    transformer.fuse_lora(lora_scale=1.0, adapter_names=["a"])
+    text = {k[len("text_encoder."):]: v for k, v in sd.items() if k.startswith("text_encoder.")}
+    if text:
+        if not any(".lora_A." in k for k in text):
+            text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
+        if not hasattr(clip, "text_model"):
+            text = {k.removeprefix("text_model."): v for k, v in text.items()}
+        config = {k[len("text_encoder."):]: v for k, v in (metadata or {}).items() if k.startswith("text_encoder.")}
+        config = config or get_peft_kwargs({k: v.shape[1] for k, v in text.items() if k.endswith("lora_B.weight")},
+                                           None, text, is_unet=False)
+        inject_adapter_in_model(LoraConfig(**config), clip, adapter_name="a", state_dict=text)
+        set_peft_model_state_dict(clip, text, adapter_name="a")
+        set_adapters_for_text_encoder(["a"], clip, [scale])
+        fuse_text_encoder_lora(clip, lora_scale=1.0, adapter_names=["a"])
+    def weights(module):  # PEFT keeps its layers after fusing: the base layer holds the fused weight
+        return {n.replace(".base_layer", ""): p.detach() for n, p in module.named_parameters() if "lora_" not in n}
+
+    return weights(transformer), weights(clip)
+
+
+def _with_metadata(update, **fields) -> bytes:
+    from tests.helpers import hostile
+
+    return hostile.metadata_fields(update, **fields)
+
+
+def _with_alphas(update) -> bytes:
+    """PEFT keys with a `.alpha` tensor per module, of two values (diffusers' network alphas)."""
+    tensors, _ = loras.ai_toolkit_layout(update)
+    for i, name in enumerate(sorted(update.transformer)):
+        tensors[f"transformer.{name}.alpha"] = torch.tensor(3.0 if i % 3 else 5.0)
+    return loras.safetensors_bytes(tensors)
+
+
+SCALE_CASES = {
+    **{layout: (lambda u, layout=layout: loras.lora_bytes(u, layout, **({"alpha": 3.0} if layout in ("kohya", "bfl", "diffusers") else {})))
+       for layout in loras.LAYOUTS},
+    "diffusers, rank_pattern and alpha_pattern": lambda u: _with_metadata(
+        u, lora_alpha=3.0, alpha_pattern={"transformer_blocks.0.attn.to_q": 7.0, "add_k_proj": 1.5}),
+    "diffusers, use_rslora": lambda u: _with_metadata(u, lora_alpha=3.0, use_rslora=True),
+    "diffusers, no lora_alpha (PEFT's default)": lambda u: hostile_without(u, "lora_alpha"),
+    "PEFT keys with alpha tensors": _with_alphas,
+}
+
+
+def hostile_without(update, field_name: str) -> bytes:
+    from tests.helpers import hostile
+
+    return hostile._metadata(update, lambda config: config.pop(f"transformer.{field_name}") and None)
+
+
+@pytest.mark.parametrize("case", list(SCALE_CASES))
+def test_every_layout_fuses_what_peft_would_have_given(tmp_path, case):
+    """The one fuse mechanism against diffusers and PEFT themselves, on copies: the same weights (float rounding
+    aside: PEFT rounds each adapter's change into the weight, this fuser rounds once), CLIP included."""
+    from flux.fakes import tiny
+    from flux.lora import Adapter, LoraManager
+
+    pipe = tiny.build_pipeline()
+    transformer, clip = pipe.transformer.eval(), pipe.text_encoder.eval()
+    with_clip = case in ("diffusers", "kohya", "bfl")
+    update = loras.make_update(transformer, "FUSED_OK" if case in ("kohya", "bfl", "bfl-peft", "fal") else "ATTENTION",
+                               text_encoder=clip if with_clip else None, seed=12)
+    if case == "xlabs":
+        update = loras.make_update(transformer, "XLABS", seed=12)
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(SCALE_CASES[case](update))
+    expected_transformer, expected_clip = peft_fused(transformer, clip, path, 0.7)
+    manager = LoraManager()
+    manager.register("dev", transformer, "transformer")
+    manager.register("clip", clip, "text_encoder")
+    before = {n: p.detach().clone() for n, p in transformer.named_parameters()}
+    clip_before = snapshot(clip)
+    manager.use([Adapter(lora_loader.normalize(path, "k", case), 0.7)], ["dev", "clip"])
+    changed = [n for n, p in transformer.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    for name, param in transformer.named_parameters():
+        assert torch.allclose(param, expected_transformer[name], rtol=1e-5, atol=1e-6), (case, name)
+    for name, param in clip.named_parameters():
+        assert torch.allclose(param, expected_clip[name], rtol=1e-5, atol=1e-6), (case, name)
+    assert with_clip != same(clip_before, clip)
 
 
 # ----- secrets ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ the refusals, and every layout normalized by diffusers' converters."""
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import lora_loader
 from flux.fakes import tiny
 from flux.cache import DiskCache
 from flux.errors import UserError
-from tests.helpers import loras
+from tests.helpers import hostile, loras
 from tests.helpers.images import data_uri
 from tests.helpers.http import FileServer, HubServer
 
@@ -240,15 +243,64 @@ def test_civitai_errors(env, loader, monkeypatch):
 
 # ----- URLs and data: URIs ------------------------------------------------------------------------------------------
 
-def test_signed_url_is_cached_without_its_query(env, loader, lora_file, caplog):
-    with FileServer() as srv, caplog.at_level(logging.INFO):
-        url = srv.add("/bucket/lora.safetensors", lora_file)
-        got = fetch(loader, url + "?X-Amz-Signature=SECRETSIG&X-Amz-Credential=SECRETCRED")
-        count = len(srv.requests)
-        again = fetch(loader, url + "?X-Amz-Signature=OTHERSIG")  # a fresh signature for the same file
-        assert again.path == got.path and len(srv.requests) == count
-    assert "SECRET" not in caplog.text and "SECRET" not in got.key
-    assert cache_names(env) == [got.path.name] and got.path.name.endswith(".safetensors")
+def test_the_whole_url_is_the_cache_key_and_its_query_is_never_shown(env, loader, lora_file, tiny_pipe, caplog):
+    """Two URLs that differ only in their query are two files (a download?id=1, ?id=2 service); the query, which may
+    hold a signature, appears in no log line, key or file name. A re-signed URL of a cached file is fetched again."""
+    other = loras.lora_bytes(loras.make_update(tiny_pipe.transformer, "ATTENTION", seed=4), "ai-toolkit")
+
+    class ById(FileServer):
+        def route(self, handler, path, head):
+            if path != "/download":
+                return None
+            body = {"id=1": lora_file, "id=2": other}.get(urlsplit(handler.path).query.split("&")[0])
+            handler._plain(200 if body else 404, body or b"")
+            return True
+
+    with ById() as srv, caplog.at_level(logging.INFO):
+        first = fetch(loader, srv.url("/download?id=1&sig=SECRETSIG"))
+        second = fetch(loader, srv.url("/download?id=2&sig=SECRETSIG"))
+        assert first.path.read_bytes() == lora_file and second.path.read_bytes() == other
+        assert first.key != second.key and not second.cached
+        assert fetch(loader, srv.url("/download?id=1&sig=SECRETSIG")).cached
+        assert not fetch(loader, srv.url("/download?id=1&sig=RESIGNED")).cached
+    assert "SECRET" not in caplog.text and "id=" not in caplog.text
+    assert not any("SECRET" in k or "id=" in k for k in (first.key, second.key, first.shown, first.path.name))
+
+
+def test_a_server_that_compresses_the_file_anyway_is_read_and_both_sizes_are_limited(env, loader, lora_file,
+                                                                                     monkeypatch):
+    """Content-Encoding: gzip on a LoRA although identity was asked for: decoded, checked against the compressed
+    length it announced; the limit applies to the bytes on the wire and to what they decode to, each named."""
+    import gzip
+
+    with FileServer() as srv:
+        got = fetch(loader, srv.add("/gz.safetensors", lora_file, encoding="gzip"))
+        assert got.path.read_bytes() == lora_file
+        assert all(r.headers.get("Accept-Encoding") == "identity" for r in srv.requests)
+        monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(len(lora_file) - 1))  # the compressed body fits, not the file
+        assert len(gzip.compress(lora_file)) < len(lora_file) - 1
+        with pytest.raises(UserError, match=r"gzip-compressed and decodes to more than the .* limit"):
+            fetch(loader, srv.add("/gz2.safetensors", lora_file, encoding="gzip"))
+        monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(len(gzip.compress(lora_file)) // 2))
+        with pytest.raises(UserError, match=r"over the .* limit"):
+            fetch(loader, srv.add("/gz3.safetensors", lora_file, encoding="gzip"))
+    assert cache_names(env) == [got.path.name]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("redirect loop", "redirects too many times"),
+    ("broken gzip", "does not decode as its Content-Encoding says"),
+])
+def test_misbehaving_servers_fail_in_our_words(env, loader, lora_file, case, message):
+    with FileServer() as srv:
+        if case == "redirect loop":
+            url = srv.add("/loop.safetensors", b"", redirect=srv.url("/loop.safetensors"))
+        else:
+            url = srv.add("/broken.safetensors", lora_file, encoding="gzip-broken")
+        with pytest.raises(UserError, match=message) as failed:
+            fetch(loader, url)
+    assert not hostile.library_words(str(failed.value)), str(failed.value)
+    assert cache_names(env) == []
 
 
 @pytest.mark.parametrize("behaviour", [dict(no_ranges=True), dict(slow=0.01)])
@@ -292,7 +344,7 @@ def test_timeout_and_size_limit(env, loader, lora_file, monkeypatch):
 @pytest.mark.parametrize("body,message", [
     (b"<!DOCTYPE html><html>login</html>", "is a web page, not a safetensors file"),
     (b"\x80\x04\x95pickled", "is a pickle checkpoint"),
-    (b"PK\x03\x04torch-zip", "is a pickle checkpoint"),
+    (b"PK\x03\x04torch-zip", "is a .zip archive that cannot be read"),
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "is not a safetensors file"),
 ])
 def test_not_safetensors_is_refused_and_not_cached(env, loader, body, message):
@@ -329,6 +381,47 @@ def test_data_uris_of_a_file_and_of_a_tar(env, loader, lora_file):
         assert fetch(loader, uri).path.read_bytes() == lora_file
     with pytest.raises(UserError, match="not valid base64"):
         fetch(loader, "data:;base64,@@@")
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_tar_archives_of_every_compression(env, loader, lora_file, mode):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, body in (("output/config.yaml", b"x"), ("output/lora.safetensors", lora_file)):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    assert fetch(loader, data_uri(buf.getvalue(), "")).path.read_bytes() == lora_file
+
+
+def test_archives_are_capped_while_reading(env, loader, lora_file, monkeypatch):
+    """Members and content are counted as the archive is read: a .tar.gz of 60,000 empty files is refused at the
+    cap, not unpacked; content beyond FLUX_LORA_MAX_BYTES is refused (a zip by what it unpacks to)."""
+    with pytest.raises(UserError, match=r"holds more than 1,000 files") as failed:
+        fetch(loader, data_uri(hostile.targz_of_empty_members(60_000, lora_file), ""))
+    assert "Send the .safetensors file itself" in str(failed.value)
+    many = {f"f{i}.txt": b"" for i in range(lora_loader.MAX_MEMBERS + 1)}
+    with pytest.raises(UserError, match=r"zip archive holds more than 1,000 files"):
+        fetch(loader, data_uri(hostile.zip_of({**many, "lora.safetensors": lora_file}), ""))
+    monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(len(lora_file) * 2))
+    padding = b"\0" * (len(lora_file) * 3)  # compresses to little: within the download limit, not unpacked
+    for archive in (hostile.zip_of({"lora.safetensors": padding + lora_file}),
+                    hostile.targz_of_empty_members(0, padding + lora_file)):
+        with pytest.raises(UserError, match="unpacks to more than"):
+            fetch(loader, data_uri(archive, ""))
+    assert cache_names(env) == []
+
+
+def test_zips_are_read_like_tars(env, loader, lora_file):
+    assert fetch(loader, data_uri(hostile.zip_of({"dir/lora.safetensors": lora_file, "README.md": b"hi"}), "")
+                 ).path.read_bytes() == lora_file
+    with pytest.raises(UserError, match="pickle checkpoint"):
+        fetch(loader, data_uri(hostile.torch_zip_checkpoint(), ""))
+    with pytest.raises(UserError, match=r"no \.safetensors file \(it holds: a\.txt\)"):
+        fetch(loader, data_uri(hostile.zip_of({"a.txt": b"x"}), ""))
+    with pytest.raises(UserError, match=r"\.zip archive (is damaged|that cannot be read)"):
+        fetch(loader, data_uri(hostile.zip_of({"lora.safetensors": lora_file})[:-30], ""))
+    assert cache_names(env) != []
 
 
 def test_unsafe_tar_is_refused(env, loader):
@@ -374,17 +467,16 @@ def test_stale_staging_folders_are_cleaned(tmp_path):
 
 @pytest.mark.parametrize("subset,layouts", list(loras.EXPRESSIBLE.items()))
 def test_every_layout_normalizes_to_the_same_update(tiny_pipe, tmp_path, subset, layouts):
-    """Each layout, through diffusers' converters, gives per module the same B @ A (alphas folded in), exactly."""
+    """Each layout, through diffusers' converters, gives per module the same scale * B @ A, exactly."""
     update = loras.make_update(tiny_pipe.transformer, subset)
     for layout in layouts:
         weights = lora_loader.normalize(loras.write(update, layout, tmp_path / f"{layout}.safetensors"), layout, layout)
         assert weights.layout == layout
-        modules = weights.modules("transformer")
-        assert sorted(modules) == sorted(update.transformer), layout
-        alpha = (weights.metadata or {}).get("transformer.lora_alpha", update.rank)
+        deltas = weights.deltas_of("transformer")
+        assert sorted(deltas) == sorted(update.transformer), layout
         for name, (a, b) in update.transformer.items():
-            got = modules[name][".lora_B.weight"] @ modules[name][".lora_A.weight"] * (alpha / update.rank)
-            assert torch.equal(got, b @ a), (layout, name)
+            assert deltas[name].kind == "lora" and deltas[name].rank == update.rank
+            assert torch.equal(deltas[name].weight(), b @ a), (layout, name)
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya", "bfl"])
@@ -392,7 +484,10 @@ def test_text_encoder_weights_are_kept(tiny_pipe, tmp_path, layout):
     update = loras.make_update(tiny_pipe.transformer, "ATTENTION", text_encoder=tiny_pipe.text_encoder)
     weights = lora_loader.normalize(loras.write(update, layout, tmp_path / "l.safetensors"), "k", "l")
     assert weights.components == ("transformer", "text_encoder")
-    assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)
+    deltas = weights.deltas_of("text_encoder")
+    assert sorted(deltas) == sorted(update.text_encoder)
+    for name, (a, b) in update.text_encoder.items():
+        assert torch.equal(deltas[name].weight(), b @ a), (layout, name)
 
 
 def _file(tmp_path, tensors, name="x.safetensors"):
@@ -430,8 +525,8 @@ def test_t5_weights_are_named_in_the_log_and_the_rest_applies(tiny_pipe, tmp_pat
     with caplog.at_level(logging.WARNING, logger="flux"):
         weights = lora_loader.normalize(_file(tmp_path, tensors), "k", "with-t5")
     assert "T5 text-encoder weights (2 tensors)" in caplog.text
-    assert sorted(weights.modules("transformer")) == sorted(update.transformer)
-    assert sorted(weights.modules("text_encoder")) == sorted(update.text_encoder)
+    assert sorted(weights.deltas_of("transformer")) == sorted(update.transformer)
+    assert sorted(weights.deltas_of("text_encoder")) == sorted(update.text_encoder)
 
 
 def test_files_diffusers_reads_are_not_gated(tiny_pipe, tmp_path):
@@ -440,10 +535,10 @@ def test_files_diffusers_reads_are_not_gated(tiny_pipe, tmp_path):
     tensors, _ = loras.ai_toolkit_layout(update)
     bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     weights = lora_loader.normalize(_file(tmp_path, bare, "bare.safetensors"), "k", "bare")
-    modules = weights.modules("transformer")
-    assert sorted(modules) == sorted(update.transformer)
+    deltas = weights.deltas_of("transformer")
+    assert sorted(deltas) == sorted(update.transformer)
     for name, (a, b) in update.transformer.items():
-        assert torch.equal(modules[name][".lora_B.weight"] @ modules[name][".lora_A.weight"], b @ a)
+        assert torch.equal(deltas[name].weight(), b @ a)
 
 
 def test_unreadable_file_names_itself_what_it_holds_and_what_is_accepted(tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flux.fakes import tiny
 from tests.helpers import images
 from tests.helpers.images import data_uri as uri
 from tests.helpers.images import encoded
@@ -88,6 +89,7 @@ BAD_422 = [
     ("float for an int", {"num_inference_steps": 2.5}, "num_inference_steps"),
 ]
 
+IMAGE_REFUSED = "image could not be read: send an uploaded file, a data: URI or an http(s) URL."
 BAD_FAILED = [
     ("not an image", lambda: {"image": uri(b"hello, I am text")}, "not an image file"),
     ("empty file", lambda: {"image": uri(b"")}, "not an image file"),
@@ -98,6 +100,11 @@ BAD_FAILED = [
     ("mask not an image", lambda: {"image": uri(png(512, 512)), "mask": uri(b"GIF89a nonsense")}, "mask is not an image"),
     ("mask without image", lambda: {"mask": uri(png(512, 512))}, "mask was given without image"),
     ("image not a URL", lambda: {"image": "not-a-url"}, "send an uploaded file, a data: URI"),
+    ("image a path on the server", lambda: {"image": "/etc/hostname"}, IMAGE_REFUSED),
+    ("image a device that never ends", lambda: {"image": "/dev/zero"}, IMAGE_REFUSED),
+    ("image the server's stdin", lambda: {"image": "/proc/self/fd/0"}, IMAGE_REFUSED),
+    ("mask a path on the server", lambda: {"image": uri(png(512, 512)), "mask": "/etc/hostname"},
+     IMAGE_REFUSED.replace("image", "mask")),
     ("custom without size", lambda: {"aspect_ratio": "custom"}, "give both width and height"),
     ("custom without height", lambda: {"aspect_ratio": "custom", "width": 512}, "give both width and height"),
     ("no denoising step", lambda: {"image": uri(png(512, 512)), "prompt_strength": 0.01, "num_inference_steps": 4},
@@ -249,6 +256,16 @@ def test_client_dropping_a_sync_request_cancels_it(slow_server):
     assert reference_output(slow_server) == reference
 
 
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def in_order(events: list[dict]) -> list[dict]:
+    """Webhooks in the order of what they carry, as the replicate clients order them (delivery order is no promise:
+    coglet sends each from its own task, and a busy machine reorders them): a prediction's logs and outputs only
+    grow, and its terminal status comes last."""
+    return sorted(events, key=lambda e: (e["status"] in TERMINAL, len(e.get("logs") or ""), len(e.get("output") or ())))
+
+
 def test_progress_advances_while_the_prediction_runs(slow_server):
     """The logs webhooks of a slow prediction, read as the real replicate client reads prediction.progress: the bar
     moves step by step before the prediction completes, and ends full."""
@@ -261,12 +278,12 @@ def test_progress_advances_while_the_prediction_runs(slow_server):
             headers={"Prefer": "respond-async"},
         )
         assert status == 202
-        events = hook.wait_for(lambda e: any(x["status"] == "succeeded" for x in e))
+        events = in_order(hook.settled(lambda e: any(x["status"] == "succeeded" for x in e)))
     seen = [client_progress(e) for e in events]
     running = [(p.current, p.total) for p, e in zip(seen, events) if p is not None and e["status"] == "processing"]
     assert len(set(running)) >= 3, running  # several distinct points while it ran
-    assert all(total == steps for _, total in running) and all(c < steps for c, _ in running[:-1])
-    assert [c for c, _ in running] == sorted(c for c, _ in running)
+    assert all(total == steps for _, total in running) and running[0][0] < steps
+    assert [c for c, _ in running] == sorted(c for c, _ in running)  # the logs' order is the progress' order
     final = seen[-1]
     assert events[-1]["status"] == "succeeded" and (final.current, final.total, final.percentage) == (steps, steps, 1.0)
 
@@ -280,7 +297,7 @@ def test_async_webhooks_start_output_logs_completed(slow_server):
             headers={"Prefer": "respond-async"},
         )
         assert status == 202 and body["status"] in ("starting", "processing")
-        events = hook.wait_for(lambda e: any(x["status"] == "succeeded" for x in e))
+        events = in_order(hook.settled(lambda e: any(x["status"] == "succeeded" for x in e)))
     statuses = [e["status"] for e in events]
     assert statuses[0] == "processing" and statuses[-1] == "succeeded"
     assert any(e.get("output") for e in events[:-1]), "no output event before completion"
@@ -430,6 +447,9 @@ def lora_host(lora_bytes):
         host.add("/reset.safetensors", lora_bytes[0], no_ranges=True, truncate=len(lora_bytes[0]) // 3, reset=True)
         host.add("/extra.safetensors", lora_bytes[0], extra=4096)
         host.add("/slow-start.safetensors", lora_bytes[1], hang=3)
+        host.add("/gzip.safetensors", lora_bytes[0], encoding="gzip")
+        host.add("/broken-gzip.safetensors", lora_bytes[0], encoding="gzip-broken")
+        host.add("/loop.safetensors", b"", redirect=host.url("/loop.safetensors"))
         host.add_repo("someone/private-lora", {"lora.safetensors": lora_bytes[1]}, gated_token=SECRET)
         yield host
 
@@ -497,6 +517,8 @@ def test_bad_lora_references_fail_clearly(lora_server, lora_host, server):
     ("/hang.safetensors", "stopped sending data"),
     ("/reset.safetensors", "dropping the connection"),
     ("/extra.safetensors", "more bytes than it announced"),
+    ("/broken-gzip.safetensors", "does not decode as its Content-Encoding says"),
+    ("/loop.safetensors", "redirects too many times"),
 ])
 def test_lora_server_faults_fail_cleanly(lora_server, lora_host, server, path, message):
     status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url(path)})
@@ -505,6 +527,36 @@ def test_lora_server_faults_fail_cleanly(lora_server, lora_host, server, path, m
     assert not any(p.name.startswith(("hang", "reset", "extra")) for p in cache_files(lora_server))
     lora_server.wait_status(timeout=10)
     assert reference_output(lora_server) == reference_output(server)  # no adapter left behind
+
+
+def test_hostile_loras_do_not_change_what_the_next_caller_gets(lora_server, lora_host, lora_bytes, server):
+    """The probe's sequence on the real server: a LoRA whose adapter metadata names modules_to_save (it used to wrap
+    norm_out for good), one with a rank of 0 in its metadata, one gzip-encoded by its server, a .tar.gz of 60,000
+    empty files, then the same good LoRA and no LoRA: bit-identical to before and to a fresh server."""
+    from tests.helpers import hostile, loras
+
+    status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url("/a.safetensors")})
+    assert body["status"] == "succeeded", body.get("error")
+    with_a = body["output"][0]
+    transformer = tiny.build_pipeline().transformer
+    update = loras.make_update(transformer, "ATTENTION", seed=5)
+    cases = [
+        (hostile.metadata_fields(update, modules_to_save=["norm_out"]), None),
+        (hostile.metadata_fields(update, r=0), "adapter metadata gives rank r=0"),
+        (hostile.targz_of_empty_members(60_000, lora_bytes[0]), "holds more than 1,000 files"),
+    ]
+    for body_bytes, message in cases:
+        status, body = lora_server.predict({**REFERENCE, "replicate_weights": uri(body_bytes, "application/octet-stream")})
+        if message is None:
+            assert body["status"] == "succeeded", body.get("error")
+        else:
+            assert body["status"] == "failed" and message in body["error"] and "Traceback" not in body["error"], body
+    status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url("/gzip.safetensors")})
+    assert body["status"] == "succeeded" and body["output"][0] == with_a, body.get("error")
+    status, body = lora_server.predict({**REFERENCE, "replicate_weights": lora_host.url("/a.safetensors")})
+    assert body["output"][0] == with_a
+    lora_server.wait_status(timeout=10)
+    assert reference_output(lora_server) == reference_output(server)
 
 
 def test_cache_cap_keeps_the_cache_within_bounds(lora_server, lora_host, lora_bytes):

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 StepHook = Callable[[object, int, object, dict], dict]
 
 
+class NonFiniteOutput(UserError):
+    """The latents of a request came out NaN or infinite (its LoRAs, at their scales, broke the model)."""
+
+
 @dataclass
 class Generated:
     """What a request made, before the output stage writes it: the images that passed the safety checkers, in seed
@@ -99,6 +103,9 @@ class Runner:
         req = self.transformers.route(req)
         try:
             return self._generate(req, step_hook)
+        except NonFiniteOutput:  # the request's LoRAs broke the output: the next request starts without them
+            self._drop_loras(req)
+            raise
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
             _free_memory()
             raise UserError(
@@ -140,6 +147,8 @@ class Runner:
 
         def hook(pipe, step, timestep, tensors):
             tensors = steps(pipe, step, timestep, tensors)
+            if step == pipe.num_timesteps - 1:  # the latents the VAE decodes: checked once per call
+                self._check_finite(tensors.get("latents"), req)
             return step_hook(pipe, step, timestep, tensors) if step_hook is not None else tensors
 
         def call(batch_seeds: list[int]) -> list[Image.Image]:
@@ -209,14 +218,39 @@ class Runner:
             _, before = fetched.get(got.key, (got, 0.0))
             fetched[got.key] = (got, before + scale)  # two references to one file: one LoRA, scales added
         in_use = {a.weights.key: a.weights for name in targets for a in self.loras.adapters(name)}
-        adapters = [
-            Adapter(in_use.get(key) or self.loader.load(got), scale)
-            for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
-        ]
-        self.loras.use(adapters, targets)
+        try:
+            adapters = [
+                Adapter(in_use.get(key) or self.loader.load(got), scale)
+                for key, (got, scale) in fetched.items() if scale != 0  # scale 0: the model without that LoRA
+            ]
+            self.loras.use(adapters, targets)  # refuses what does not fit before any weight changes
+        except UserError:
+            for key, (got, _) in fetched.items():  # no file stays cached for a LoRA the model refused
+                if key not in in_use:
+                    self.loader.forget(got)
+            raise
         if req.fp8:
             self.transformers.sync_fp8(req.model)
         return [got for got, _ in fetched.values()]
+
+    def _drop_loras(self, req: Request) -> None:
+        """Back to no LoRA on the modules a request used (after its LoRAs broke its output)."""
+        self.loras.use([], [req.model, TEXT_ENCODER])
+        if req.model in self.transformers.twins:
+            self.transformers.sync_fp8(req.model)
+
+    def _check_finite(self, latents: torch.Tensor | None, req: Request) -> None:
+        """Latents with a NaN or an infinity decode to black pixels: fail instead, naming the likely cause."""
+        if latents is None or bool(torch.isfinite(latents).all()):
+            return
+        loras = [a for name in (req.model, TEXT_ENCODER) for a in self.loras.adapters(name)]
+        if not loras:
+            raise RuntimeError(f"the {req.transformer} transformer produced non-finite latents without a LoRA")
+        named = " and ".join(dict.fromkeys(f"{a.weights.shown} at scale {a.scale:g}" for a in loras))
+        raise NonFiniteOutput(
+            f"The image came out as numbers that are not finite (NaN or infinity) with the LoRA {named}: it pushes "
+            "the model beyond what it can compute. Lower lora_scale (or extra_lora_scale), or use another LoRA."
+        )
 
     def encode_prompt(self, req: Request, outputs: int) -> dict[str, torch.Tensor]:
         """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:

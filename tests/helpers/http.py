@@ -12,12 +12,15 @@ FileServer serves `files[path] = bytes` with byte ranges, and per path can:
   status     answer with this HTTP status
   redirect   answer 302 to this location
   content_type  the Content-Type header
+  encoding   send the body compressed with this Content-Encoding ("gzip"; "gzip-broken": announced as gzip, not
+             gzip), whatever the request's Accept-Encoding, without ranges (a misbehaving server or CDN)
 Every request is recorded in `requests` (method, path, headers) for assertions.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import re
@@ -46,6 +49,7 @@ class Behaviour:
     status: int | None = None
     redirect: str | None = None
     content_type: str = "application/octet-stream"
+    encoding: str | None = None
 
 
 @dataclass
@@ -91,6 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._plain(behaviour.status, b"error")
         if body is None:
             return self._plain(404, b"not found")
+        if behaviour.encoding:
+            payload = gzip.compress(body) if behaviour.encoding == "gzip" else b"\x1f\x8b this is not gzip" + body[:64]
+            return self._plain(200, b"" if head else payload, {"Content-Encoding": "gzip",
+                                                                "Content-Type": behaviour.content_type})
         start, end, status = 0, len(body) - 1, 200
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match and not behaviour.no_ranges:
@@ -143,7 +151,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                return
 
     def json(self, status: int, obj, headers: dict | None = None):
         self._plain(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})

@@ -42,7 +42,9 @@ def decode_image(uri: str) -> Image.Image:
 
 
 class CogServer:
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None, setup_timeout: float = 300):
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, setup_timeout: float = 300,
+                 cwd: Path = ROOT):
+        self.cwd = cwd  # where coglet reads .cog/openapi_schema.json and the predictor's file from
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -68,7 +70,7 @@ class CogServer:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.cwd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
     def wait_status(self, wanted=("READY",), timeout: float | None = None) -> dict:
@@ -142,17 +144,18 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         with receiver._cond:
             receiver.events.append(json.loads(body or b"null"))
             receiver._cond.notify_all()
-        self.send_response(200)
+        self.send_response(receiver.status)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
 
 class WebhookReceiver(LocalServer):
-    """Records the JSON bodies POSTed to it (cog's webhooks), on 127.0.0.1."""
+    """Records the JSON bodies POSTed to it (cog's webhooks), on 127.0.0.1, answering `status`."""
 
     handler = _WebhookHandler
 
-    def __init__(self):
+    def __init__(self, status: int = 200):
+        self.status = status
         self.events: list[dict] = []
         self._cond = threading.Condition()
         super().__init__()
@@ -160,6 +163,19 @@ class WebhookReceiver(LocalServer):
     @property
     def hook_url(self) -> str:
         return self.url("/hook")
+
+    def settled(self, predicate, quiet: float = 1.0, timeout: float = 60) -> list[dict]:
+        """wait_for(predicate), then until no new event has come for `quiet` seconds: webhooks sent before the one
+        that satisfied the predicate may still be on their way (delivery order is no promise)."""
+        events = self.wait_for(predicate, timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while time.monotonic() < deadline:
+                count = len(self.events)
+                self._cond.wait(quiet)
+                if len(self.events) == count:
+                    break
+            return list(self.events) if self.events else events
 
     def wait_for(self, predicate, timeout: float = 60) -> list[dict]:
         """Block until predicate(events) is true; return the events."""
