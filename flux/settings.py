@@ -12,6 +12,15 @@ has a field for each, made from those entries. Beside them:
                              has is an error. On a machine without a GPU it simulates one of that size (the tests run
                              the offload paths of small GPUs that way). Default: the whole GPU.
 
+The LoRA loader's settings (`LoraSettings`, flux/lora/sources.py) are read here too, once, when the engine is built:
+
+  FLUX_LORA_MAX_BYTES        largest LoRA download, and most an archive may unpack to (default 2 GiB)
+  FLUX_LORA_CACHE_GB         size cap of the on-disk LoRA cache under weights/loras (default 20)
+  FLUX_LORA_TIMEOUT_S        longest a LoRA download may take (default 600)
+  FLUX_LORA_RECHECK_S        how long a resolved unversioned reference is trusted (default 300)
+  FLUX_REPLICATE_URL, FLUX_CIVITAI_URL, HF_ENDPOINT   where replicate.com, civitai.com and huggingface.co are
+  HF_TOKEN, CIVITAI_API_TOKEN, REPLICATE_API_TOKEN    tokens for requests that bring none
+
 `VARIABLES` lists every environment variable the project reads (these, the weights' and the LoRA loader's), so
 that tests can start from none of them. A value that is not one a setting takes is a setup error naming it.
 """
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,7 @@ import torch
 
 from . import speed, variants
 from .errors import SettingsError
-from .folders import compile_cache_dir
+from .folders import compile_cache_dir, weights_dir
 from .memory import GiB
 from .speed import fp8 as fp8_
 
@@ -108,3 +117,54 @@ Settings = dataclasses.make_dataclass(
     bases=(_Settings,), frozen=True,
 )
 Settings.__module__ = __name__
+
+
+def _number(env: dict, name: str, default: float, zero: bool = False) -> float:
+    """A positive number (or 0 where `zero`), its default when unset; anything else names the setting."""
+    raw = (env.get(name) or "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 or zero and value == 0) or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} is not a positive number: set it to one, or unset it for {default:g}.")
+    return value
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA loader's settings (flux/lora/sources.py), read once: limits, the cache, where the hosts are, and the
+    tokens used for requests that bring none (never in a repr)."""
+
+    max_bytes: int = 2 * GiB
+    cache_bytes: int = 20 * GiB
+    cache_dir: Path = field(default_factory=lambda: weights_dir() / "loras")
+    timeout_s: float = 600.0
+    recheck_s: float = 300.0
+    replicate_url: str = "https://replicate.com"
+    civitai_url: str = "https://civitai.com"
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = field(default=None, repr=False)
+    civitai_token: str | None = field(default=None, repr=False)
+    replicate_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "LoraSettings":
+        env = os.environ if env is None else env
+
+        def url(name: str, default: str) -> str:
+            return ((env.get(name) or "").strip() or default).rstrip("/")
+
+        return cls(
+            max_bytes=int(_number(env, "FLUX_LORA_MAX_BYTES", 2 * GiB)),
+            cache_bytes=int(_number(env, "FLUX_LORA_CACHE_GB", 20) * GiB),
+            cache_dir=weights_dir() / "loras",
+            timeout_s=_number(env, "FLUX_LORA_TIMEOUT_S", 600),
+            recheck_s=_number(env, "FLUX_LORA_RECHECK_S", 300, zero=True),
+            replicate_url=url("FLUX_REPLICATE_URL", cls.replicate_url),
+            civitai_url=url("FLUX_CIVITAI_URL", cls.civitai_url),
+            hf_endpoint=url("HF_ENDPOINT", cls.hf_endpoint),
+            hf_token=env.get("HF_TOKEN") or None,
+            civitai_token=env.get("CIVITAI_API_TOKEN") or None,
+            replicate_token=env.get("REPLICATE_API_TOKEN") or None,
+        )

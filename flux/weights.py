@@ -37,7 +37,6 @@ from . import download as dl
 from . import netguard, progress, tarstream, variants
 from .fakes import tiny
 from .folders import weights_dir
-from .tarstream import extract_tar  # noqa: F401  (lora_loader.py imports it from here)
 from .errors import UserError
 
 log = logging.getLogger(__name__)

@@ -783,7 +783,6 @@ def lora_switches(ctx: Ctx) -> None:
     rank 16 on go_fast first; each (rank, path) its own section."""
     import torch
 
-    import lora_loader
     from tests.helpers import http, loras
 
     os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # the LoRA files are served on 127.0.0.1
@@ -797,7 +796,7 @@ def lora_switches(ctx: Ctx) -> None:
                                                loras.lora_bytes(update, "diffusers", dtype=torch.bfloat16))
                 del update
             for which in (0, 1):  # each into the disk cache, once
-                ctx.engine.runner.loader.fetch(urls[rank, which], lora_loader.Tokens())
+                ctx.engine.runner.loader.fetch(urls[rank, which], ctx.engine.runner.loader.tokens())
 
         def switch(rank: int, go_fast: bool) -> None:
             engine = ctx.ours()

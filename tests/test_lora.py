@@ -16,6 +16,7 @@ from cog import Secret
 
 import lora_loader
 from flux.errors import UserError
+from flux.lora import formats
 from tests.helpers import loras
 from tests.helpers.images import data_uri
 from tests.helpers.http import HubServer
@@ -26,11 +27,15 @@ KW = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=2, s
 
 
 @pytest.fixture(scope="module")
-def hub():
-    """One server on 127.0.0.1 standing in for replicate.com, huggingface.co, civitai.com and any URL."""
+def hub(engine):
+    """One server on 127.0.0.1 standing in for replicate.com, huggingface.co, civitai.com and any URL: the session
+    engine's loader gets the settings a container set up with these hosts would have."""
+    from flux.settings import LoraSettings
+
     with HubServer() as server, pytest.MonkeyPatch.context() as mp:
         for name in ("FLUX_REPLICATE_URL", "FLUX_CIVITAI_URL", "HF_ENDPOINT"):
             mp.setenv(name, server.base)
+        mp.setattr(engine.runner.loader, "settings", LoraSettings.from_env())
         yield server
 
 
@@ -281,21 +286,19 @@ def test_failures_leave_the_predictor_as_it_was(predict, hub, dev, attention, ot
 def test_failure_while_fusing_restores_every_target(predict, hub, dev, attention, engine, monkeypatch):
     """A fault while fusing into the text encoder (as a GPU running out of memory would raise), after the
     transformer took the new LoRA: both are put back as they were."""
-    from flux import lora
-
     transformer, clip = dev
     good = serve(hub, attention, "ai-toolkit", name="fuse-keep")
     with_good = image(predict, replicate_weights=good)
     before = snapshot(transformer, clip)
     other = loras.make_update(transformer, "ALL", text_encoder=clip, seed=8)
-    original = lora.Delta.weight
+    original = formats.Delta.weight
 
     def weight(self, device=None):
         if self.source.startswith("text_encoder."):
             raise RuntimeError("simulated: CUDA out of memory")
         return original(self, device)
 
-    monkeypatch.setattr(lora.Delta, "weight", weight)
+    monkeypatch.setattr(formats.Delta, "weight", weight)
     with pytest.raises(RuntimeError, match="simulated"):
         predict(**KW, replicate_weights=serve(hub, other, "diffusers", name="fuse-fail"))
     monkeypatch.undo()
@@ -323,9 +326,9 @@ def peft_fused(transformer, clip, path: Path, scale: float):
     with safe_open(path, "pt") as f:
         keys, header = list(f.keys()), f.metadata()
     kind = lora_loader.layout(keys, header)
-    source = lora_loader._bfl_to_comfy(load_file(path)) if kind in ("bfl-peft", "fal") else str(path)
+    source = formats._bfl_to_comfy(load_file(path)) if kind in ("bfl-peft", "fal") else str(path)
     sd, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True, return_lora_metadata=True)
-    sd = {("transformer." + k if k.startswith(lora_loader._TRANSFORMER_ROOTS) else k): v for k, v in sd.items()}
+    sd = {("transformer." + k if k.startswith(formats._TRANSFORMER_ROOTS) else k): v for k, v in sd.items()}
     FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas or None, transformer=transformer,
                                             adapter_name="a", metadata=metadata)
     transformer.set_adapters(["a"], [scale])
@@ -385,7 +388,7 @@ def test_every_layout_fuses_what_peft_would_have_given(tmp_path, case):
     """The one fuse mechanism against diffusers and PEFT themselves, on copies: the same weights (float rounding
     aside: PEFT rounds each adapter's change into the weight, this fuser rounds once), CLIP included."""
     from flux.fakes import tiny
-    from flux.lora import Adapter, LoraManager
+    from flux.lora.fuse import Adapter, LoraManager
 
     pipe = tiny.build_pipeline()
     transformer, clip = pipe.transformer.eval(), pipe.text_encoder.eval()
@@ -433,7 +436,7 @@ def test_lora_changes_reach_a_compiled_transformer_without_recompiling(tmp_path)
     the graph it compiled first. The eager backend keeps this quick; dynamo's guards are what decide recompiling."""
     import lora_loader
     from flux.fakes import tiny
-    from flux.lora import Adapter, LoraManager
+    from flux.lora.fuse import Adapter, LoraManager
 
     transformer = tiny.build_pipeline().transformer.eval()
     manager = LoraManager()

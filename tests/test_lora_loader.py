@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lora_loader
+from flux.settings import LoraSettings
 from flux.fakes import tiny
 from flux.cache import DiskCache
 from flux.errors import UserError
@@ -45,7 +46,10 @@ def loader():
 
 
 def fetch(loader, reference, **tokens):
-    return loader.fetch(reference, lora_loader.Tokens.of(**tokens))
+    """A fetch by the loader of a container set up now: each test maps hosts, limits and tokens through the
+    environment first (LoraSettings, read once at setup), then fetches with the request's tokens."""
+    loader.settings = LoraSettings.from_env()
+    return loader.fetch(reference, loader.tokens(**tokens))
 
 
 def cache_names(folder):

@@ -11,7 +11,7 @@ import torch
 import lora_loader
 from flux.fakes import tiny
 from flux.errors import UserError
-from flux.lora import Adapter, LoraManager
+from flux.lora.fuse import Adapter, LoraManager
 from tests.helpers import loras
 from tests.helpers.images import data_uri
 from tests.test_lora import KW, image, no_peft_layers, same, snapshot

@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-import lora_loader  # top level beside predict.py, as the design lays it out
-
 from .. import compile_cache, compiler, logs, memory, progress, sizes, speed, variants, weights
-from ..lora import TEXT_ENCODER, LoraManager
+from ..lora.formats import TEXT_ENCODER
+from ..lora.fuse import LoraManager
+from ..lora.sources import LoraLoader
 from ..safety import NsfwClassifier, SafetyChecker
-from ..settings import Settings
+from ..settings import LoraSettings, Settings
 from ..speed import fp8 as fp8_
 from .run import Generated, Runner, StepHook
 from .transformers import Copy, Transformers
@@ -44,10 +44,11 @@ class Engine:
 
     def __init__(self, pipe, safety: SafetyChecker | None, sources: dict[str, str], device: torch.device,
                  dtype: torch.dtype, settings: Settings | None = None, stages: logs.Stages | None = None,
-                 compile_bundle=True, second_safety: NsfwClassifier | None = None):
+                 compile_bundle=True, second_safety: NsfwClassifier | None = None,
+                 lora_settings: LoraSettings | None = None):
         """pipe: the base variant's pipeline; sources: every variant's weights (the others load from them on first
         use). compile_bundle: the compile bundle's local folder (fetched in setup), None for none, True to fetch it
-        here."""
+        here. lora_settings: the LoRA loader's (read from the environment when not given)."""
         self.device, self.dtype = device, dtype
         self.settings = settings = settings or Settings(fp8=fp8_.fp8_kind(device))
         self.stages = stages or logs.Stages()
@@ -73,7 +74,7 @@ class Engine:
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.transformers = Transformers(pipe, settings, device, dtype, self.plan, self.loras, sources, self.stages,
                                          vae_compiled)
-        self.runner = Runner(self.transformers, self.loras, lora_loader.LoraLoader(), safety, second_safety,
+        self.runner = Runner(self.transformers, self.loras, LoraLoader(lora_settings), safety, second_safety,
                              t5_streamed)
 
     # ----- what the rest of the program uses -------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     stages = logs.Stages()
     device = device or default_device()
     settings = Settings.from_env(device, weights.weights_dir())
-    log.info("setup: speed settings: %s", settings.describe())
+    lora_settings = LoraSettings.from_env()
+    log.info("setup: speed settings: %s; LoRA settings: %s", settings.describe(), lora_settings)
     if settings.fp8_forced:
         log.warning("FLUX_FP8=fp8dqrow on a machine torchao's hardware check refuses (%s): the check is skipped and "
                     "fp8 matmuls run through torch's own _scaled_mm, in bf16", device)
@@ -215,7 +217,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     else:
         log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
     engine = Engine(pipe, safety, srcs.variants, device, dtype, settings, stages, compile_bundle=bundle,
-                    second_safety=second)
+                    second_safety=second, lora_settings=lora_settings)
     if settings.warmup:
         engine.warm_up()
     stages.total()

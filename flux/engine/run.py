@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
-import lora_loader  # top level beside predict.py, as the design lays it out
-
 from .. import memory, progress, variants
 from ..errors import UserError
-from ..lora import TEXT_ENCODER, Adapter, LoraManager
+from ..lora.formats import TEXT_ENCODER
+from ..lora.fuse import Adapter, LoraManager
+from ..lora.sources import Fetched, LoraLoader
 from ..request import Request
 from ..safety import NsfwClassifier, SafetyChecker
 from .transformers import Transformers
@@ -45,7 +45,7 @@ class Generated:
     timings: dict[str, float] = field(default_factory=dict)
     steps: int = 0  # denoising steps each output ran
     passes: int = 0  # transformer passes that computed (a step cache's cached steps do not), over every pipeline call
-    loras: list[lora_loader.Fetched] = field(default_factory=list)
+    loras: list[Fetched] = field(default_factory=list)
     moves: list[memory.Move] = field(default_factory=list)  # transfers between CPU and GPU memory
     started: float = field(default_factory=time.monotonic)  # when the prediction started running
 
@@ -64,7 +64,7 @@ class Runner:
     """Runs requests on the engine's transformers; shared state (the LoRAs fused, where each transformer lives) is
     made to match each request before it runs."""
 
-    def __init__(self, transformers: Transformers, loras: LoraManager, loader: lora_loader.LoraLoader,
+    def __init__(self, transformers: Transformers, loras: LoraManager, loader: LoraLoader,
                  safety: SafetyChecker | None, second_safety: NsfwClassifier | None, t5_streamed: bool):
         self.transformers = transformers
         self.base = transformers.base  # the shared components: text encoders, tokenizers, VAE, image processor
@@ -207,12 +207,12 @@ class Runner:
                     f"{name} is {tokens} tokens long; {variant.title} reads at most {limit}. Shorten the {name}."
                 )
 
-    def use_loras(self, req: Request) -> list[lora_loader.Fetched]:
+    def use_loras(self, req: Request) -> list[Fetched]:
         """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing.
         Returns what was fetched, for the metrics."""
-        tokens = lora_loader.Tokens.of(req.hf_api_token, req.civitai_api_token)
+        tokens = self.loader.tokens(req.hf_api_token, req.civitai_api_token)
         targets = [req.model, TEXT_ENCODER]
-        fetched: dict[str, tuple[lora_loader.Fetched, float]] = {}
+        fetched: dict[str, tuple[Fetched, float]] = {}
         for reference, scale in req.loras:
             got = self.loader.fetch(reference, tokens)
             _, before = fetched.get(got.key, (got, 0.0))

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from .. import compiler, memory, speed, variants, weights
-from ..lora import TRANSFORMER, LoraManager
+from ..lora.formats import TRANSFORMER
+from ..lora.fuse import Fp8Twin, LoraManager
 from ..request import Request
 from ..settings import Settings
 from ..speed import fp8 as fp8_
@@ -78,16 +78,6 @@ class Copy:
         return self.caches[mode.cache].run(lambda: model(**kwargs), model.model, mode.params, passes_per_step)
 
 
-@dataclass
-class Fp8Twin:
-    """An fp8 copy's link to its bf16 transformer: the re-quantizer, the LoRA state quantized into it (None: unknown,
-    resync) and the bf16 weights whose LoRA change it carries."""
-
-    sync: fp8_.Fp8Sync
-    lora: tuple | None = ()
-    touched: set[int] = field(default_factory=set)
-
-
 class Transformers:
     """Every copy this engine runs, by name, built as needed and placed by the memory plan (`residency`)."""
 
@@ -141,16 +131,10 @@ class Transformers:
 
     def sync_fp8(self, variant: str) -> None:
         """Bring a variant's fp8 copy to its bf16 LoRA state: re-quantize the layers that either state touches."""
-        twin = self.twins[variant]
-        state = self.loras.state(variant)
-        if state == twin.lora:
-            return
         started = time.monotonic()
-        touched = self.loras.touched(variant)
-        twin.lora = None  # until the sync completes
-        count = twin.sync.sync(twin.touched | touched)
-        twin.touched, twin.lora = touched, state
-        log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, variant, time.monotonic() - started)
+        count = self.twins[variant].follow(self.loras, variant)
+        if count is not None:
+            log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, variant, time.monotonic() - started)
 
     # ----- building ------------------------------------------------------------------------------------------------
 

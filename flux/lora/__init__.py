@@ -1,0 +1,38 @@
+"""LoRAs, from a caller's reference to weights fused into the serving model: one module per reason to change.
+
+  sources.py   references (Replicate, Hugging Face, CivitAI, https URLs, data: URIs) located and fetched into the
+               on-disk cache; only a file that reads as a LoRA enters it
+  archives.py  a download unpacked to its one .safetensors (a .tar or a .zip read as a stream, capped while reading)
+  formats.py   every layout read as per-layer factors (`Delta`), each checked before any weight changes
+  fuse.py      ΔW added to the serving weights in place and restored exactly (`LoraManager`); go_fast's fp8 copy kept
+               in step (`Fp8Twin`)
+
+lora_loader.py, beside predict.py, is the package's face (the names the design card and the tests use). The names
+every module here shares are below.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+SAFETENSORS = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+WHAT = "LoRA"  # how downloads name what they fetch
+
+
+class LoraError(UserError):
+    """A LoRA could not be fetched or used; the message says what to change."""
+
+
+def short(text: str, limit: int = 80) -> str:
+    """A name from a file, cut to a length a message can carry."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def listing(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") if names else "nothing"
+
+
+def pickle_message(shown: str) -> str:
+    return (f"{shown} is a pickle checkpoint (.bin/.ckpt/.pt), which is never loaded because it can run code. "
+            "Use the LoRA's .safetensors file.")

@@ -1,0 +1,171 @@
+"""A LoRA download unpacked to its one .safetensors file: itself, or the one in its .tar (any compression) or .zip.
+
+An archive is read as a stream, one member at a time, and refused while it is read: more than MAX_MEMBERS members, more
+than `max_bytes` of content (counted as it really unpacks, not as the archive announces it), a path out of the
+folder, a link or special file, no .safetensors or several. A zip of a pickle (torch.save) is refused as a pickle; a
+file that is not a safetensors file is named for what it is (a web page, a zip, a pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import lzma
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from .. import download as dl
+from ..errors import UserError
+from ..progress import human_bytes
+from . import PICKLE_SUFFIXES, SAFETENSORS, LoraError, listing, pickle_message, short
+
+log = logging.getLogger(__name__)
+
+# An archive of a LoRA holds the LoRA and a few files beside it (a trainer's config, sample images): more members
+# than this is refused while reading, before the time it would take to go through them.
+MAX_MEMBERS = 1000
+
+
+def as_safetensors(raw: Path, folder: Path, shown: str, max_bytes: int) -> Path:
+    """The one .safetensors file a download holds (itself, or the one in its .tar or .zip, unpacking to at most
+    max_bytes), checked to be one."""
+    path = raw
+    if _is_tar(raw):
+        path = _from_tar(raw, folder / "lora.safetensors", shown, max_bytes)
+    elif zipfile.is_zipfile(raw):
+        path = _from_zip(raw, folder / "lora.safetensors", shown, max_bytes)
+    if path != raw:
+        raw.unlink()
+    _check_safetensors(path, shown)
+    return path
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (EOFError, zlib.error, lzma.LZMAError, OSError):  # a compressed stream that is not a tar
+        return False
+
+
+def _member_problem(name: str, regular: bool) -> str | None:
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        return f"holds an unsafe path ({short(name)!r})"
+    if not regular:
+        return f"holds a link or special file ({short(name)!r})"
+    return None
+
+
+def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
+    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members and max_bytes of content
+    (counted from each member's header before its content is read); the one .safetensors written to dest."""
+    names, found, total = [], [], 0
+    try:
+        with tarfile.open(raw, mode="r|*") as tar:
+            for member in tar:
+                if len(names) == MAX_MEMBERS:
+                    raise LoraError(_too_many(shown, "tar"))
+                problem = _member_problem(member.name, member.isfile() or member.isdir())
+                if problem:
+                    raise LoraError(f"{shown}: the archive {problem}; refusing to read it.")
+                total += member.size
+                if total > max_bytes:
+                    raise LoraError(_too_big(shown, max_bytes))
+                names.append(member.name)
+                if member.isfile() and member.name.endswith(SAFETENSORS):
+                    found.append(member.name)
+                    if len(found) == 1:
+                        _copy(tar.extractfile(member), dest, shown, max_bytes)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        log.info("lora: %s: reading the tar archive failed (%s)", shown, type(exc).__name__)
+        raise LoraError(f"{shown}: the .tar archive is damaged or truncated: check the file.") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the archive
+            raise
+        raise LoraError(f"{shown}: the .tar archive is damaged or truncated: check the file.") from None
+    return _the_one(shown, names, found, dest)
+
+
+def _from_zip(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
+    """A zip read like a tar: at most MAX_MEMBERS members, max_bytes of content (counted as it is unpacked, not as
+    the zip announces it); the one .safetensors written to dest. A zip of a pickle (torch.save) is refused as one."""
+    try:
+        with zipfile.ZipFile(raw) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise LoraError(_too_many(shown, "zip"))
+            for member in members:
+                problem = _member_problem(member.filename, (member.external_attr >> 28) != 0o12)  # not a symlink
+                if problem:
+                    raise LoraError(f"{shown}: the zip archive {problem}; refusing to read it.")
+            names = [m.filename for m in members]
+            found = [m for m in members if not m.is_dir() and m.filename.endswith(SAFETENSORS)]
+            if not found and any(PurePosixPath(n).name == "data.pkl" for n in names):
+                raise LoraError(pickle_message(shown))
+            if len(found) == 1:
+                with archive.open(found[0]) as source:
+                    _copy(source, dest, shown, max_bytes)
+    except UserError:
+        raise
+    except zipfile.BadZipFile:
+        raise LoraError(f"{shown}: the .zip archive is damaged or truncated: check the file.") from None
+    except (zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        log.info("lora: %s: reading the zip archive failed (%s)", shown, type(exc).__name__)
+        raise LoraError(f"{shown}: the .zip archive is damaged, encrypted or compressed in a way this loader does "
+                        "not read: use a .safetensors file or a plain .zip.") from None
+    return _the_one(shown, names, [m.filename for m in found], dest)
+
+
+def _the_one(shown: str, names: list[str], found: list[str], dest: Path) -> Path:
+    if not found:
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        raise LoraError(f"{shown}: the archive holds no .safetensors file (it holds: {listing(names)})"
+                        + (". Pickle files are never loaded." if pickles else "."))
+    if len(found) > 1:
+        raise LoraError(f"{shown}: the archive holds several .safetensors files ({listing(found)}); expected one LoRA.")
+    return dest
+
+
+def _copy(source, dest: Path, shown: str, limit: int) -> None:
+    """Unpack one member, stopping at `limit` bytes of what it really unpacks to."""
+    written = 0
+    with open(dest, "wb") as out:
+        while chunk := source.read(dl.MiB):
+            written += len(chunk)
+            if written > limit:
+                raise LoraError(_too_big(shown, limit))
+            out.write(chunk)
+
+
+def _too_many(shown: str, kind: str) -> str:
+    return (f"{shown}: the {kind} archive holds more than {MAX_MEMBERS:,} files; a LoRA's archive holds the "
+            ".safetensors file and a few files beside it. Send the .safetensors file itself.")
+
+
+def _too_big(shown: str, max_bytes: int) -> str:
+    return (f"{shown}: the archive unpacks to more than {human_bytes(max_bytes)}, the LoRA size limit "
+            "(FLUX_LORA_MAX_BYTES). Send the .safetensors file itself.")
+
+
+def _check_safetensors(path: Path, shown: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            if not list(f.keys()):
+                raise LoraError(f"{shown} is an empty safetensors file.")
+        return
+    except (SafetensorError, OSError, ValueError):
+        pass
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.lstrip()[:1] == b"<":
+        raise LoraError(f"{shown} is a web page, not a safetensors file: use the file's direct download URL.")
+    if head[:4] == b"PK\x03\x04":
+        raise LoraError(f"{shown} is a .zip archive that cannot be read (damaged or truncated); a torch checkpoint "
+                        "(.pt/.ckpt, a zip of a pickle) is never loaded either. Use the LoRA's .safetensors file.")
+    if head[:1] == b"\x80":
+        raise LoraError(pickle_message(shown))
+    raise LoraError(f"{shown} is not a safetensors file (or it is truncated): check the URL.")
+
+
