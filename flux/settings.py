@@ -7,6 +7,9 @@ has a field for each, made from those entries. Beside them:
   FLUX_COMPILE_CACHE         a compile bundle to boot from (`script/compile-cache export`): a local folder, an https URL
                              of a .tar of that folder, or a Hugging Face repo id. Default: the working folder
                              weights/compile-cache, which setup writes to after compiling.
+  FLUX_PREFETCH              "1": once setup is done, the weights of the variants loaded on first use (flux/variants.py)
+                             that must be downloaded are fetched in the background, so that their first request does
+                             not wait for a download (flux/weights.py: Prefetch). Default: 1.
   FLUX_GPU_MEMORY_GB         the GPU memory this container plans with (flux/memory.py), in GB of 2**30 bytes as
                              nvidia-smi counts them: a cap on a GPU shared with other processes; more than the GPU
                              has is an error. On a machine without a GPU it simulates one of that size (the tests run
@@ -43,7 +46,7 @@ from .speed import fp8 as fp8_
 
 # Every environment variable the project reads (tests/conftest.py clears them all before a test run).
 VARIABLES = (
-    *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB",
+    *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_PREFETCH",
     # weights (flux/weights.py)
     *(v.setting for v in variants.VARIANTS.values()), "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
     "FLUX_WEIGHTS_DIR", "HF_TOKEN",
@@ -90,6 +93,7 @@ class _Settings:
             compile_cache=((env.get("FLUX_COMPILE_CACHE") or "").strip() or None) if compiling else None,
             cache_dir=compile_cache_dir(weights_dir) if compiling else None,
             gpu_memory=_gpu_memory(env, device),
+            prefetch=speed.flag(True)("FLUX_PREFETCH", (env.get("FLUX_PREFETCH") or "").strip(), device, values),
         )
 
     @property
@@ -113,6 +117,7 @@ Settings = dataclasses.make_dataclass(
         ("compile_cache", Any, field(default=None)),  # the bundle to boot from; None: the working folder only
         ("gpu_memory", Any, field(default=None)),  # bytes FLUX_GPU_MEMORY_GB caps the plan at (simulated on a CPU)
         ("cache_dir", Any, field(default=None)),  # the working compile folder; None: not compiling
+        ("prefetch", bool, field(default=False)),  # fetch the variants loaded on first use in the background
     ],
     bases=(_Settings,), frozen=True,
 )

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,16 +109,17 @@ def locate(source: str, kind: str) -> Path:
     """
     started = time.monotonic()
     root = weights_dir()
+    dest = download_folder(source, kind)
     if source == TINY and kind != COMPILE_CACHE:
         path = _tiny(root, kind)
-    elif source.startswith(("https://", "http://")):
-        path = _from_tar_url(source, root / "url" / _url_folder(source), kind)
+    elif dest is not None and dest.parent.name == "url":
+        path = _from_tar_url(source, dest, kind)
+    elif dest is not None:
+        path = _from_hub(source, dest, kind)
     elif Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
         path = Path(source).expanduser()
         if not path.is_dir():
             raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
-    elif _REPO_ID.match(source):
-        path = _from_hub(source, root / "hf" / source.replace("/", "--"), kind)
     else:
         raise WeightsError(
             f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
@@ -125,6 +127,100 @@ def locate(source: str, kind: str) -> Path:
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
     return path
+
+
+def download_folder(source: str, kind: str) -> Path | None:
+    """Where a source that is fetched (an https .tar, a Hugging Face repo id that is not a local folder) lands under
+    weights/; None for the others (tiny, a local folder)."""
+    root = weights_dir()
+    if source == TINY and kind != COMPILE_CACHE:
+        return None
+    if source.startswith(("https://", "http://")):
+        return root / "url" / _url_folder(source)
+    if Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")) or not _REPO_ID.match(source):
+        return None
+    return root / "hf" / source.replace("/", "--")
+
+
+def needs_download(source: str, kind: str) -> bool:
+    dest = download_folder(source, kind)
+    return dest is not None and not (dest / ".complete").is_file()
+
+
+def check_disk(kind: str, need: int) -> None:
+    """A WeightsError when the disk under weights/ has less room than a download of `need` bytes takes (with 1 GiB
+    to spare), before anything is fetched."""
+    root = weights_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < need + 2**30:
+        raise WeightsError(f"{_what(kind)}: not enough disk to fetch them: {progress.human_bytes(free)} free under "
+                           f"{root}, about {progress.human_bytes(need)} needed. Free disk space, or point "
+                           "FLUX_WEIGHTS_DIR at a larger disk.")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under a folder (what a download has written so far)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+class Prefetch:
+    """The weights of the variants loaded on first use, fetched in the background once setup is done (FLUX_PREFETCH),
+    one at a time in table order, each after a disk check; only what must be downloaded (tiny and local folders are
+    read on first use, as before). A request that needs a variant before its weights have arrived waits for them
+    (`folder`), logging what has arrived; a fetch that failed fails the request that waited for it with the fetch's
+    message, and the next request that needs the variant fetches it again itself."""
+
+    def __init__(self, sources: dict[str, str], needs: dict[str, int]):
+        self._sources = sources
+        self._needs = needs  # variant -> the bytes its download takes on disk, about (for the disk check)
+        self._done = {name: threading.Event() for name in needs if needs_download(sources[name], name)}
+        self._results: dict[str, Path | Exception] = {}
+        self._thread = threading.Thread(target=self._fetch_all, name="flux-prefetch", daemon=True)
+
+    @property
+    def names(self) -> list[str]:
+        """The variants it fetches."""
+        return list(self._done)
+
+    def start(self) -> "Prefetch":
+        if self._done:
+            log.info("weights: fetching %s in the background", ", ".join(shown(self._sources[n]) for n in self._done))
+            self._thread.start()
+        return self
+
+    def _fetch_all(self) -> None:
+        for name, done in self._done.items():
+            try:
+                check_disk(name, self._needs[name])
+                self._results[name] = locate(self._sources[name], name)
+            except Exception as exc:  # noqa: BLE001  handed to the request that needs it
+                log.warning("weights %s: the background fetch failed: %s", name, exc)
+                self._results[name] = exc
+            finally:
+                done.set()
+
+    def folder(self, name: str) -> Path | None:
+        """A variant's weights once its background fetch is done (waiting for it); None when it is not fetched here
+        (the caller locates it itself)."""
+        done = self._done.get(name)
+        if done is None:
+            return None
+        dest, started = download_folder(self._sources[name], name), time.monotonic()
+
+        def arrived() -> str:  # in its folder, or in the staging folder beside it that becomes it
+            return progress.human_bytes(sum(folder_bytes(f) for f in dest.parent.glob(f"*{dest.name}*")))
+
+        if not done.is_set():
+            log.info("weights %s: waiting for the background download (%s arrived so far)", name, arrived())
+        while not done.wait(10):
+            log.info("weights %s: waiting for the background download: %s arrived, %.0fs", name, arrived(),
+                     time.monotonic() - started)
+        result = self._results[name]
+        if isinstance(result, Exception):
+            del self._done[name]  # reported once: the next request fetches again
+            raise result
+        return result
 
 
 @contextlib.contextmanager
@@ -171,8 +267,10 @@ def _check_layout(path: Path, kind: str, source: str) -> None:
 
 
 def _url_folder(url: str) -> str:
+    """The folder a .tar URL lands in: its file name, and a hash of the whole URL (query included: two URLs that
+    differ only there are two downloads; the hash keeps a signature out of the name)."""
     name = Path(dl.redact(url)).name.removesuffix(".tar") or "weights"
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(dl.redact(url).encode()).hexdigest()[:12]}"
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:

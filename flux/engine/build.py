@@ -114,6 +114,14 @@ class Engine:
     def second_safety(self) -> NsfwClassifier | None:
         return self.runner.second_safety
 
+    def start_prefetch(self) -> weights.Prefetch:
+        """Fetch the weights of the variants loaded on first use in the background (those that must be downloaded),
+        each after a disk check for its bf16 transformer's size; their first request waits for what is missing."""
+        needs = {v.name: 2 * sum(p.numel() for p in memory.like(self.base.transformer, v).parameters())
+                 for v in variants.ON_FIRST_USE}  # bf16 on disk
+        self.transformers.prefetch = weights.Prefetch(self.transformers.sources, needs).start()
+        return self.transformers.prefetch
+
     # ----- building --------------------------------------------------------------------------------------------------
 
     def _plan(self, pipe, safety, second_safety) -> memory.Plan | None:
@@ -221,6 +229,8 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     if settings.warmup:
         engine.warm_up()
     stages.total()
+    if settings.prefetch:
+        engine.start_prefetch()
     return engine
 
 

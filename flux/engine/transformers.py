@@ -92,6 +92,7 @@ class Transformers:
         self.stages = stages
         self.vae_compiled = vae_compiled
         self.copies: dict[str, Copy] = {}
+        self.prefetch: weights.Prefetch | None = None  # the background fetch of the variants loaded on first use
         self.residency = memory.Residency.for_plan(device, plan, mover=projections.move)
         self._lock = threading.Lock()
         self._pipes: dict[str, object] = {variants.BASE.name: base}  # each variant's bf16 pipeline, once loaded
@@ -205,7 +206,8 @@ class Transformers:
         transformer; and the folder it came from."""
         from diffusers import FluxTransformer2DModel
 
-        folder = weights.locate(self.sources[variant.name], variant.name)
+        folder = self.prefetch and self.prefetch.folder(variant.name)  # waits for a background fetch under way
+        folder = folder or weights.locate(self.sources[variant.name], variant.name)
         with weights.loading(variant.name, folder):
             transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype,
                                                                  use_safetensors=True)
