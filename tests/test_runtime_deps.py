@@ -77,7 +77,7 @@ def test_every_path_runs_with_only_the_runtime_packages(engine, weights_dir, tmp
     assert {c["path"] for c in ran.values()} == {"dev", "dev-fp8", "schnell", "schnell-fp8"}
     assert {c["speed_mode"] for c in ran.values()} == set(MODES)
     in_image = build_context_filter((ROOT / ".dockerignore").read_text())
-    assert {"predict.py", "flux/engine/run.py", "lora_loader.py"} <= set(report["project files"])
+    assert {"predict.py", "flux/engine/run.py", "flux/lora/fuse.py"} <= set(report["project files"])
     assert [f for f in report["project files"] if not in_image(f)] == []  # everything the product ran is in the image
 
 

@@ -3,8 +3,9 @@
     python -m tests.helpers.runtime_only SPEC.json     (from the repository root)
 
 SPEC.json: {"allowed": [distribution names], "cases": [[name, {input: value}], ...], "files": [input names whose
-values are local paths]}. Before anything else is imported, every distribution installed here that is not in
-"allowed" is hidden: its top-level modules cannot be found (an import of one fails as if it were not installed) and
+values are local paths]}; each such file is delivered the way the cog server delivers a caller's file: sent as a
+data: URI, fetched by cog's own URLPath.convert into its temporary file, deleted after the case. Before anything else
+is imported, every distribution installed here that is not in "allowed" is hidden: its top-level modules cannot be found (an import of one fails as if it were not installed) and
 importlib.metadata does not list it (so the libraries' "is X available" checks answer as in the container). Then the
 real Predictor is set up (the tiny FLUX, from FLUX_WEIGHTS / FLUX_WEIGHTS_DIR) and predict() runs every case. The last
 line printed is a JSON report: each case's outputs and metrics, the hidden modules something asked for, and the
@@ -16,9 +17,12 @@ repository's files the product imported (they must go into the image: .dockerign
 
 from __future__ import annotations
 
+import base64
 import importlib.machinery
 import importlib.metadata
 import json
+import mimetypes
+import os
 import re
 import sys
 from pathlib import Path
@@ -117,6 +121,11 @@ class _Hiding:
         importlib.machinery.PathFinder.invalidate_caches()
 
 
+def data_uri(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
 def hide_all_but(allowed: set[str]) -> frozenset[str]:
     """Hide every installed distribution not in `allowed`; returns the hidden top-level module names."""
     installed = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
@@ -148,14 +157,19 @@ def main(spec_path: str) -> int:
     for name, inputs in spec["cases"]:
         metrics: dict = {}
         predictor.record_metric = metrics.__setitem__  # what cog's scope would receive
-        inputs = {k: CogPath(v) if k in spec["files"] and v is not None else v for k, v in inputs.items()}
-        outputs = predictor.predict(**inputs)
+        delivered = {k: CogPath.validate(data_uri(Path(v))).convert() for k, v in inputs.items()
+                     if k in spec["files"] and v is not None}
+        try:
+            outputs = predictor.predict(**{**inputs, **delivered})
+        finally:
+            for path in delivered.values():
+                path.unlink(missing_ok=True)
         report["cases"].append({"name": name, "outputs": [Path(p).suffix for p in outputs if Path(p).stat().st_size],
                                 "path": metrics.get("path"), "speed_mode": metrics.get("speed_mode"),
                                 "passes": metrics.get("transformer_passes")})
     report["asked for, hidden"] = sorted(_Hiding.asked)
-    files = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-             if name not in ours and getattr(m, "__file__", None)} - {Path(__file__).resolve()}
+    files = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())  # (some of torch's are relative)
+             if name not in ours and os.path.isabs(getattr(m, "__file__", None) or "")} - {Path(__file__).resolve()}
     report["project files"] = sorted({f.relative_to(ROOT).as_posix() for f in files
                                       if f.is_relative_to(ROOT) and ".venv" not in f.parts})
     print(json.dumps(report))
