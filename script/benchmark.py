@@ -243,6 +243,8 @@ BENCHMARKS = {
     "imports": (_boot("imports"), 0.8, "Setup's import chain in this environment vs --old's (fresh processes, "
                                        "alternating)"),
     "install-size": (_boot("install_size"), None, "The runtime packages, installed and gzip -6, vs --old's"),
+    "boot-stages": (_boot("boot_stages"), None, "setup() stage by stage: a first boot that compiles, then a boot from "
+                                                "its compile bundle (tiny FLUX, inductor, fresh processes)"),
     "tar-stream": (_boot("tar_stream"), 0.7, "A weights .tar extracted while it downloads vs downloaded whole, then "
                                              "extracted (loopback)"),
 }
@@ -281,6 +283,8 @@ def main() -> int:
         print(f"  {k:24} {v}")
     ok = True
     for label, value, op, bound in targets:
+        if bound is None:  # a benchmark without a goal here (boot-stages: its goals are an H100's)
+            continue
         met = value <= bound if op == "<=" else value >= bound
         ok &= met
         print(f"  {'target: ' + label:24} {value} {op} {bound}  {'OK' if met else 'MISSED'}")

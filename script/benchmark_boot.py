@@ -7,6 +7,11 @@
                               the runtime packages' installed size and their gzip size (level 6, as `docker push`
                               compresses layers) here over PYTHON's environment, counting in each only the
                               distributions its requirements name (this checkout's; REV's requirements.txt there)
+  boot-stages                 setup() in fresh processes, stage by stage, on the tiny FLUX compiled with inductor: a first
+                              boot (the weights a .tar fetched from a loopback server and extracted as it arrives,
+                              empty compile caches, every schema size compiled) and a boot from the first one's compile
+                              bundle; each stage's seconds (imports, fetch and extract, load, fp8 copy, compile cache,
+                              warm-up) and what a GPU host would pay instead is modelled in docs/benchmarks.md
   tar-stream [--tar-mib N] [--part-mib N]
                               a weights .tar on a loopback server (its own process): extracted while it downloads
                               (flux/tarstream.py) over downloaded whole, then extracted (how flux/weights.py did it
@@ -322,3 +327,61 @@ def tar_stream(args) -> dict:
             "ratio": round(med["streamed"][0] / med["download, then extract"][0], 3),
             "targets": [("time to ready (ratio)", round(med["streamed"][0] / med["download, then extract"][0], 3),
                          "<=", 0.7), ("peak disk / tar, streamed", round(peak_ratio, 3), "<=", 1.1)]}
+
+
+# ----- boot stages ---------------------------------------------------------------------------------------------------
+
+_BOOT = """
+import json, sys, time
+t0 = time.perf_counter()
+import flux
+from predict import Predictor
+t1 = time.perf_counter()
+p = Predictor()
+p.setup()
+t2 = time.perf_counter()
+out = {"imports": t1 - t0, "setup": t2 - t1, **{f"stage {k}": v for k, v in p.engine.stages.seconds.items()}}
+if len(sys.argv) > 1:  # export this boot's compile bundle there
+    from flux import compile_cache
+    compile_cache.export(p.engine.settings.cache_dir, __import__("pathlib").Path(sys.argv[1]))
+print(json.dumps(out))
+"""
+
+
+def boot_stages(args) -> dict:
+    """Two boots of the tiny FLUX compiled with inductor, each in a fresh process with empty compile caches: the
+    first compiles (and exports its bundle), the second boots from that bundle."""
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = _child_env(str(tmp / "build"))
+        subprocess.run([sys.executable, "-c", "import flux; from flux import weights; print(weights.locate('tiny', "
+                        "'dev'))"], cwd=ROOT, env=env, check=True, capture_output=True)
+        tar = tmp / "dev.tar"
+        with tarfile.open(tar, "w") as archive:
+            archive.add(tmp / "build" / "tiny" / "FLUX.1-dev", arcname="FLUX.1-dev")
+        tar_mib = tar.stat().st_size / MiB
+        server = subprocess.Popen([sys.executable, "-c", _SERVE, str(tar)], cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        url = server.stdout.readline().strip()
+        try:
+            boots = {}
+            for name, extra, argv in (("first boot (compiles)", {}, [str(tmp / "bundle")]),
+                                      ("boot from the bundle", {"FLUX_COMPILE_CACHE": str(tmp / "bundle")}, [])):
+                child = _child_env(str(tmp / name.split()[0]))
+                child |= {"FLUX_WEIGHTS": url, "FLUX_ALLOW_PRIVATE_URLS": "1", "FLUX_COMPILE": "inductor",
+                          "FLUX_WARMUP": "1", "FLUX_PREFETCH": "0", "FLUX_SAFETY_CHECKER": "tiny",
+                          "FLUX_SAFETY_SECOND": "tiny", "FLUX_SCHNELL_WEIGHTS": "tiny", "FLUX_KREA_DEV_WEIGHTS": "tiny",
+                          **extra}
+                started = time.perf_counter()
+                boots[name] = _run(sys.executable, _BOOT, *argv, env=child)
+                boots[name]["process"] = time.perf_counter() - started
+        finally:
+            server.stdin.close()
+            server.wait(timeout=30)
+    first, again = boots.values()
+    stages = sorted({k for b in boots.values() for k in b}, key=lambda k: (k == "process", k.startswith("stage"), k))
+    return {"model": f"tiny FLUX, weights a {tar_mib:.1f} MiB .tar on 127.0.0.1, inductor on this CPU",
+            **{f"{k} (s)": " / ".join(f"{b.get(k, 0.0):.1f}" for b in boots.values()) for k in stages},
+            "columns": " / ".join(boots),
+            "ratio": round(again["process"] / first["process"], 3)}
