@@ -33,6 +33,11 @@ and T5 is streamed (an RTX A6000, 47.5, keeps T5 too); on 24 GB cards only fp8 d
 runs, T5 is streamed (8.87 GB cross PCIe per prompt, about 0.4 s at PCIe 4.0 x16) and bf16 dev stays in CPU memory.
 `script/memory-plan --gpu-gb N` prints the plan for any size.
 
+CPU memory holds what the plan keeps off the GPU and the variants loaded on first use that are not on it, within
+FLUX_HOST_MEMORY_GB (the machine's RAM less 8 GB): `host_floor` is what the base variant needs there; the variants
+share the rest, and where one would not fit the least recently used is dropped and read again from disk on its next
+request (flux/engine/transformers.py). A machine with less than `host_floor` gets a warning at setup.
+
 Setup never holds two bf16 transformers on the GPU: the fp8 copy is quantized one block at a time from bf16 dev
 wherever it lives (flux/speed/fp8.py: fp8_transformer), so setup's peak is the resident set plus one bf16 block (0.63).
 """
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 BASE_RESERVE_BYTES = 2 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, compile scratch, allocator slack
+HOST_RESERVE_BYTES = 8 * GiB  # of the machine's RAM, for everything but weights: the process, pinned buffers, files
 # Activations of the transformer and the VAE decode per output pixel (bf16): 8 GiB in all at 1440x1440 x4 outputs.
 # To be calibrated by `script/benchmark gpu` (peak memory).
 ACTIVATION_BYTES_PER_PIXEL = 780
@@ -217,6 +223,13 @@ class Plan:
         return sum(p.bytes for p in self.placements.values() if p.where != GPU)
 
     @property
+    def host_floor(self) -> int:
+        """What the base variant needs in CPU memory: the components the plan keeps off the GPU (the variants loaded
+        on first use aside), and room for its fp8 copy when a request moves it out."""
+        return sum(p.bytes for n, p in self.placements.items() if p.where != GPU and n not in ON_FIRST_USE) + \
+            self.placements[variants.BASE.fp8].bytes
+
+    @property
     def per_request_moves(self) -> int:
         """Bytes the default request (1 output at 1 MP, dev, no go_fast) moves between CPU and GPU."""
         return sum(p.moves for p in self.placements.values())
@@ -307,15 +320,19 @@ def budget(device: torch.device, limit: int | None) -> int | None:
     return chosen
 
 
-def check_host(plan_: Plan) -> None:
-    """A warning when this machine's RAM is short of what the plan keeps in CPU memory (with room for the process)."""
-    import psutil
-
-    total = psutil.virtual_memory().total
-    if total < plan_.host_bytes + 8 * GiB:
-        log.warning("memory: this machine has %.1f GB of RAM; the plan keeps up to %.1f GB in CPU memory (and a LoRA "
-                    "keeps the originals of the weights it changes): it may run out of RAM", gb(total),
-                    gb(plan_.host_bytes))
+def check_host(plan_: Plan, host: int) -> None:
+    """What CPU memory (`host` bytes for weights: FLUX_HOST_MEMORY_GB, or the machine's RAM less 8 GB) means for this
+    plan: a warning where the base variant's share does not fit, a note where the variants loaded on first use will
+    take turns."""
+    if host < plan_.host_floor:
+        log.warning("memory: %.1f GB of CPU memory for weights (the machine's RAM less 8 GB, or FLUX_HOST_MEMORY_GB) "
+                    "is less than the %.1f GB the plan keeps there for %s (and a LoRA keeps the originals of the "
+                    "weights it changes): it may run out of RAM", gb(host), gb(plan_.host_floor),
+                    variants.BASE.title)
+    elif host < plan_.host_bytes:
+        log.info("memory: %.1f GB of CPU memory for weights: the variants loaded on first use take turns in the "
+                 "%.1f GB beside %s's share (the least recently used dropped, and read again from disk on its next "
+                 "request)", gb(host), gb(host - plan_.host_floor), variants.BASE.title)
 
 
 def refuse(plan_: Plan, device: torch.device) -> None:
@@ -366,7 +383,8 @@ class Residency:
     is this object's record (`resident`); on a CPU with a simulated budget the moves are made (on one device) and
     counted the same way. Every move is appended to `moves`."""
 
-    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=()):
+    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=(),
+                 dropper: Callable[[str], bool] | None = None):
         self.device = device
         self.offload_device = torch.device("cpu")
         self.budget = budget  # bytes for transformers and requests; None: no limit (a CPU)
@@ -375,12 +393,14 @@ class Residency:
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.mover = mover  # (module, device): moves a transformer (flux/speed/projections.py re-ties fused projections)
         self.moves: list[Move] = []
+        self.dropper = dropper  # (name) -> True where a transformer being moved out was dropped instead
 
     @classmethod
-    def for_plan(cls, device: torch.device, plan_: Plan | None, mover: Callable = _move) -> "Residency":
+    def for_plan(cls, device: torch.device, plan_: Plan | None, mover: Callable = _move,
+                 dropper: Callable[[str], bool] | None = None) -> "Residency":
         if plan_ is None:
             return cls(device, None, mover)
-        return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident)
+        return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident, dropper=dropper)
 
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
         """A transformer to place; resident: it is on the GPU already."""
@@ -388,6 +408,11 @@ class Residency:
         self.resident.pop(name, None)  # a module added again (a retried load) is placed afresh
         if resident or self.budget is None:
             self.resident[name] = None
+
+    def forget(self, name: str) -> None:
+        """A transformer dropped: no longer placed or counted."""
+        self.modules.pop(name, None)
+        self.resident.pop(name, None)
 
     def size(self, name: str) -> int:
         return module_bytes(self.modules[name])  # as it is now (an fp8 copy shrinks when it is quantized)
@@ -422,6 +447,10 @@ class Residency:
 
     def _evict(self, names: list[str]) -> None:
         for name in names:
+            if name not in self.resident:
+                continue  # dropped with another of its variant's transformers
+            if self.dropper is not None and self.dropper(name):
+                continue  # dropped instead of moved (forgotten here)
             self.resident.pop(name)
             self._move(name, gpu=False)
 

@@ -14,6 +14,10 @@ has a field for each, made from those entries. Beside them:
                              nvidia-smi counts them: a cap on a GPU shared with other processes; more than the GPU
                              has is an error. On a machine without a GPU it simulates one of that size (the tests run
                              the offload paths of small GPUs that way). Default: the whole GPU.
+  FLUX_HOST_MEMORY_GB        the CPU memory (RAM) this container may fill with weights, in GB of 2**30 bytes: what the
+                             plan keeps off the GPU, and the variants loaded on first use, dropped least recently used
+                             first (and read again from disk when asked for) where they would not fit beside it
+                             (flux/engine/transformers.py). Default: the machine's RAM less 8 GB for everything else.
 
 The LoRA loader's settings (`LoraSettings`, flux/lora/sources.py) are read here too, once, when the engine is built:
 
@@ -41,12 +45,13 @@ import torch
 from . import speed, variants
 from .errors import SettingsError
 from .folders import compile_cache_dir, weights_dir
-from .memory import GiB
+from .memory import HOST_RESERVE_BYTES, GiB
 from .speed import fp8 as fp8_
 
 # Every environment variable the project reads (tests/conftest.py clears them all before a test run).
 VARIABLES = (
-    *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_PREFETCH",
+    *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_HOST_MEMORY_GB",
+    "FLUX_PREFETCH",
     # weights (flux/weights.py)
     *(v.setting for v in variants.VARIANTS.values()), "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
     "FLUX_WEIGHTS_DIR", "HF_TOKEN",
@@ -56,8 +61,9 @@ VARIABLES = (
 )
 
 
-def _gpu_memory(env: dict, device: torch.device) -> int | None:
-    raw = (env.get("FLUX_GPU_MEMORY_GB") or "").strip()
+def _gb(env: dict, name: str, what: str, example: str, unset: str) -> int | None:
+    """A size in GB of 2**30 bytes, as bytes; None when unset."""
+    raw = (env.get(name) or "").strip()
     if not raw:
         return None
     try:
@@ -65,9 +71,25 @@ def _gpu_memory(env: dict, device: torch.device) -> int | None:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise SettingsError(f"FLUX_GPU_MEMORY_GB={raw!r} is not a size: set it to the GB of GPU memory this container "
-                            "may use, e.g. 40, or unset it to use the whole GPU.")
-    limit = int(value * GiB)
+        raise SettingsError(f"{name}={raw!r} is not a size: set it to the GB of {what} this container may use, e.g. "
+                            f"{example}, or unset it {unset}.")
+    return int(value * GiB)
+
+
+def _host_memory(env: dict) -> int:
+    limit = _gb(env, "FLUX_HOST_MEMORY_GB", "CPU memory", "48", "to use the machine's RAM less 8 GB")
+    if limit is not None:
+        return limit
+    import psutil
+
+    return max(psutil.virtual_memory().total - HOST_RESERVE_BYTES, 0)
+
+
+def _gpu_memory(env: dict, device: torch.device) -> int | None:
+    limit = _gb(env, "FLUX_GPU_MEMORY_GB", "GPU memory", "40", "to use the whole GPU")
+    if limit is None:
+        return None
+    raw = env["FLUX_GPU_MEMORY_GB"].strip()
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         if limit > total:
@@ -93,6 +115,7 @@ class _Settings:
             compile_cache=((env.get("FLUX_COMPILE_CACHE") or "").strip() or None) if compiling else None,
             cache_dir=compile_cache_dir(weights_dir) if compiling else None,
             gpu_memory=_gpu_memory(env, device),
+            host_memory=_host_memory(env),
             prefetch=speed.flag(True)("FLUX_PREFETCH", (env.get("FLUX_PREFETCH") or "").strip(), device, values),
         )
 
@@ -116,6 +139,7 @@ Settings = dataclasses.make_dataclass(
         ("fp8_forced", bool, field(default=False)),
         ("compile_cache", Any, field(default=None)),  # the bundle to boot from; None: the working folder only
         ("gpu_memory", Any, field(default=None)),  # bytes FLUX_GPU_MEMORY_GB caps the plan at (simulated on a CPU)
+        ("host_memory", Any, field(default=None)),  # bytes of RAM for weights (FLUX_HOST_MEMORY_GB); None: no limit
         ("cache_dir", Any, field(default=None)),  # the working compile folder; None: not compiling
         ("prefetch", bool, field(default=False)),  # fetch the variants loaded on first use in the background
     ],

@@ -36,10 +36,11 @@ def tiny_pipe(dtype=torch.float32):
     return FluxPipeline.from_pretrained(weights.locate(weights.sources(has_cuda=False).base, "dev"), dtype=dtype)
 
 
-def build(gpu_memory: int | None = None) -> Engine:
-    """An engine on the tiny weights with a simulated GPU budget (None: everything resident), no safety checker."""
+def build(gpu_memory: int | None = None, host_memory: int | None = None) -> Engine:
+    """An engine on the tiny weights with a simulated GPU budget (None: everything resident) and CPU memory for
+    weights (None: no limit), no safety checker."""
     return Engine(tiny_pipe(), None, weights.sources(has_cuda=False).variants, torch.device("cpu"), torch.float32,
-                  Settings(gpu_memory=gpu_memory), compile_bundle=None)
+                  Settings(gpu_memory=gpu_memory, host_memory=host_memory), compile_bundle=None)
 
 
 def request(**inputs) -> Request:
@@ -174,6 +175,65 @@ def test_a_40gb_like_gpu_keeps_bf16_dev_and_streams_t5_bit_identical(mid, reside
 def test_the_all_resident_engine_moves_nothing(resident, tmp_path):
     m = output.write(resident.run(request(output_format="png")), tmp_path).metrics
     assert resident.plan is None and (m["memory.moves"], m["memory.moved_gb"]) == ([], 0.0)
+
+
+# ----- CPU memory: the variants loaded on first use take turns ----------------------------------------------------
+
+def short_of_ram(sizes: memory.Sizes, variants_kept: float) -> Engine:
+    """A small GPU whose CPU memory holds the base's share and `variants_kept` of a variant loaded on first use."""
+    small = memory.plan(small_budget(sizes), sizes, floor=0)
+    one = sizes.bytes["schnell"] + sizes.bytes["schnell-fp8"]
+    return build(small_budget(sizes), small.host_floor + int(variants_kept * one))
+
+
+def test_variants_loaded_on_first_use_take_turns_in_cpu_memory_and_come_back_the_same(sizes, resident, caplog):
+    """Room for one variant beside dev's share: krea-dev's first request drops schnell (least recently used) before
+    it is read, schnell's next request reads it again from disk and drops krea-dev; every image, with and without a
+    LoRA, is the one the engine without limits makes, and a dropped variant's weights are freed."""
+    engine = short_of_ram(sizes, 1.5)
+    uri = loras.lora_uri(loras.make_update(resident.pipeline("dev", "txt2img").transformer, "ALL", seed=5))
+    first = render(engine, model="schnell", replicate_weights=uri)
+    bf16 = engine.transformers._pipes["schnell"].transformer
+    kept = {id(p) for p in bf16.parameters()} & set(engine.loras._kept)  # the originals its LoRA keeps
+    assert kept
+    schnell = [weakref.ref(engine.transformers.copies["schnell-fp8"].transformer), weakref.ref(bf16)]
+    del bf16
+    with caplog.at_level(logging.INFO, logger="flux"):
+        krea = render(engine, model="krea-dev")
+    assert "memory: schnell dropped" in caplog.text and "its next request reads it again from the disk" in caplog.text
+    assert list(engine.transformers.loaded) == ["krea-dev"] and "schnell-fp8" not in engine.transformers.copies
+    assert [ref() for ref in schnell] == [None, None]  # the dropped transformers are freed
+    assert not kept & set(engine.loras._kept)  # and the originals its LoRA kept
+    assert np.array_equal(krea, render(resident, model="krea-dev", go_fast=True))
+    again = render(engine, model="schnell", replicate_weights=uri)
+    assert list(engine.transformers.loaded) == ["schnell"]
+    assert np.array_equal(again, first)
+    assert np.array_equal(again, render(resident, model="schnell", go_fast=True, replicate_weights=uri))
+    assert np.array_equal(render(engine, model="schnell"), render(resident, model="schnell", go_fast=True))
+    assert np.array_equal(render(engine), render(resident, go_fast=True))  # dev never dropped
+
+
+def test_a_variant_moved_out_of_the_gpu_is_dropped_where_cpu_memory_cannot_hold_it(sizes, resident, tmp_path, caplog):
+    """Room for schnell's bf16 only: when dev's next request needs the GPU room schnell-fp8 holds, schnell is dropped
+    rather than moved out; nothing was moved to CPU memory, and dev's image is unchanged."""
+    engine = short_of_ram(sizes, 1.0 * sizes.bytes["schnell"] / (sizes.bytes["schnell"] + sizes.bytes["schnell-fp8"]))
+    render(engine, model="schnell", megapixels="1")
+    with caplog.at_level(logging.INFO, logger="flux"):
+        moved = output.write(engine.run(request(megapixels="1", output_format="png")), tmp_path).metrics
+    assert "memory: schnell dropped" in caplog.text and "moved out of the GPU, schnell-fp8 would not fit" in caplog.text
+    assert "schnell-fp8 to cpu" not in moved["memory.moves"] and not engine.transformers.loaded
+    assert np.array_equal(render(engine, megapixels="1"), render(resident, go_fast=True, megapixels="1"))
+
+
+def test_flux_host_memory_gb_is_read_once_and_defaults_to_the_ram_less_8_gb(tmp_path):
+    import psutil
+
+    cpu = torch.device("cpu")
+    assert Settings.from_env(cpu, tmp_path, {"FLUX_HOST_MEMORY_GB": "48"}).host_memory == 48 * GiB
+    assert Settings.from_env(cpu, tmp_path, {}).host_memory == psutil.virtual_memory().total - 8 * GiB
+    with pytest.raises(SettingsError, match=r"FLUX_HOST_MEMORY_GB='lots' is not a size: set it to the GB of CPU "
+                                            r"memory this container may use, e\.g\. 48, or unset it"):
+        Settings.from_env(cpu, tmp_path, {"FLUX_HOST_MEMORY_GB": "lots"})
 
 
 # ----- go_fast's fp8 copy, a block at a time ---------------------------------------------------------------------

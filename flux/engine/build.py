@@ -138,7 +138,8 @@ class Engine:
         log.info("memory plan for %.1f GB of GPU memory%s:\n%s", memory.gb(budget),
                  " (FLUX_GPU_MEMORY_GB)" if self.settings.gpu_memory else "", plan.table())
         memory.refuse(plan, self.device)
-        memory.check_host(plan)
+        if self.settings.host_memory is not None:
+            memory.check_host(plan, self.settings.host_memory)
         return plan
 
     def _place_shared(self, pipe, t5_streamed: bool) -> None:

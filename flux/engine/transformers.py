@@ -4,15 +4,23 @@ the LoRAs.
 
 The base variant's copies are built by setup; another variant's on its first request, sharing the base's text
 encoders and VAE (flux/variants.py). A copy is named by its variant, "-fp8" for go_fast's: "dev", "dev-fp8", ...
-Where the plan keeps a variant's bf16 transformer off the GPU, its requests run the fp8 copy (`route`). LoRAs are fused into the bf16 weights (flux/lora); each fp8 copy is re-quantized from the bf16 layers a
-LoRA change touched (`sync_fp8`), in place, so compiled graphs stay valid.
+Where the plan keeps a variant's bf16 transformer off the GPU, its requests run the fp8 copy (`route`). LoRAs are
+fused into the bf16 weights (flux/lora); each fp8 copy is re-quantized from the bf16 layers a LoRA change touched
+(`sync_fp8`), in place, so compiled graphs stay valid.
+
+CPU memory: the variants loaded on first use share what the base leaves of the settings' `host_memory`. Before one
+is read from disk, and when one would be moved out of the GPU, the least recently used of the others (or that one)
+is dropped where it would not fit: its copies, its pipelines and its LoRA state are forgotten, and its next request
+reads it again (from the disk: its weights stay there) with the LoRAs that request asks for, as on its first.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -93,7 +101,9 @@ class Transformers:
         self.vae_compiled = vae_compiled
         self.copies: dict[str, Copy] = {}
         self.prefetch: weights.Prefetch | None = None  # the background fetch of the variants loaded on first use
-        self.residency = memory.Residency.for_plan(device, plan, mover=projections.move)
+        self.residency = memory.Residency.for_plan(device, plan, mover=projections.move, dropper=self._drop_moved_out)
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # variants loaded on first use, least recently used first
+        self.current = variants.BASE.name  # the variant of the copy asked for last: the running request's, never dropped
         self._lock = threading.Lock()
         self._pipes: dict[str, object] = {variants.BASE.name: base}  # each variant's bf16 pipeline, once loaded
         self.twins: dict[str, Fp8Twin] = {}  # each fp8 copy follows its variant's bf16 LoRA state: variant -> twin
@@ -117,8 +127,11 @@ class Transformers:
     def get(self, name: str) -> Copy:
         """A copy by name, a variant loaded on first use built now (a failure caches nothing)."""
         with self._lock:
+            variant, fp8 = variants.of_transformer(name)
+            self.current = variant.name
+            if variant.name in self.loaded:
+                self.loaded.move_to_end(variant.name)
             if name not in self.copies:
-                variant, fp8 = variants.of_transformer(name)
                 if variant.at_setup or not (fp8 or self.placed(variant.name)):
                     raise ValueError(f"{name} does not run on this GPU (memory plan): route the request")
                 self._build(variant, fp8)
@@ -201,6 +214,69 @@ class Transformers:
 
     # ----- variants loaded on first use ----------------------------------------------------------------------------
 
+    def _modules(self, variant: str) -> dict[str, torch.nn.Module]:
+        """A loaded variant's transformers by name: its bf16 one, and its fp8 copy once built."""
+        v = variants.get(variant)
+        found = {v.name: self._pipes[v.name].transformer} if v.name in self._pipes else {}
+        if v.fp8 in self.copies:
+            found[v.fp8] = self.copies[v.fp8].transformer
+        return found
+
+    def _held(self) -> int:
+        """What the variants loaded on first use hold in CPU memory now."""
+        return sum(memory.module_bytes(m) for v in self.loaded for n, m in self._modules(v).items()
+                   if n not in self.residency.resident)
+
+    def _room(self) -> int | None:
+        """The CPU memory the variants loaded on first use share; None: no limit (no GPU: nothing moves)."""
+        if self.plan is None or self.settings.host_memory is None:
+            return None
+        return self.settings.host_memory - self.plan.host_floor
+
+    def _host_room(self, nbytes: int, keep: str) -> None:
+        """Drop the least recently used variants loaded on first use (never `keep`) until `nbytes` more fit in CPU
+        memory beside what they hold there."""
+        room = self._room()
+        for other in [v for v in self.loaded if v not in (keep, self.current)]:
+            if room is None or self._held() + nbytes <= room:
+                return
+            self.drop(other, f"{memory.gb(nbytes):.2f} GB more would not fit in the {memory.gb(room):.1f} GB of "
+                             "CPU memory the variants share")
+
+    def _drop_moved_out(self, name: str) -> bool:
+        """The residency's question before it moves `name` to CPU memory: dropped instead where, after the least
+        recently used others, it still would not fit there."""
+        variant, _ = variants.of_transformer(name)
+        room = self._room()
+        if variant.name not in self.loaded or variant.name == self.current or room is None:
+            return False
+        nbytes = self.residency.size(name)
+        self._host_room(nbytes, keep=variant.name)
+        if self._held() + nbytes <= room:
+            return False
+        self.drop(variant.name, f"moved out of the GPU, {name} would not fit in the {memory.gb(room):.1f} GB of CPU "
+                                "memory the variants share")
+        return True
+
+    def drop(self, variant: str, why: str) -> None:
+        """Forget a variant loaded on first use: its copies, pipelines, fp8 twin and LoRA state; its weights stay on
+        disk, and its next request builds it again."""
+        modules = self._modules(variant)
+        held = sum(memory.module_bytes(m) for m in modules.values())
+        del modules
+        for name in (variant, variants.get(variant).fp8):
+            self.copies.pop(name, None)
+            self.residency.forget(name)
+        self.twins.pop(variant, None)
+        self._pipes.pop(variant, None)
+        self.loras.unregister(variant)
+        self.loaded.pop(variant, None)
+        gc.collect()  # the modules go now, not at the next collection
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("memory: %s dropped (%.2f GB): %s; its next request reads it again from the disk", variant,
+                 memory.gb(held), why)
+
     def _read_transformer(self, variant: Variant):
         """A variant's bf16 transformer read from its weights (fetched once) into CPU memory, prepared like every bf16
         transformer; and the folder it came from."""
@@ -220,6 +296,7 @@ class Transformers:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         started = time.monotonic()
+        self._host_room(memory.module_bytes(self.base.transformer), keep=variant.name)  # read into CPU memory first
         transformer, folder = self._read_transformer(variant)
         with weights.loading(variant.name, folder):
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -236,11 +313,15 @@ class Transformers:
         started = time.monotonic()
         if variant.name not in self._pipes:
             self._pipes[variant.name] = self._load(variant)
+        self.loaded[variant.name] = None
+        self.loaded.move_to_end(variant.name)
         pipe = self._pipes[variant.name]
         if not fp8:
             self._add_copy(variant.name, variant, pipe)
         else:
             untouched = variant.name not in self.copies and not self.loras.touched(variant.name)
+            if not untouched:
+                self._host_room(memory.module_bytes(pipe.transformer), keep=variant.name)  # the second copy read
             self._add_fp8(variant, pipe, None if untouched else self._read_transformer(variant)[0])
         log.info("%s: built on first use in %.2fs", variant.fp8 if fp8 else variant.name, time.monotonic() - started)
 

@@ -119,6 +119,16 @@ class LoraManager:
             module.requires_grad_(False)
             self._targets[name] = _Target(name, module, component)
 
+    def unregister(self, name: str) -> None:
+        """Forget a target whose module is being dropped (a variant loaded on first use, flux/engine): its LoRA state
+        and the originals kept of its weights go with it; nothing is restored."""
+        with self._lock:
+            target = self._targets.pop(name, None)
+            if target is None:
+                return
+            for param in target.module.parameters():
+                self._kept.pop(id(param), None)
+
     def adapters(self, name: str) -> tuple[Adapter, ...]:
         """The LoRAs fused into a target now (none for a target not registered yet)."""
         target = self._targets.get(name)
