@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import download as dl
 from . import netguard, progress, tarstream, variants
@@ -171,11 +172,14 @@ class Prefetch:
     (`folder`), logging what has arrived; a fetch that failed fails the request that waited for it with the fetch's
     message, and the next request that needs the variant fetches it again itself."""
 
-    def __init__(self, sources: dict[str, str], needs: dict[str, int]):
+    def __init__(self, sources: dict[str, str], names, need: Callable[[str], int]):
+        """names: the variants loaded on first use; need: a variant -> the bytes its download takes on disk, about
+        (for the disk check, asked only for what is fetched)."""
         self._sources = sources
-        self._needs = needs  # variant -> the bytes its download takes on disk, about (for the disk check)
-        self._done = {name: threading.Event() for name in needs if needs_download(sources[name], name)}
+        self._need = need
+        self._done = {name: threading.Event() for name in names if needs_download(sources[name], name)}
         self._results: dict[str, Path | Exception] = {}
+        self._reported: set[str] = set()  # failures handed to a request: the next one fetches again itself
         self._thread = threading.Thread(target=self._fetch_all, name="flux-prefetch", daemon=True)
 
     @property
@@ -192,7 +196,7 @@ class Prefetch:
     def _fetch_all(self) -> None:
         for name, done in self._done.items():
             try:
-                check_disk(name, self._needs[name])
+                check_disk(name, self._need(name))
                 self._results[name] = locate(self._sources[name], name)
             except Exception as exc:  # noqa: BLE001  handed to the request that needs it
                 log.warning("weights %s: the background fetch failed: %s", name, exc)
@@ -204,7 +208,7 @@ class Prefetch:
         """A variant's weights once its background fetch is done (waiting for it); None when it is not fetched here
         (the caller locates it itself)."""
         done = self._done.get(name)
-        if done is None:
+        if done is None or name in self._reported:
             return None
         dest, started = download_folder(self._sources[name], name), time.monotonic()
 
@@ -218,7 +222,7 @@ class Prefetch:
                      time.monotonic() - started)
         result = self._results[name]
         if isinstance(result, Exception):
-            del self._done[name]  # reported once: the next request fetches again
+            self._reported.add(name)  # reported once: the next request fetches again
             raise result
         return result
 

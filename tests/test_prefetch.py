@@ -24,7 +24,7 @@ from tests.helpers.http import FileServer
 def tar_of(folder) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname="FLUX.1-schnell")
+        tar.add(folder, arcname=folder.name)
     return buf.getvalue()
 
 
@@ -44,16 +44,17 @@ def own_weights(tmp_path, monkeypatch, weights_dir):
     return base
 
 
-def engine_with(base, schnell_url: str) -> Engine:
+def engine_with(base, schnell_url: str, **urls: str) -> Engine:
+    """An engine whose schnell (and the variants named in `urls`) come from those URLs."""
     from diffusers import FluxPipeline
 
-    sources = {**weights.sources(has_cuda=False).variants, "schnell": schnell_url}
+    sources = {**weights.sources(has_cuda=False).variants, "schnell": schnell_url, **urls}
     return Engine(FluxPipeline.from_pretrained(base, dtype=torch.float32), None, sources, torch.device("cpu"),
                   torch.float32, Settings(prefetch=True), compile_bundle=None)
 
 
-def schnell_request() -> Request:
-    return Request.build(prompt="a knitted purple prune", model="schnell", seed=3, megapixels="0.25",
+def schnell_request(model: str = "schnell") -> Request:
+    return Request.build(prompt="a knitted purple prune", model=model, seed=3, megapixels="0.25",
                          num_inference_steps=2)
 
 
@@ -89,6 +90,24 @@ def test_a_failed_background_fetch_fails_the_request_that_waited_and_the_next_fe
         assert downloads(server, "/schnell.tar") == 0
         assert len(engine.generate(schnell_request()).images) == 1  # fetched again, by the request itself
         assert downloads(server, "/schnell.tar") == 1
+
+
+def test_a_failure_reported_while_the_next_variant_is_fetched_stops_nothing(own_weights, schnell_tar,
+                                                                           tmp_path_factory):
+    """schnell's fetch fails and its request reports it while krea-dev's is still under way: krea-dev's fetch goes
+    on and its request gets it."""
+    from flux import variants
+
+    krea_tar = tar_of(tiny.ensure_pipeline(tmp_path_factory.mktemp("krea") / "FLUX.1-Krea-dev",
+                                           variants.get("krea-dev")))
+    with FileServer() as server:
+        url = server.add("/schnell.tar", schnell_tar, status=503)
+        engine = engine_with(own_weights, url, **{"krea-dev": server.add("/krea.tar", krea_tar, hang=1.5)})
+        assert engine.start_prefetch().names == ["schnell", "krea-dev"]
+        with pytest.raises(UserError, match=r"^schnell weights: .*503"):
+            engine.generate(schnell_request())
+        assert len(engine.generate(schnell_request("krea-dev")).images) == 1
+        assert downloads(server, "/krea.tar") == 1  # the background fetch's: it went on after schnell's failure
 
 
 def test_the_disk_is_checked_before_a_fetch(own_weights, schnell_tar, monkeypatch):

@@ -117,9 +117,11 @@ class Engine:
     def start_prefetch(self) -> weights.Prefetch:
         """Fetch the weights of the variants loaded on first use in the background (those that must be downloaded),
         each after a disk check for its bf16 transformer's size; their first request waits for what is missing."""
-        needs = {v.name: 2 * sum(p.numel() for p in memory.like(self.base.transformer, v).parameters())
-                 for v in variants.ON_FIRST_USE}  # bf16 on disk
-        self.transformers.prefetch = weights.Prefetch(self.transformers.sources, needs).start()
+        def need(name: str) -> int:  # its bf16 transformer on disk
+            return 2 * sum(p.numel() for p in memory.like(self.base.transformer, variants.get(name)).parameters())
+
+        self.transformers.prefetch = weights.Prefetch(self.transformers.sources,
+                                                      [v.name for v in variants.ON_FIRST_USE], need).start()
         return self.transformers.prefetch
 
     # ----- building --------------------------------------------------------------------------------------------------
