@@ -212,33 +212,43 @@ def download(
 
     auth_hint ends the message of a 401/403 (which token to pass); space_hint adds to the one of a full disk.
     """
-    dest = Path(dest)
-    headers = headers or {}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     deadline = _Deadline(limits.total_timeout)
     started = time.monotonic()
+    with _session(url, what, limits) as session:
+        found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
+        return _save(session, url, Path(dest), found, target, target_headers, meter, what, limits, deadline,
+                     auth_hint, space_hint, started)
+
+
+def _save(session, url: str, dest: Path, found: Probe, target: str, target_headers: dict, meter, what: str,
+          limits: Limits, deadline: _Deadline, auth_hint: str | None, space_hint: str, started: float) -> Path:
+    """What `found` probed, saved into dest atomically (in parallel parts where the server takes ranges)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
     try:
-        with _session(url, what, limits) as session:
-            found, target, target_headers, meter = _start(session, url, headers, what, limits, auth_hint)
+        with disk_full(what, url, "saving", space_hint):
             if found.ranges and not found.encoded and found.size is not None and found.size > limits.part_size:
                 _parallel(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             else:
                 _stream(session, target, target_headers, part, found.size, what, limits, deadline, auth_hint, meter)
             os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    log.info("%s: fetched %s (%.1f MiB) in %.2fs", what, redact(url), dest.stat().st_size / MiB,
+             time.monotonic() - started)
+    return dest
+
+
+@contextlib.contextmanager
+def disk_full(what: str, url: str, doing: str, hint: str = ""):
+    """A full disk (or quota, or file size limit) while `doing` url, as a DownloadError saying so."""
+    try:
+        yield
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        raise DownloadError(
-            f"{what}: the disk is full ({os.strerror(exc.errno)}) while saving {redact(url)}; nothing was kept. "
-            f"Free disk space{space_hint} and try again."
-        ) from None
-    finally:
-        part.unlink(missing_ok=True)
-    elapsed = time.monotonic() - started
-    got = dest.stat().st_size
-    log.info("%s: fetched %s (%.1f MiB) in %.2fs", what, redact(url), got / MiB, elapsed)
-    return dest
+        raise DownloadError(f"{what}: the disk is full ({os.strerror(exc.errno)}) while {doing} {redact(url)}; "
+                            f"nothing was kept. Free disk space{hint} and try again.") from None
 
 
 def _start(session, url: str, headers: dict, what: str, limits: Limits, auth_hint: str | None):
@@ -401,11 +411,13 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
 @contextlib.contextmanager
 def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
            auth_hint: str | None = None):
-    """For a reader that takes a file in parts as they arrive (flux/tarstream.py): yields (probe, fetch), where
+    """For a reader that takes a file in parts as they arrive (flux/tarstream.py): yields (probe, fetch, whole), where
     fetch(first, last, write, stop) GETs bytes first..last of where url leads, with download()'s checks, retries and
     credentials rule, passing each chunk to write(offset, chunk); it returns early once the threading.Event stop is
-    set. Transport failures inside the block become DownloadErrors, as in download()."""
+    set. whole(dest) is download() to dest on the same probe (for a server that takes no ranges). Transport failures
+    inside the block become DownloadErrors, as in download()."""
     deadline = _Deadline(limits.total_timeout)
+    started = time.monotonic()
     with _session(url, what, limits) as session:
         found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
 
@@ -413,4 +425,8 @@ def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None =
             _fetch_range(session, target, target_headers, first, last, write, what, limits, deadline, auth_hint,
                          meter, stop, found.size)
 
-        yield found, fetch
+        def whole(dest: Path) -> Path:
+            return _save(session, url, dest, found, target, target_headers, meter, what, limits, deadline, auth_hint,
+                         "", started)
+
+        yield found, fetch, whole

@@ -16,14 +16,12 @@ extracts into a staging folder and marks nothing complete (flux/weights.py).
 from __future__ import annotations
 
 import collections
-import errno
 import logging
-import os
 import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import download as dl
 from .errors import UserError
@@ -31,13 +29,21 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
+def member_problem(name: str, regular: bool, show=lambda name: name) -> str | None:
+    """What makes an archive member unsafe to unpack (every archive this container reads): an absolute path, a path
+    out of the folder, a link or a special file (regular: a file or a folder). None: it is safe."""
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        return f"holds an unsafe path ({show(name)!r})"
+    if not regular:
+        return f"holds a link or special file ({show(name)!r})"
+    return None
+
+
 def check_member(member: tarfile.TarInfo, total: int, max_bytes: int) -> int:
     """Refuse an unsafe member (UserError); returns the bytes unpacked so far with it."""
-    name = member.name
-    if name.startswith("/") or ".." in Path(name).parts:
-        raise UserError(f"the archive holds an unsafe path ({name!r}); refusing to extract it.")
-    if not (member.isfile() or member.isdir()):
-        raise UserError(f"the archive holds a link or special file ({name!r}); refusing to extract it.")
+    problem = member_problem(member.name, member.isfile() or member.isdir())
+    if problem:
+        raise UserError(f"the archive {problem}; refusing to extract it.")
     total += member.size
     if total > max_bytes:
         raise UserError(f"the archive unpacks to more than {max_bytes / 1024**3:.0f} GiB; refusing to extract it.")
@@ -64,22 +70,16 @@ def extract_url(url: str, dest: Path, *, max_bytes: int, what: str = "download",
     """Download the .tar at url and extract it into dest as it arrives; returns the files written."""
     started = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with dl.ranged(url, what=what, headers=headers, limits=limits, auth_hint=auth_hint) as (found, fetch):
-            if found.ranges and not found.encoded and found.size:  # a compressed body has no byte offsets to range
-                files = _extract_parts(fetch, found.size, dest, max_bytes, limits)
-                log.info("%s: fetched and extracted %s (%.1f MiB) in %.2fs", what, dl.redact(url),
-                         found.size / dl.MiB, time.monotonic() - started)
-                return files
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        raise dl.DownloadError(f"{what}: the disk is full ({os.strerror(exc.errno)}) while extracting "
-                               f"{dl.redact(url)}; nothing was kept. Free disk space and try again.") from None
-    log.info("%s: %s does not take byte ranges (or sends them compressed): downloading it whole, then extracting",
-             what, dl.redact(url))
-    archive = dl.download(url, dest.parent / f".{dest.name}.tar", what=what, headers=headers, limits=limits,
-                          auth_hint=auth_hint)
+    with dl.disk_full(what, url, "extracting"), \
+            dl.ranged(url, what=what, headers=headers, limits=limits, auth_hint=auth_hint) as (found, fetch, whole):
+        if found.ranges and not found.encoded and found.size:  # a compressed body has no byte offsets to range
+            files = _extract_parts(fetch, found.size, dest, max_bytes, limits)
+            log.info("%s: fetched and extracted %s (%.1f MiB) in %.2fs", what, dl.redact(url),
+                     found.size / dl.MiB, time.monotonic() - started)
+            return files
+        log.info("%s: %s does not take byte ranges (or sends them compressed): downloading it whole, then "
+                 "extracting", what, dl.redact(url))
+        archive = whole(dest.parent / f".{dest.name}.tar")  # on the same probe: one request for its first byte
     try:
         return extract_tar(archive, dest, max_bytes)
     finally:

@@ -147,5 +147,7 @@ def test_peak_disk_is_the_archive_s_size_not_twice_it(tiny_dev, weights_root, di
         streamed, disk_peak[0] = disk_peak[0], 0
         weights.locate(srv.add("/plain.tar", body, no_ranges=True), "dev")  # no ranges: downloaded, then extracted
         whole = disk_peak[0]
+        plain = [r.headers.get("Range") for r in srv.requests if r.path == "/plain.tar"]
+    assert plain == ["bytes=0-0", None]  # one probe, then the whole file on the same connection's probe
     assert streamed <= 1.1 * len(body)
     assert whole >= 1.9 * len(body)  # the measure sees the archive when it is there

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from .. import download as dl
 from ..errors import UserError
 from ..progress import human_bytes
+from ..tarstream import member_problem
 from . import PICKLE_SUFFIXES, SAFETENSORS, LoraError, listing, pickle_message, short
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
-def _member_problem(name: str, regular: bool) -> str | None:
-    if name.startswith("/") or ".." in PurePosixPath(name).parts:
-        return f"holds an unsafe path ({short(name)!r})"
-    if not regular:
-        return f"holds a link or special file ({short(name)!r})"
-    return None
-
-
 def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
     """The archive read as a stream, one member at a time: at most MAX_MEMBERS members and max_bytes of content
     (counted from each member's header before its content is read); the one .safetensors written to dest."""
@@ -65,7 +58,7 @@ def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
             for member in tar:
                 if len(names) == MAX_MEMBERS:
                     raise LoraError(_too_many(shown, "tar"))
-                problem = _member_problem(member.name, member.isfile() or member.isdir())
+                problem = member_problem(member.name, member.isfile() or member.isdir(), short)
                 if problem:
                     raise LoraError(f"{shown}: the archive {problem}; refusing to read it.")
                 total += member.size
@@ -95,7 +88,7 @@ def _from_zip(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
             if len(members) > MAX_MEMBERS:
                 raise LoraError(_too_many(shown, "zip"))
             for member in members:
-                problem = _member_problem(member.filename, (member.external_attr >> 28) != 0o12)  # not a symlink
+                problem = member_problem(member.filename, (member.external_attr >> 28) != 0o12, short)  # not a symlink
                 if problem:
                     raise LoraError(f"{shown}: the zip archive {problem}; refusing to read it.")
             names = [m.filename for m in members]
