@@ -157,9 +157,11 @@ class Delta:
             delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
         else:
             delta = f["lora_up"] @ f["lora_down"]
-        if self.rows:
-            delta = torch.cat([delta[start:stop] for start, stop in self.rows])
-        return delta * self.scale if self.scale != 1 else delta
+        return self.pick(delta * self.scale if self.scale != 1 else delta)
+
+    def pick(self, whole: torch.Tensor) -> torch.Tensor:
+        """This module's rows of its factors' whole (scaled) product; the whole product where it takes it all."""
+        return torch.cat([whole[start:stop] for start, stop in self.rows]) if self.rows else whole
 
 
 def _factor_shape(factors: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
@@ -257,11 +259,6 @@ def _unreadable(shown: str, keys: list[str], why: str = "") -> LoraError:
     )
 
 
-def short(text: str, limit: int = 80) -> str:
-    """A name from the file, cut to a length a message can carry."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     """A safetensors LoRA file as per-layer factors (flux.lora.Delta per "<component>.<module>"), each checked to be
     fusable (matrices of finite numbers that multiply out, rank at least 1, a finite scale); refused with a message
@@ -286,7 +283,8 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         deltas = _lycoris(tensors, shown, kind)
     else:
         deltas = _low_rank(tensors, header, kind, shown)
-    for delta in deltas.values():
+    checked = {(id(d.factors), d.scale): d for d in deltas.values()}  # rows play no part: once per shared factors
+    for delta in checked.values():
         problem = delta.problem()
         if problem:
             raise LoraError(f"{shown} cannot be used: {short(delta.source)} {problem}. Use an intact LoRA file.")
@@ -296,12 +294,10 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
 def _read(path: Path, shown: str) -> tuple[dict, dict]:
     """The file's tensors (on the CPU) and its header's metadata."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-        return load_file(path), header
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError):
         raise LoraError(f"{shown} is not a safetensors file this loader can read (its header or tensors are "
                         "damaged, or use a type torch has no place for): check the file.") from None
@@ -613,17 +609,18 @@ def _lycoris(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
             raise _unreadable(shown, [module], f"is a {kind} file for another model: {short(module)!r} names no layer "
                               "FLUX.1 has")
         factors = {s.removesuffix(".weight"): v for s, v in parts.items() if s in _LYCORIS[what]}
-        problem = Delta(what, factors, 1.0, module).problem()
+        unit = Delta(what, factors, 1.0, module)
+        problem = unit.problem()
         if problem:
             raise LoraError(f"{shown} is not a valid {kind} file: {short(module)} {problem}.")
-        rank = Delta(what, factors, 1.0, module).rank
+        rank = unit.rank
         alpha = parts.get("alpha")
         alpha = float(alpha) if alpha is not None and float(alpha) != 0 else None
         if what == "lokr" and not any(f in factors for f in ("lokr_w1_a", "lokr_w2_a")):
             scale = 1.0  # both factors full: LyCORIS applies no alpha
         else:
             scale = alpha / rank if alpha is not None else 1.0
-        out = Delta(what, factors, scale, module).product_shape[0]
+        out = unit.product_shape[0]
         for index, (name, shares, swap) in enumerate(targets):
             rows = None
             if shares:

@@ -25,6 +25,7 @@ the predictor is left exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -225,12 +226,20 @@ def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
 
 def _fuse(plan: _Plan) -> None:
     """W += sum of scale * ΔW in place (the same tensor), computed in float32 on W's device and rounded once."""
+    whole: dict[tuple, torch.Tensor] = {}  # the last shared product: a fused module's layers follow one another
     with torch.no_grad():
         for layer, parts in plan.items():
             weight = layer.weight
             change = None
             for delta, scale in parts:
-                part = delta.weight(weight.device)
+                if delta.rows:  # q, k, v of a fused BFL module take rows of one product: computed once for them all
+                    key = (id(delta.factors), delta.scale, weight.device)
+                    if key not in whole:
+                        whole.clear()
+                        whole[key] = dataclasses.replace(delta, rows=None).weight(weight.device)
+                    part = delta.pick(whole[key])
+                else:
+                    part = delta.weight(weight.device)
                 part = part * scale if scale != 1 else part
                 change = part if change is None else change + part
             weight.copy_((weight.float() + change).to(weight.dtype))

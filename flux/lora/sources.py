@@ -369,13 +369,6 @@ def _not_found(exc: dl.DownloadError, message: str) -> UserError:
     return LoraError(message) if exc.status == 404 else exc
 
 
-def listing(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") if names else "nothing"
-
-
-def pickle_message(shown: str) -> str:
-    return (f"{shown} is a pickle checkpoint (.bin/.ckpt/.pt), which is never loaded because it can run code. "
-            "Use the LoRA's .safetensors file.")
 
 
 
