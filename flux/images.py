@@ -51,15 +51,7 @@ class Delivered:
         if (os.path.dirname(path) != os.path.abspath(self.folder)
                 or not os.path.basename(path).startswith(self.prefix)):
             raise _unreadable(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
-            raise _unreadable(name) from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
-            os.close(fd)
-            raise _unreadable(name)
-        return os.fdopen(fd, "rb")
+        return _open_regular(path, name, delivered=True)
 
 
 def _unreadable(name: str) -> UserError:
@@ -70,12 +62,18 @@ def _source(value, name: str):
     """What Image.open reads: a Delivered file opened after its checks, or a Python caller's own regular file."""
     if isinstance(value, Delivered):
         return value.open(name)
-    path = Path(value)
+    return _open_regular(Path(value), name, delivered=False)
+
+
+def _open_regular(path, name: str, delivered: bool):
+    """A regular file opened for reading without blocking (a FIFO or a device is refused, not waited on); a file the
+    server delivered also has no link on its way, one name, and this process as its owner."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | (os.O_NOFOLLOW if delivered else 0))
     except OSError:
         raise _unreadable(name) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or delivered and (info.st_nlink != 1 or info.st_uid != os.getuid()):
         os.close(fd)
         raise _unreadable(name)
     return os.fdopen(fd, "rb")
@@ -83,7 +81,7 @@ def _source(value, name: str):
 
 def _open(value, name: str) -> Image.Image:
     if isinstance(value, Image.Image):
-        return _checked(value.copy(), name)
+        return _checked(value, name)  # exif_transpose returns a new image: the caller's is never changed
     with _source(value, name) as file:
         return _checked(_decode(file, name), name)
 
