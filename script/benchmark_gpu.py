@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -298,11 +297,9 @@ def gpu_available(device) -> int | None:
 
 def free() -> None:
     """Return what dropped references held (the caller drops its own first)."""
-    import torch
+    from flux.engine.run import free_memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def copy_to(module, device):
@@ -541,12 +538,10 @@ class Ctx:
 
 
 def with_transformer(ctx: Ctx, transformer, vae=None):
-    from diffusers import FluxPipeline
+    """The shared pipeline on another transformer (and VAE), its progress bar off."""
+    from flux.engine import transformers
 
-    components = {**ctx.shared.components, "transformer": transformer}
-    if vae is not None:
-        components["vae"] = vae
-    pipe = FluxPipeline(**components)
+    pipe = transformers.with_transformer(ctx.shared, transformer, **({"vae": vae} if vae is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1139,9 +1134,11 @@ def sequence(ctx: Ctx) -> None:
 def run(args) -> Path:
     work = Path(tempfile.mkdtemp(prefix="flux-benchmark-"))
     # Before anything compiles: this run's own LoRA and compile caches, empty, so that compile times are cold.
+    from flux.folders import compile_cache_dir  # (no third-party imports)
+
     os.environ["FLUX_WEIGHTS_DIR"] = str(work / "weights")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "weights" / "compile-cache" / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(work / "weights" / "compile-cache" / "triton")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir(work / "weights") / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(compile_cache_dir(work / "weights") / "triton")
     deadline = args.deadline or STARTED + args.budget
     import torch
 

@@ -107,7 +107,7 @@ class Runner:
             self._drop_loras(req)
             raise
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
-            _free_memory()
+            free_memory()
             raise UserError(
                 f"Out of GPU memory generating {req.width}x{req.height}: try a smaller size (megapixels 0.25) or "
                 "fewer outputs, or run again."
@@ -174,7 +174,7 @@ class Runner:
         except torch.OutOfMemoryError:
             if len(seeds) == 1:
                 raise
-            _free_memory()
+            free_memory()
             log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
             steps.expect(len(seeds))
             images = [img for s in seeds for img in call([s])]
@@ -297,8 +297,9 @@ class Runner:
         return generated
 
 
-def _free_memory() -> None:
-    """Give cached GPU memory back after an out-of-memory error, so the next prediction starts clean."""
+def free_memory() -> None:
+    """Give back what dropped references held (cached GPU memory too): after an out-of-memory error, so that the next
+    prediction starts clean."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
