@@ -108,7 +108,10 @@ def lora_files(draw) -> bytes:
             max_size=2))}
         header = {"lora_adapter_metadata": json.dumps({f"{c}.{k}": v for c in ("transformer", "text_encoder")
                                                        for k, v in fields.items()})}
-    elif kind == "fields":
+    elif kind == "fields":  # any of the fields PEFT acts on, at any value
+        fields = draw(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=4))
+        header = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in fields.items()})}
+    elif kind == "text":  # metadata that is not a JSON object
         header = {"lora_adapter_metadata": draw(st.sampled_from(["{not json", "[1, 2]", "null", "7", '"r"']))}
     try:
         body = safetensors_bytes(tensors, header)

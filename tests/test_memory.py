@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux import memory, speed
+from flux import memory
 from flux.fakes import fullsize
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, Residency, activation_bytes, fp8_bytes, module_bytes

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux import memory, output, speed, weights
+from flux import memory, output, weights
 from flux.engine import Engine
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB

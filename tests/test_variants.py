@@ -4,7 +4,6 @@ its proof: a dev fine-tune added as one row, loaded on first use, with every inp
 from __future__ import annotations
 
 import diffusers
-import pytest
 import torch
 
 from flux import memory, variants, weights
@@ -80,7 +79,7 @@ def test_krea_dev_takes_every_input_dev_takes(predict, engine, tmp_path):
     # a LoRA, fused into krea-dev's transformer only, and gone after
     transformer = engine.pipeline("krea-dev", "txt2img").transformer
     update = loras.make_update(transformer, "ATTENTION", seed=9, strength=0.5)
-    lora = images.data_uri(loras.lora_bytes(update, "diffusers"), "application/octet-stream")
+    lora = loras.lora_uri(update, "diffusers")
     assert image(predict, model="krea-dev", replicate_weights=lora) != plain
     assert engine.loras.adapters("krea-dev") and not engine.loras.adapters("dev")
     assert image(predict, model="krea-dev") == plain and not engine.loras.adapters("krea-dev")

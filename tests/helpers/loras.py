@@ -312,7 +312,6 @@ LAYOUTS = {
 
 # ----- LyCORIS -----------------------------------------------------------------------------------------------------
 
-LOKR_VARIANTS = ("w2", "both", "full")  # which factors are products: w2 only (LyCORIS' default), both, neither
 
 
 def _kron_split(n: int) -> int:
