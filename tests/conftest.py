@@ -48,6 +48,21 @@ def weights_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory) -> Path:
+    """The tiny FLUX.1-dev saved as a diffusers folder of its own (what weights URLs serve in tests)."""
+    from flux.fakes import tiny
+
+    return tiny.ensure_pipeline(tmp_path_factory.mktemp("src") / "FLUX.1-dev")
+
+
+@pytest.fixture
+def weights_root(tmp_path, monkeypatch) -> Path:
+    """An empty weights folder of the test's own (FLUX_WEIGHTS_DIR)."""
+    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
+    return tmp_path / "weights"
+
+
+@pytest.fixture(scope="session")
 def predictor(weights_dir):
     """One Predictor, set up once on the tiny model, as cog would run it."""
     from predict import Predictor

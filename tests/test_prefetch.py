@@ -4,9 +4,7 @@ fetches again; the disk is checked first; nothing is fetched in the background w
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import time
 
 import pytest
@@ -19,13 +17,7 @@ from flux.fakes import tiny
 from flux.request import Request
 from flux.settings import Settings
 from tests.helpers.http import FileServer
-
-
-def tar_of(folder) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=folder.name)
-    return buf.getvalue()
+from tests.helpers.weights_tar import tar_of
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ ranged parts, every member checked mid-stream, an interrupted server, and the di
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,7 +14,7 @@ from flux import download as dl
 from flux import tarstream, weights
 from flux.errors import UserError
 from tests.helpers.http import FileServer
-from tests.test_weights import tiny_dev, weights_root  # noqa: F401  (fixtures)
+from tests.helpers.weights_tar import tar_of
 
 KiB = 1024
 SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4, retries=1)
@@ -24,15 +23,6 @@ SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch):
     monkeypatch.setattr(weights, "TAR_LIMITS", SMALL)
-
-
-def tar_of(folder: Path, prefix: str = "FLUX.1-dev", extra: list[tarfile.TarInfo] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=prefix)
-        for info in extra:  # after every real member: refused mid-stream, with parts already extracted
-            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
-    return buf.getvalue()
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -12,24 +12,9 @@ from flux import progress, variants, weights
 from flux.fakes import tiny
 from flux.errors import UserError
 from tests.helpers.http import FileServer, HubServer
+from tests.helpers.weights_tar import tar_of
 
 
-@pytest.fixture(scope="module")
-def tiny_dev(tmp_path_factory) -> Path:
-    return tiny.ensure_pipeline(tmp_path_factory.mktemp("src") / "FLUX.1-dev")
-
-
-@pytest.fixture
-def weights_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
-    return tmp_path / "weights"
-
-
-def tar_of(folder: Path, prefix: str = "FLUX.1-dev") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=prefix)
-    return buf.getvalue()
 
 
 def test_defaults(monkeypatch):
