@@ -109,15 +109,14 @@ def locate(source: str, kind: str) -> Path:
     and the files to fetch.
     """
     started = time.monotonic()
-    root = weights_dir()
-    dest = download_folder(source, kind)
-    if source == TINY and kind != COMPILE_CACHE:
-        path = _tiny(root, kind)
-    elif dest is not None and dest.parent.name == "url":
+    form, dest = _form(source, kind)
+    if form == "tiny":
+        path = _tiny(weights_dir(), kind)
+    elif form == "url":
         path = _from_tar_url(source, dest, kind)
-    elif dest is not None:
+    elif form == "hub":
         path = _from_hub(source, dest, kind)
-    elif Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
+    elif form == "folder":
         path = Path(source).expanduser()
         if not path.is_dir():
             raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
@@ -130,17 +129,24 @@ def locate(source: str, kind: str) -> Path:
     return path
 
 
+def _form(source: str, kind: str) -> tuple[str, Path | None]:
+    """What a source is ("tiny", "url": an https .tar, "hub": a Hugging Face repo id that is not a local folder,
+    "folder", or "invalid"), and for the two that are fetched the folder under weights/ they land in."""
+    if source == TINY and kind != COMPILE_CACHE:
+        return "tiny", None
+    if source.startswith(("https://", "http://")):
+        return "url", weights_dir() / "url" / _url_folder(source)
+    if Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
+        return "folder", None
+    if not _REPO_ID.match(source):
+        return "invalid", None
+    return "hub", weights_dir() / "hf" / source.replace("/", "--")
+
+
 def download_folder(source: str, kind: str) -> Path | None:
     """Where a source that is fetched (an https .tar, a Hugging Face repo id that is not a local folder) lands under
     weights/; None for the others (tiny, a local folder)."""
-    root = weights_dir()
-    if source == TINY and kind != COMPILE_CACHE:
-        return None
-    if source.startswith(("https://", "http://")):
-        return root / "url" / _url_folder(source)
-    if Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")) or not _REPO_ID.match(source):
-        return None
-    return root / "hf" / source.replace("/", "--")
+    return _form(source, kind)[1]
 
 
 def needs_download(source: str, kind: str) -> bool:
