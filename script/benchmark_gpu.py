@@ -463,8 +463,10 @@ class Ctx:
         if not self.wanted(section):
             return False  # not asked for: no row
         self.run.section = section
-        if not self.run.fits(section, seconds):
-            return False
+        return self.run.fits(section, seconds) and self.memory_fits(need)
+
+    def memory_fits(self, need: int) -> bool:
+        """Whether `need` bytes fit in what the GPU has free; else a row says so."""
         available = gpu_available(self.device)
         if available is not None and need > available:
             self.run.add({"kind": "skipped", "reason": "GPU memory", "needs GB": round(need / 1024**3, 2),
@@ -1002,17 +1004,15 @@ def boot(ctx: Ctx) -> None:
     """A fresh process: the same random model, this engine booted from our engine's compile bundle, with setup()'s
     full warm-up (every table size), this process's GPU memory released first."""
     ctx.drop_ours()
+    from flux import compile_cache
+
     bundle = ctx.work / "bundle"
-    if not (bundle / "manifest.json").is_file():
+    if not (bundle / compile_cache.MANIFEST).is_file():
         ctx.run.add({"kind": "skipped", "reason": "our engine wrote no compile bundle (it was not built, or its "
                      "backend writes no artifacts, like eager)"})
         return
     release_gpu(ctx)
-    available = gpu_available(ctx.device)
-    need = ctx.needs["boot"] + ctx.needs["base"]
-    if available is not None and need > available:
-        ctx.run.add({"kind": "skipped", "reason": "GPU memory", "needs GB": round(need / 1024**3, 2),
-                     "available GB": round(available / 1024**3, 2), **gpu_state(ctx.device)})
+    if not ctx.memory_fits(ctx.needs["boot"] + ctx.needs["base"]):
         return
     cmd = [sys.executable, __file__, "--boot-child", str(bundle), "--backend", ctx.args.backend,
            "--size", "x".join(map(str, ctx.args.size))] + (["--tiny"] if ctx.args.tiny else [])
