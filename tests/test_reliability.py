@@ -59,6 +59,16 @@ def reference_output(srv: CogServer) -> str:
     return body["output"][0]
 
 
+@pytest.fixture(scope="module")
+def pristine_reference(server_env, tmp_path_factory) -> str:
+    """The reference prediction's output from a fresh server (started for it alone, then stopped): what any server
+    must give after whatever came before."""
+    env, _ = server_env()
+    with CogServer(tmp_path_factory.mktemp("fresh") / "cog.log", env=env) as fresh:
+        fresh.wait_status()
+        return reference_output(fresh)
+
+
 # ----- bad input: 422 or a failed prediction that says what to change -----------------------------
 
 BAD_422 = [
@@ -118,7 +128,7 @@ BAD_FAILED = [
 ]
 
 
-def test_bad_input_then_bit_identical_to_a_fresh_server(server, server_env, tmp_path_factory):
+def test_bad_input_then_bit_identical_to_a_fresh_server(server, pristine_reference):
     """Every bad request is refused with a clear message; afterwards the server is READY and a valid
     prediction is bit-identical to the same prediction on a fresh server."""
     problems = []
@@ -138,11 +148,7 @@ def test_bad_input_then_bit_identical_to_a_fresh_server(server, server_env, tmp_
     assert len(BAD_422) + len(BAD_FAILED) + 1 >= 30
     server.wait_status(timeout=10)
 
-    after = reference_output(server)
-    env, _ = server_env()
-    with CogServer(tmp_path_factory.mktemp("fresh") / "cog.log", env=env) as fresh:
-        fresh.wait_status()
-        assert reference_output(fresh) == after
+    assert reference_output(server) == pristine_reference
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -180,7 +186,7 @@ def test_mask_of_another_size_works(server):
 
 # ----- faults ---------------------------------------------------------------------------------------
 
-def test_out_of_memory_fails_cleanly_then_recovers(server_env, tmp_path_factory):
+def test_out_of_memory_fails_cleanly_then_recovers(server_env, tmp_path_factory, pristine_reference):
     env, tmp = server_env(COG_PREDICT_TYPE_STUB=FAULTS, FLUX_TEST_FAULT="oom-once,oom-batch")
     with CogServer(tmp_path_factory.mktemp("oom") / "cog.log", env=env) as srv:
         srv.wait_status()
@@ -199,10 +205,7 @@ def test_out_of_memory_fails_cleanly_then_recovers(server_env, tmp_path_factory)
         assert body["status"] == "succeeded"
         first = body["output"][0]
     assert not [p for p in tmp.iterdir() if p.name.startswith("flux-out-")][1:]  # at most the last outputs
-    env, _ = server_env()
-    with CogServer(tmp_path_factory.mktemp("oom-ref") / "cog.log", env=env) as fresh:
-        fresh.wait_status()
-        assert reference_output(fresh) == first
+    assert pristine_reference == first
 
 
 # ----- cancellation, webhooks, idempotency ------------------------------------------------------------
