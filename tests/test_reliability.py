@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import statistics
 import tarfile
 import time
 from pathlib import Path
@@ -352,13 +353,14 @@ def test_soak_200_mixed_predictions(server_env, tmp_path_factory, lora_host):
         for i in range(40):  # warm-up: every kind several times
             run(i)
         pid = worker_pid(srv.process.pid)
-        baseline = rss_bytes(pid)
+        rss = []  # after each prediction: one reading swings a few percent with the allocator, a leak moves them all
         for i in range(40, 200):
             run(i)
-        growth = rss_bytes(pid) / baseline - 1
+            rss.append(rss_bytes(pid))
         srv.wait_status(timeout=10)
     assert results == {"succeeded": 150, "failed": 25, 422: 25}, results
-    assert growth < 0.05, f"worker RSS grew {growth:.1%} over 160 predictions after warm-up"
+    first, last = statistics.median(rss[:40]), statistics.median(rss[-40:])
+    assert last / first - 1 < 0.03, f"worker RSS grew {last / first - 1:.1%} (median of 40 predictions) over 120 more"
     loras = Path(env["FLUX_WEIGHTS_DIR"]) / "loras"
     assert not list(loras.glob(".staging-*"))  # no half-built cache entry
     left = [p for p in tmp.rglob("*") if p.is_file()]  # the server's TMPDIR
