@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -163,6 +164,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: object
+
+    def handle_error(self, request, client_address):
+        """A client closing its kept-alive connection (a cog server stopped, a cancelled download) is not an error of
+        the test; anything else is printed as socketserver does."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class LocalServer:
