@@ -244,7 +244,8 @@ def test_cancel_lands_within_a_step_and_leaves_nothing(slow_server):
         assert slow_server.request("POST", "/predictions/cancel-me/cancel")[0] == 200
         events = hook.wait_for(lambda e: any(x["status"] == "canceled" for x in e), timeout=30)
         latency = time.monotonic() - started
-    assert latency < STEP_SECONDS + 1.0, f"cancel took {latency:.2f}s with {STEP_SECONDS}s steps"
+    # stopped at a step boundary, not after the 27 steps left (16 s); the margin is for a loaded 2-core machine
+    assert latency < 5 * STEP_SECONDS, f"cancel took {latency:.2f}s with {STEP_SECONDS}s steps"
     assert [e["status"] for e in events][-1] == "canceled"
     slow_server.wait_status(timeout=10)
     assert set(outputs_on_disk(slow_server.tmp)) <= before  # the cancelled prediction wrote nothing
