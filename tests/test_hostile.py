@@ -137,11 +137,13 @@ LORA_CASES = [
 
 @pytest.fixture(scope="module")
 def good_lora(predict, update):
-    """A sound LoRA and its image: every case must leave it working as before."""
+    """A sound LoRA and its images at scales 1 and 0.5: every case must leave it working as before."""
     uri = lora(loras.lora_bytes(update, "ai-toolkit"))
     image = run(predict, replicate_weights=uri)
+    half = run(predict, replicate_weights=uri, lora_scale=0.5)
+    assert half != image
     run(predict)  # at rest again
-    return uri, image
+    return uri, image, half
 
 
 @pytest.mark.parametrize("case,build,refused", LORA_CASES, ids=[c[0] for c in LORA_CASES])
@@ -152,7 +154,7 @@ def test_hostile_loras_leave_nothing_behind(predict, engine, reference, good_lor
     body = build(update, transformer)
     if refused is None:  # the same update, read the same way; then the next LoRA still works
         assert run(predict, replicate_weights=lora(body)) == good_lora[1]
-        assert run(predict, replicate_weights=good_lora[0], lora_scale=0.5) != good_lora[1]
+        assert run(predict, replicate_weights=good_lora[0], lora_scale=0.5) == good_lora[2]  # fused afresh
     else:
         with pytest.raises(UserError, match=refused) as failed:
             run(predict, replicate_weights=lora(body))
@@ -167,11 +169,12 @@ def test_a_lora_that_makes_the_latents_non_finite_fails_naming_it_and_its_scale(
                                                                                 update, go_fast):
     """Finite weights within the dtype's range, yet the activations overflow: never an all-black image."""
     image, fresh = reference
+    expected = run(predict, go_fast=go_fast)
     body = hostile.metadata_fields(update, lora_alpha=1e30)
     with pytest.raises(UserError, match=r"not finite .*data: URI .* at scale 0\.7") as failed:
         run(predict, replicate_weights=lora(body), lora_scale=0.7, go_fast=go_fast)
     assert not hostile.library_words(str(failed.value))
-    assert run(predict, go_fast=go_fast) == run(predict, go_fast=go_fast)
+    assert run(predict, go_fast=go_fast) == expected
     assert run(predict) == image
     assert not state.diff(without_files(fresh), state.fingerprint(engine))
 
