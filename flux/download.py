@@ -149,13 +149,12 @@ class _Counter:
 
     def add(self, chunk: bytes) -> None:
         self.decoded += len(chunk)
-        limit = human_bytes(self.limits.max_bytes)
         if self.wire > self.limits.max_bytes:
-            raise DownloadError(f"{self.what}: {self.url} is over the {limit} limit"
+            raise DownloadError(f"{self.what}: {self.url} is over the {human_bytes(self.limits.max_bytes)} limit"
                                 + (f" ({self.encoding}-compressed bytes received)." if self.encoding else "."))
         if self.encoding and self.decoded > self.limits.max_bytes:
             raise DownloadError(f"{self.what}: {self.url} is {self.encoding}-compressed and decodes to more than the "
-                                f"{limit} limit.")
+                                f"{human_bytes(self.limits.max_bytes)} limit.")
         if self.announced is not None and self.wire > self.announced:
             raise DownloadError(f"{self.what}: {self.url} sent more bytes than it announced ({self.announced}"
                                 + (f" {self.encoding}-compressed)." if self.encoding else ")."))
@@ -212,12 +211,8 @@ def download(
 
     auth_hint ends the message of a 401/403 (which token to pass); space_hint adds to the one of a full disk.
     """
-    deadline = _Deadline(limits.total_timeout)
-    started = time.monotonic()
-    with _session(url, what, limits) as session:
-        found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
-        return _save(session, url, Path(dest), found, target, target_headers, meter, what, limits, deadline,
-                     auth_hint, space_hint, started)
+    with ranged(url, what=what, headers=headers, limits=limits, auth_hint=auth_hint) as (_, _, whole):
+        return whole(Path(dest), space_hint)
 
 
 def _save(session, url: str, dest: Path, found: Probe, target: str, target_headers: dict, meter, what: str,
@@ -249,20 +244,6 @@ def disk_full(what: str, url: str, doing: str, hint: str = ""):
             raise
         raise DownloadError(f"{what}: the disk is full ({os.strerror(exc.errno)}) while {doing} {redact(url)}; "
                             f"nothing was kept. Free disk space{hint} and try again.") from None
-
-
-def _start(session, url: str, headers: dict, what: str, limits: Limits, auth_hint: str | None):
-    """The probe, the size limit, where the parts come from and with which headers, and the progress meter."""
-    found = _probe(session, url, headers, what, auth_hint)
-    if found.size is not None and found.size > limits.max_bytes:
-        raise DownloadError(
-            f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
-        )
-    # Parts come from where the redirects led (one version of the file, one hop), without credentials
-    # meant for the first host.
-    target, target_headers = found.url, _headers_for(found.url, url, headers)
-    meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
-    return found, target, target_headers, meter
 
 
 def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),
@@ -377,7 +358,7 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
 def _fetch_range(client, url, headers, first: int, last: int, write, what, limits: Limits, deadline: _Deadline,
                  auth_hint, meter: Meter | None, stop: threading.Event, size: int) -> None:
     """Bytes first..last by ranged GETs, each chunk passed to write(offset, chunk); retried from where it stopped.
-    Returns early (incomplete) once stop is set."""
+    Returns early (incomplete) once stop is set, at its next chunk."""
     offset = first
     attempt = 0
     while offset <= last:
@@ -387,10 +368,13 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
             with client.stream("GET", url, headers={**headers, **IDENTITY, "Range": f"bytes={offset}-{last}"}) as response:
                 if response.status_code != 206:
                     raise _status_error(response, what, url, auth_hint)
-                if _encoding(response) is not None:
+                encoding = _encoding(response)
+                if encoding is not None:
                     raise DownloadError(f"{what}: {redact(url)} answered a byte range compressed "
-                                        f"({_encoding(response)}), which cannot be put in place; try again later.")
+                                        f"({encoding}), which cannot be put in place; try again later.")
                 for chunk in response.iter_bytes(MiB):
+                    if stop.is_set():
+                        return
                     if offset + len(chunk) > last + 1:
                         raise DownloadError(f"{what}: {redact(url)} sent more bytes than it announced ({size}).")
                     write(offset, chunk)
@@ -414,19 +398,28 @@ def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None =
     """For a reader that takes a file in parts as they arrive (flux/tarstream.py): yields (probe, fetch, whole), where
     fetch(first, last, write, stop) GETs bytes first..last of where url leads, with download()'s checks, retries and
     credentials rule, passing each chunk to write(offset, chunk); it returns early once the threading.Event stop is
-    set. whole(dest) is download() to dest on the same probe (for a server that takes no ranges). Transport failures
-    inside the block become DownloadErrors, as in download()."""
+    set. whole(dest, space_hint) is download() to dest on the same probe (download() is this, for a server that takes
+    no ranges too). Transport failures inside the block become DownloadErrors."""
     deadline = _Deadline(limits.total_timeout)
     started = time.monotonic()
+    headers = headers or {}
     with _session(url, what, limits) as session:
-        found, target, target_headers, meter = _start(session, url, headers or {}, what, limits, auth_hint)
+        found = _probe(session, url, headers, what, auth_hint)
+        if found.size is not None and found.size > limits.max_bytes:
+            raise DownloadError(
+                f"{what}: {redact(url)} is {human_bytes(found.size)}, over the {human_bytes(limits.max_bytes)} limit."
+            )
+        # Parts come from where the redirects led (one version of the file, one hop), without credentials
+        # meant for the first host.
+        target, target_headers = found.url, _headers_for(found.url, url, headers)
+        meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
 
         def fetch(first: int, last: int, write, stop: threading.Event) -> None:
             _fetch_range(session, target, target_headers, first, last, write, what, limits, deadline, auth_hint,
                          meter, stop, found.size)
 
-        def whole(dest: Path) -> Path:
+        def whole(dest: Path, space_hint: str = "") -> Path:
             return _save(session, url, dest, found, target, target_headers, meter, what, limits, deadline, auth_hint,
-                         "", started)
+                         space_hint, started)
 
         yield found, fetch, whole

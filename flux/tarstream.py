@@ -81,7 +81,8 @@ def extract_url(url: str, dest: Path, *, max_bytes: int, what: str = "download",
                  "extracting", what, dl.redact(url))
         archive = whole(dest.parent / f".{dest.name}.tar")  # on the same probe: one request for its first byte
     try:
-        return extract_tar(archive, dest, max_bytes)
+        with dl.disk_full(what, url, "extracting"):
+            return extract_tar(archive, dest, max_bytes)
     finally:
         archive.unlink(missing_ok=True)
 
@@ -109,26 +110,19 @@ def _extract_parts(fetch, size: int, dest: Path, max_bytes: int, limits: dl.Limi
     return files
 
 
-class _Stopped(Exception):
-    """Ends a part's GET once the extraction has stopped (its future is never read)."""
-
-
 class _Part:
     """One ranged part: its chunks as they arrive (in order: a ranged GET resumes where it stopped)."""
 
     def __init__(self, first: int, last: int):
         self.first, self.size = first, last - first + 1
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.received = self.taken = 0
+        self.taken = 0
         self.arrived = threading.Condition()
         self.future = None
 
-    def write(self, offset: int, chunk: bytes) -> None:
+    def write(self, _offset: int, chunk: bytes) -> None:
         with self.arrived:
-            if offset != self.first + self.received:
-                raise dl.DownloadError("the server sent a part out of order.")
-            self.chunks.append(bytes(chunk))
-            self.received += len(chunk)
+            self.chunks.append(chunk)
             self.arrived.notify_all()
 
     def ended(self, _future) -> None:
@@ -151,13 +145,9 @@ class _Parts:
     def _submit(self) -> None:
         while self._ranges and len(self._ahead) < self._window:
             part = _Part(*self._ranges.popleft())
-
-            def write(offset: int, chunk: bytes, part=part) -> None:
-                if self._stop.is_set():  # the extraction failed: this part is not wanted any more
-                    raise _Stopped
-                part.write(offset, chunk)
-
-            part.future = self._pool.submit(self._fetch, part.first, part.first + part.size - 1, write, self._stop)
+            # once the extraction stops (done or failed), the part's GET ends at its next chunk
+            part.future = self._pool.submit(self._fetch, part.first, part.first + part.size - 1, part.write,
+                                            self._stop)
             part.future.add_done_callback(part.ended)
             self._ahead.append(part)
 
