@@ -44,6 +44,7 @@ wherever it lives (flux/speed/fp8.py: fp8_transformer), so setup's peak is the r
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -112,6 +113,14 @@ def fp8_bytes(transformer: torch.nn.Module) -> int:
 def activation_bytes(width: int, height: int, batch: int) -> int:
     """The room a request's activations and VAE decode need on the GPU (an estimate; see the constants)."""
     return BASE_RESERVE_BYTES + batch * width * height * ACTIVATION_BYTES_PER_PIXEL
+
+
+def free() -> None:
+    """Give back what dropped references held, cached GPU memory too (after an out-of-memory error, a dropped
+    variant)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def gb(nbytes: int | float) -> float:

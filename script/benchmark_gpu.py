@@ -297,9 +297,9 @@ def gpu_available(device) -> int | None:
 
 def free() -> None:
     """Return what dropped references held (the caller drops its own first)."""
-    from flux.engine.run import free_memory
+    from flux import memory
 
-    free_memory()
+    memory.free()
 
 
 def copy_to(module, device):

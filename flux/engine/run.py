@@ -5,7 +5,6 @@ output stage's (flux/output.py)."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ class Runner:
             self._drop_loras(req)
             raise
         except torch.OutOfMemoryError:  # in the pipeline or while fusing a LoRA (which rolls itself back)
-            free_memory()
+            memory.free()  # the next prediction starts clean
             raise UserError(
                 f"Out of GPU memory generating {req.width}x{req.height}: try a smaller size (megapixels 0.25) or "
                 "fewer outputs, or run again."
@@ -174,7 +173,7 @@ class Runner:
         except torch.OutOfMemoryError:
             if len(seeds) == 1:
                 raise
-            free_memory()
+            memory.free()  # room for one at a time
             log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
             steps.expect(len(seeds))
             images = [img for s in seeds for img in call([s])]
@@ -295,14 +294,6 @@ class Runner:
             )
         generated.images, generated.seeds, generated.flagged = [i for i, _ in kept], [s for _, s in kept], flagged
         return generated
-
-
-def free_memory() -> None:
-    """Give back what dropped references held (cached GPU memory too): after an out-of-memory error, so that the next
-    prediction starts clean."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _release_host_memory() -> None:

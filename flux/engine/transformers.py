@@ -16,7 +16,6 @@ reads it again (from the disk: its weights stay there) with the LoRAs that reque
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -271,9 +270,7 @@ class Transformers:
         self._pipes.pop(variant, None)
         self.loras.unregister(variant)
         self.loaded.pop(variant, None)
-        gc.collect()  # the modules go now, not at the next collection
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        memory.free()  # the modules go now, not at the next collection
         log.info("memory: %s dropped (%.2f GB): %s; its next request reads it again from the disk", variant,
                  memory.gb(held), why)
 
@@ -313,8 +310,7 @@ class Transformers:
         started = time.monotonic()
         if variant.name not in self._pipes:
             self._pipes[variant.name] = self._load(variant)
-        self.loaded[variant.name] = None
-        self.loaded.move_to_end(variant.name)
+        self.loaded[variant.name] = None  # get() moved a known one to the end; a new one is added there
         pipe = self._pipes[variant.name]
         if not fp8:
             self._add_copy(variant.name, variant, pipe)
