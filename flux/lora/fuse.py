@@ -226,16 +226,18 @@ def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
 
 def _fuse(plan: _Plan) -> None:
     """W += sum of scale * ΔW in place (the same tensor), computed in float32 on W's device and rounded once."""
-    whole: dict[tuple, torch.Tensor] = {}  # the last shared product: a fused module's layers follow one another
+    whole: dict[tuple, torch.Tensor] = {}  # shared products in use: a fused module's layers follow one another
     with torch.no_grad():
         for layer, parts in plan.items():
             weight = layer.weight
+            keys = {(id(d.factors), d.scale, weight.device) for d, _ in parts if d.rows}
+            for gone in whole.keys() - keys:  # one product per adapter of this fused module is held, no more
+                del whole[gone]
             change = None
             for delta, scale in parts:
                 if delta.rows:  # q, k, v of a fused BFL module take rows of one product: computed once for them all
                     key = (id(delta.factors), delta.scale, weight.device)
                     if key not in whole:
-                        whole.clear()
                         whole[key] = dataclasses.replace(delta, rows=None).weight(weight.device)
                     part = delta.pick(whole[key])
                 else:
