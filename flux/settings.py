@@ -185,11 +185,10 @@ class LoraSettings:
             return ((env.get(name) or "").strip() or default).rstrip("/")
 
         return cls(
-            max_bytes=int(_number(env, "FLUX_LORA_MAX_BYTES", 2 * GiB)),
-            cache_bytes=int(_number(env, "FLUX_LORA_CACHE_GB", 20) * GiB),
-            cache_dir=weights_dir() / "loras",
-            timeout_s=_number(env, "FLUX_LORA_TIMEOUT_S", 600),
-            recheck_s=_number(env, "FLUX_LORA_RECHECK_S", 300, zero=True),
+            max_bytes=int(_number(env, "FLUX_LORA_MAX_BYTES", cls.max_bytes)),
+            cache_bytes=int(_number(env, "FLUX_LORA_CACHE_GB", cls.cache_bytes / GiB) * GiB),
+            timeout_s=_number(env, "FLUX_LORA_TIMEOUT_S", cls.timeout_s),
+            recheck_s=_number(env, "FLUX_LORA_RECHECK_S", cls.recheck_s, zero=True),
             replicate_url=url("FLUX_REPLICATE_URL", cls.replicate_url),
             civitai_url=url("FLUX_CIVITAI_URL", cls.civitai_url),
             hf_endpoint=url("HF_ENDPOINT", cls.hf_endpoint),
