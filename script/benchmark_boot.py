@@ -170,7 +170,6 @@ def _sizes(paths: list[str]) -> tuple[int, int]:
 
 
 def install_size(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     from tests.helpers.runtime_only import pinned
 
     old = _need_old(args)
@@ -286,7 +285,6 @@ def _compare(ways: dict, runs: dict, url: str, tmp: Path, repeats: int) -> None:
 
 
 def tar_stream(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # the server is on 127.0.0.1
     from flux import download as dl
     from flux import tarstream, weights
