@@ -180,7 +180,9 @@ class LocalServer:
     def __init__(self):
         self._server = _Server(("127.0.0.1", 0), self.handler)
         self._server.owner = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # serve_forever checks for shutdown every poll_interval: 0.5 s by default, a wait at every server's end
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
 
     @property
     def base(self) -> str:
