@@ -150,12 +150,12 @@ def good_lora(predict, update):
 def test_hostile_loras_leave_nothing_behind(predict, engine, reference, good_lora, cache_dir, update, transformer,
                                             case, build, refused):
     image, fresh = reference
-    before = state.fingerprint(engine, cache_dir)
     body = build(update, transformer)
     if refused is None:  # the same update, read the same way; then the next LoRA still works
         assert run(predict, replicate_weights=lora(body)) == good_lora[1]
         assert run(predict, replicate_weights=good_lora[0], lora_scale=0.5) == good_lora[2]  # fused afresh
     else:
+        before = state.fingerprint(engine, cache_dir)
         with pytest.raises(UserError, match=refused) as failed:
             run(predict, replicate_weights=lora(body))
         assert not hostile.library_words(str(failed.value)), str(failed.value)
@@ -165,8 +165,8 @@ def test_hostile_loras_leave_nothing_behind(predict, engine, reference, good_lor
 
 
 @pytest.mark.parametrize("go_fast", [False, True], ids=["bf16", "go_fast"])
-def test_a_lora_that_makes_the_latents_non_finite_fails_naming_it_and_its_scale(predict, engine, reference, cache_dir,
-                                                                                update, go_fast):
+def test_a_lora_that_makes_the_latents_non_finite_fails_naming_it_and_its_scale(predict, engine, reference, update,
+                                                                                go_fast):
     """Finite weights within the dtype's range, yet the activations overflow: never an all-black image."""
     image, fresh = reference
     expected = run(predict, go_fast=go_fast)
@@ -276,4 +276,6 @@ def test_files_cog_delivered_are_read(predict, delivered, tmp_path):
     """An upload / data: URI as cog hands it to predict() works, as does a Python caller's own file."""
     body = encoded(gradient(256, 256))
     own = save(gradient(256, 256), tmp_path, "own.png")
-    assert run(predict, image=delivered(body), prompt_strength=1.0) == run(predict, image=own, prompt_strength=1.0)
+    # at strength 0.5 the output depends on the image's pixels (at 1.0 it would not: the test could not fail)
+    kw = dict(prompt_strength=0.5, num_inference_steps=4)
+    assert run(predict, image=delivered(body), **kw) == run(predict, image=own, **kw)
