@@ -57,7 +57,8 @@ def test_locate_streams_and_marks_complete_once(tiny_dev, weights_root):
 
 
 def unsafe(kind: str) -> tarfile.TarInfo:
-    names = {"dotdot": "FLUX.1-dev/../../evil.txt", "absolute": "/tmp/evil.txt"}
+    # from the staging folder (weights/url/.<folder>-*/unpacked), "FLUX.1-dev/" and five ".." reach tmp_path
+    names = {"dotdot": "FLUX.1-dev/../../../../../evil.txt", "absolute": "/tmp/evil.txt"}
     info = tarfile.TarInfo(names.get(kind, "FLUX.1-dev/x"))
     if kind in ("dotdot", "absolute"):
         info.size = 4
