@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from typing import Optional
 
 from cog import BasePredictor, Input, Path
@@ -22,7 +21,7 @@ class EchoPredictor(BasePredictor):
         image: Optional[Path] = Input(description="any file input", default=None),
         text: str = Input(description="echoed", default=""),
     ) -> str:
-        seen = {"text": text, "type": f"{type(image).__module__}.{type(image).__qualname__}", "temp": tempfile.gettempdir()}
+        seen = {"text": text, "type": f"{type(image).__module__}.{type(image).__qualname__}"}
         if image is not None:
             path = os.path.abspath(os.fspath(image))
             seen["value"], seen["path"] = str(image), path

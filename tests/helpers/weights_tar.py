@@ -7,12 +7,12 @@ import tarfile
 from pathlib import Path
 
 
-def tar_of(folder: Path, prefix: str | None = None, extra: list[tarfile.TarInfo] = ()) -> bytes:
-    """The folder as a .tar with everything under `prefix` (default: the folder's name); `extra` members come after
-    every real one (refused mid-stream, with parts already extracted)."""
+def tar_of(folder: Path, extra: list[tarfile.TarInfo] = ()) -> bytes:
+    """The folder as a .tar with everything under the folder's name; `extra` members come after every real one
+    (refused mid-stream, with parts already extracted)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=prefix or folder.name)
+        tar.add(folder, arcname=folder.name)
         for info in extra:
             tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
     return buf.getvalue()
