@@ -12,9 +12,7 @@ keep it well under a minute on this 2-core CPU.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from datetime import timedelta
 
 import pytest
@@ -26,7 +24,7 @@ from flux.errors import UserError
 from flux.request import Request
 from tests.helpers import hostile, state
 from tests.helpers.images import data_uri
-from tests.helpers.loras import safetensors_bytes
+from tests.helpers.loras import safetensors_bytes, tar_of
 
 # (layout, module as the file names it, (out, in) of the layer it stands for in the tiny FLUX)
 MODULES = [
@@ -127,13 +125,7 @@ def _packed(draw, body: bytes) -> bytes:
     extra = {f"notes/{i}.txt": b"x" for i in range(draw(st.integers(0, 3)))}
     if how == "zip":
         return hostile.zip_of({**extra, "lora.safetensors": body})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if how == "tar.gz" else "w") as tar:
-        for name, data in {**extra, "out/lora.safetensors": body}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_of({**extra, "out/lora.safetensors": body}, "w:gz" if how == "tar.gz" else "w")
 
 
 def request(**inputs) -> Request:

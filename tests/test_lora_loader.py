@@ -3,9 +3,7 @@ the refusals, and every layout normalized by diffusers' converters."""
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from urllib.parse import urlsplit
 
 import pytest
@@ -389,13 +387,8 @@ def test_data_uris_of_a_file_and_of_a_tar(env, loader, lora_file):
 
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
 def test_tar_archives_of_every_compression(env, loader, lora_file, mode):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tar:
-        for name, body in (("output/config.yaml", b"x"), ("output/lora.safetensors", lora_file)):
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    assert fetch(loader, data_uri(buf.getvalue(), "")).path.read_bytes() == lora_file
+    body = loras.tar_of({"output/config.yaml": b"x", "output/lora.safetensors": lora_file}, mode)
+    assert fetch(loader, data_uri(body, "")).path.read_bytes() == lora_file
 
 
 def test_archives_are_capped_while_reading(env, loader, lora_file, monkeypatch):

@@ -385,10 +385,10 @@ def lora_uri(update: Update, layout: str = "diffusers", **options) -> str:
     return data_uri(lora_bytes(update, layout, **options), "application/octet-stream")
 
 
-def tar_of(files: dict[str, bytes]) -> bytes:
-    """A .tar holding these files (as Replicate's trainer packs its output)."""
+def tar_of(files: dict[str, bytes], mode: str = "w") -> bytes:
+    """A .tar holding these files (as Replicate's trainer packs its output); `mode` "w:gz" etc. compresses it."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
         for name, body in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(body)
