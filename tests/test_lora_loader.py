@@ -32,10 +32,9 @@ def lora_file(tiny_pipe) -> bytes:
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(weights_root):
     """An empty cache and a loader; hosts are mapped per test with monkeypatch."""
-    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
-    return tmp_path / "weights" / "loras"
+    return weights_root / "loras"
 
 
 @pytest.fixture

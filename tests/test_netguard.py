@@ -10,9 +10,8 @@ from tests.helpers.http import FileServer, HubServer
 
 
 @pytest.fixture
-def guarded(monkeypatch, tmp_path):
+def guarded(monkeypatch, tmp_path, weights_root):
     monkeypatch.delenv(netguard.ENV, raising=False)
-    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
     return tmp_path
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +29,16 @@ def schnell_tar(tmp_path_factory) -> bytes:
     return tar_of(tiny.ensure_pipeline(tmp_path_factory.mktemp("src") / "FLUX.1-schnell", variants.get("schnell")))
 
 
+@pytest.fixture(scope="module")
+def tiny_base(weights_dir) -> Path:
+    """The session's tiny FLUX.1-dev folder (resolved before a test points FLUX_WEIGHTS_DIR at its own folder)."""
+    return weights.locate(weights.TINY, "dev")
+
+
 @pytest.fixture
-def own_weights(tmp_path, monkeypatch, weights_dir):
+def own_weights(tiny_base, weights_root):
     """A weights folder of this test's own (nothing downloaded yet); the tiny base stays the session's."""
-    base = weights.locate(weights.TINY, "dev")
-    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(tmp_path / "weights"))
-    return base
+    return tiny_base
 
 
 def engine_with(base, schnell_url: str, **urls: str) -> Engine:
