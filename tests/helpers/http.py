@@ -215,6 +215,10 @@ class FileServer(LocalServer):
         self.behaviours[path] = Behaviour(**behaviour)
         return self.url(path)
 
+    def ranged_gets(self) -> list[str]:
+        """The Range headers of the requests for a file's parts (not the one-byte probe, not whole GETs)."""
+        return [r.headers["Range"] for r in self.requests if r.headers.get("Range", "bytes=0-0") != "bytes=0-0"]
+
     def route(self, handler: _Handler, path: str, head: bool):
         """Override for dynamic routes; return None to fall through to static files."""
         return None
