@@ -3,7 +3,6 @@ ranged parts, every member checked mid-stream, an interrupted server, and the di
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tarfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from flux import download as dl
 from flux import tarstream, weights
 from flux.errors import UserError
 from tests.helpers.http import FileServer
-from tests.helpers.weights_tar import tar_of
+from tests.helpers.weights_tar import digests, tar_of
 
 KiB = 1024
 SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4, retries=1)
@@ -25,21 +24,12 @@ def small_parts(monkeypatch):
     monkeypatch.setattr(weights, "TAR_LIMITS", SMALL)
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".complete"}
-
-
-def ranged_gets(srv: FileServer) -> list[str]:
-    return [r.headers["Range"] for r in srv.requests if r.headers.get("Range", "bytes=0-0") != "bytes=0-0"]
-
-
 def test_streamed_files_are_the_archive_s_fetched_in_parallel_ranged_parts(tiny_dev, tmp_path):
     body = tar_of(tiny_dev)
     assert len(body) > 8 * SMALL.part_size  # many parts, more than the window
     with FileServer() as srv:
         files = tarstream.extract_url(srv.add("/w.tar", body), tmp_path / "out", max_bytes=len(body), limits=SMALL)
-        parts = ranged_gets(srv)
+        parts = srv.ranged_gets()
     assert digests(tmp_path / "out" / "FLUX.1-dev") == digests(tiny_dev)
     assert sorted(p.relative_to(tmp_path / "out" / "FLUX.1-dev").as_posix() for p in files) == sorted(digests(tiny_dev))
     assert len(parts) == -(-len(body) // SMALL.part_size) and len(set(parts)) == len(parts)  # each part once
@@ -81,7 +71,7 @@ def test_an_unsafe_member_after_good_ones_stops_the_stream_and_leaves_nothing(ti
         url = srv.add("/evil.tar", body)
         with pytest.raises(UserError, match=message):
             weights.locate(url, "dev")
-        assert len(ranged_gets(srv)) > 1  # refused mid-stream, not before the download
+        assert len(srv.ranged_gets()) > 1  # refused mid-stream, not before the download
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
     assert [p for p in weights_root.rglob("*") if p.is_file()] == []
 

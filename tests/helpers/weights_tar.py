@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Every file under folder (by its relative path) and its sha256, the .complete marker left out."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".complete"}
 
 
 def tar_of(folder: Path, extra: list[tarfile.TarInfo] = ()) -> bytes:
