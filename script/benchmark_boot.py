@@ -170,7 +170,7 @@ def _sizes(paths: list[str]) -> tuple[int, int]:
 
 
 def install_size(args) -> dict:
-    from tests.helpers.runtime_only import pinned
+    import image_pins
 
     old = _need_old(args)
     if not args.old_rev:
@@ -182,8 +182,9 @@ def install_size(args) -> dict:
 
     texts = {"new": ((ROOT / "requirements.txt").read_text(), (ROOT / "cog.yaml").read_text()),
              "old": (show("requirements.txt"), show("cog.yaml"))}
-    sets = {k: pinned(*t) for k, t in texts.items()}
-    nodeps = {k: sets[k] - pinned(t[0], "") for k, t in texts.items()}
+    found_pins = {k: image_pins.read(ROOT, *t) for k, t in texts.items()}
+    sets = {k: set(f["requirements"]) | set(f["run"]) for k, f in found_pins.items()}
+    nodeps = {k: {n for n, pin in f["run"].items() if pin.nodeps} for k, f in found_pins.items()}
     pythons = {"new": sys.executable, "old": old}
     found = {k: _run(pythons[k], _FILES, json.dumps([sorted(sets[k] - nodeps[k]), sorted(nodeps[k])]),
                      env=dict(os.environ)) for k in sets}

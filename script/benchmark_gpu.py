@@ -1092,11 +1092,10 @@ def versions() -> dict[str, str]:
 
 
 def pinned(name: str) -> str | None:
-    """The version requirements.txt pins for a package (what the container runs)."""
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        if line.split("==")[0].strip().lower() == name:
-            return line.split("==", 1)[1].strip()
-    return None
+    """The version the container image pins for a package (script/image_pins.py)."""
+    import image_pins
+
+    return image_pins.versions(ROOT).get(image_pins.canonical(name))
 
 
 def device_name() -> str:

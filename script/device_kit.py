@@ -17,7 +17,8 @@ On the GPU machine (carry `.whl`), `script/gpu-benchmark` installs it and runs t
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 
-What it carries: the exact pins of requirements.txt for the packages the image lacks (diffusers, pruna, torchao),
+What it carries: the versions the container image installs (script/image_pins.py: requirements.txt and cog.yaml's
+`run:` pins) of the packages the GPU image lacks (diffusers, pruna, torchao),
 the one whose image version does not fit (peft: pruna 0.3.4 needs peft>=0.18,<0.19; the image's peft version is
 unknown, so it is carried), and what those need at import time that the image lacks. pruna declares ~40
 requirements; most are for algorithms or metrics this project never runs, imported lazily by them (or by an
@@ -39,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import image_pins  # script/image_pins.py: what the container image installs
 
 try:
     from packaging.markers import default_environment
@@ -87,7 +90,7 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 """.split()}
 
 # ----- the kit ---------------------------------------------------------------------------------------------------
-# name -> why it travels. Versions are requirements.txt's pins.
+# name -> why it travels. Versions are the image's pins (script/image_pins.py).
 KIT = {
     "diffusers": "not on the image (the FLUX pipelines)",
     "pruna": "not on the image (smash: fora; the fp8 configs of its torchao algorithm)",
@@ -179,14 +182,19 @@ print('smoke ok: images', len(r.images))
 """
 
 
-def pins(files: tuple[str, ...] = ("requirements.txt",)) -> dict[str, str]:
-    out = {}
-    for line in "\n".join((ROOT / f).read_text() for f in files).splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            out[canonicalize_name(name.split("[", 1)[0])] = version.strip()
-    return out
+def pins() -> dict[str, str]:
+    """{canonical name: version} of what the container image installs (script/image_pins.py)."""
+    return image_pins.versions(ROOT)
+
+
+def kit_versions() -> dict[str, Version]:
+    """Each carried package's version: the image's pin. Fails naming the packages the image does not pin."""
+    pinned = pins()
+    missing = [n for n in KIT if canonicalize_name(n) not in pinned]
+    if missing:
+        sys.exit(f"device-kit: the image pins none of: {', '.join(missing)} (requirements.txt or cog.yaml's run: "
+                 "lines, as script/image_pins.py reads them)")
+    return {canonicalize_name(n): Version(pinned[canonicalize_name(n)]) for n in KIT}
 
 
 def mib(n: int) -> float:
@@ -222,14 +230,11 @@ def download(folder: Path, name: str, version: str) -> Path:
 
 def build(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
-    pinned = pins()
-    missing = [n for n in KIT if canonicalize_name(n) not in pinned]
-    if missing:
-        sys.exit(f"device-kit: requirements.txt pins none of: {', '.join(missing)}")
+    carried = kit_versions()
     have = wheels_in(folder)
     for name in KIT:
         key = canonicalize_name(name)
-        want = Version(pinned[key])
+        want = carried[key]
         for path, version in have.get(key, []):
             if version != want:
                 print(f"device-kit: removing {path.name} (the kit pins {name}=={want})")
@@ -276,7 +281,7 @@ def wheel_requires(path: Path) -> list[Requirement]:
 
 def describe(folder: Path | None) -> str:
     pinned = pins()
-    carried = {canonicalize_name(n): Version(pinned[canonicalize_name(n)]) for n in KIT}
+    carried = kit_versions()
     lines = ["The device kit: wheels for the GPU machine's image (nvidia-h200, Python 3.12, torch 2.11), made by",
              "script/device-kit (script/device_kit.py says why each one travels and how the set was found).",
              "",
@@ -330,7 +335,7 @@ def describe(folder: Path | None) -> str:
         lines += ["", "Constraints on image packages whose image version is unknown (not checked here; "
                   "`--verify` checks them there):"]
         lines += [f"  {spec} (from {', '.join(sorted(set(by)))})" for spec, by in sorted(unknown.items())]
-    lines += ["", "Image versions against the project's pins (requirements.txt); the API differences to expect:"]
+    lines += ["", "GPU image versions against the container's pins; the API differences to expect:"]
     for dep, version in sorted(IMAGE_VERSIONS.items()):
         if dep in pinned and pinned[dep] != version:
             lines.append(f"  {dep:20s} image {version:10s} project {pinned[dep]}")
@@ -415,7 +420,7 @@ def check(folder: Path, venv: Path, site: Path, bench: bool, tests: bool = False
     if tests:
         overlay = Path(f"{site}-tests")
         shutil.rmtree(overlay, ignore_errors=True)
-        dev = pins(("requirements.txt", "requirements-dev.txt"))
+        dev = {k: p.version for k, p in image_pins.requirements((ROOT / "requirements-dev.txt").read_text()).items()}
         subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                         "--target", str(overlay), *(f"{n}=={dev[n]}" for n in TEST_OVERLAY)], check=True)
     step("1. imports", [python, "-c", IMPORTS], 600)

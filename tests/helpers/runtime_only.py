@@ -11,7 +11,7 @@ real Predictor is set up (the tiny FLUX, from FLUX_WEIGHTS / FLUX_WEIGHTS_DIR) a
 line printed is a JSON report: each case's outputs and metrics, the hidden modules something asked for, and the
 repository's files the product imported (they must go into the image: .dockerignore).
 
-`allowed` is what the container holds: requirements.txt, cog.yaml's --no-deps pins and cog's SDK
+`allowed` is what the container holds: requirements.txt, cog.yaml's `run:` pins and cog's SDK
 (`runtime_distributions`). A module that only requirements-dev.txt provides makes the run fail, which is the point.
 """
 
@@ -34,20 +34,16 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pinned(requirements: str, cog_yaml: str) -> set[str]:
-    """The distributions a requirements.txt pins, with those of cog.yaml's `pip install --no-deps` line."""
-    pins = [line.split("#", 1)[0].strip() for line in requirements.splitlines()]
-    nodeps = " ".join(line for line in cog_yaml.splitlines() if "--no-deps" in line)
-    return ({canonical(p.split("==")[0]) for p in pins if "==" in p}
-            | {canonical(m) for m in re.findall(r"([A-Za-z0-9_.-]+)==", nodeps)})
-
-
 def runtime_distributions(root: Path = ROOT) -> set[str]:
-    """The distributions the container installs: requirements.txt's pins, cog.yaml's `pip install --no-deps` pins and
-    cog's SDK (cog.yaml's sdk_version: cog and coglet with what they require, as installed here)."""
+    """The distributions the container installs: requirements.txt's pins, cog.yaml's `run:` pins (both read by
+    script/image_pins.py) and cog's SDK (cog.yaml's sdk_version: cog and coglet with what they require, as installed
+    here)."""
     from packaging.requirements import Requirement
 
-    names = pinned((root / "requirements.txt").read_text(), (root / "cog.yaml").read_text())
+    sys.path.insert(0, str(root / "script"))
+    import image_pins
+
+    names = set(image_pins.image_pins(root))
     todo = ["cog", "coglet"]
     while todo:
         name = canonical(todo.pop())
