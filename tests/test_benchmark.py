@@ -22,21 +22,9 @@ from tests.helpers.server import ROOT
 sys.path.insert(0, str(ROOT / "script"))
 
 import benchmark_gpu  # noqa: E402
+from gpu_rehearsal import working_tree_copy  # noqa: E402
 
 FAILING = "ours: setup"  # the section made to fail in the run below (FLUX_BENCHMARK_FAIL)
-
-
-def working_tree_copy(dest: Path) -> Path:
-    """What the device tool sends: the tracked and the untracked-not-ignored files (so no .venv, no weights)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                            check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes(source.read_bytes())
-            (dest / name).chmod(source.stat().st_mode)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +171,26 @@ def test_each_section_fits_an_h100_alone_by_the_meta_device_sizes():
     held = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in rows}
     assert held["ours: setup"] < 60 and held["4 outputs: ours (Juiced)"] < 78  # one engine at a time
     assert "does not fit" in benchmark_gpu.plan_table((40,))  # the rule that skips: bf16 and fp8 beside T5
+
+
+def test_the_rehearsal_passes_only_with_every_key_row_measured_inside_the_limit(tmp_path):
+    import gpu_rehearsal
+
+    def write(rows, log_line, rc=0):
+        (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (tmp_path / "gpu-benchmark.log").write_text(f"...\nscript/gpu-benchmark: {log_line}\n")
+        return gpu_rehearsal.verdict(tmp_path, rc)
+
+    names = gpu_rehearsal.key_rows()
+    assert names[0] == benchmark_gpu.BARE and names[-1] == benchmark_gpu.TORCHAO and len(names) == 6
+    good = [{"kind": "machine"}] + [{"kind": "timing", "name": n, "outputs": 1, "s": 1.5, "finite": True}
+                                    for n in names]
+    assert write(good, "ended after 300s (limit 480s), rc 0") == []
+    assert write(good, "ended after 481s (limit 480s), rc 0") == ["the command ran 481 s, over its limit of 480 s"]
+    cut = good[:3] + [{"kind": "stopped", "section": "ours, 1 output", "reason": "deadline"}]
+    problems = write(cut, "ended after 470s (limit 480s), rc 0")
+    assert [p.split(" (")[0] for p in problems] == [f"key row missing: {n}" for n in names[2:]]
+    assert "deadline" in problems[0]
+    assert write(good[:-1] + [dict(good[-1], finite=False)], "ended after 1s (limit 480s), rc 0")[0].startswith(
+        "key row not a finite timing")
+    assert write(good, "ended after 1s (limit 480s), rc 1", rc=1) == ["script/gpu-benchmark exited 1"]
