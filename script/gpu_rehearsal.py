@@ -52,10 +52,10 @@ def working_tree_copy(dest: Path, root: Path = ROOT) -> Path:
 
 
 def key_rows() -> list[str]:
-    """The rows the first GPU minutes must give, in order (script/benchmark_gpu.py's KEY between its two peers)."""
-    import benchmark_gpu
+    """The rows the first GPU minutes must give, in order (script/gpu_bench/names.py's KEY between its two peers)."""
+    from gpu_bench import names
 
-    return [benchmark_gpu.BARE, *(name for name, _ in benchmark_gpu.KEY), benchmark_gpu.TORCHAO]
+    return [names.BARE, *(name for name, _ in names.KEY), names.TORCHAO]
 
 
 def verdict(out: Path, rc: int) -> list[str]:

@@ -22,6 +22,7 @@ from tests.helpers.server import ROOT
 sys.path.insert(0, str(ROOT / "script"))
 
 import benchmark_gpu  # noqa: E402
+from gpu_bench import memory_model, names, schedule, sections  # noqa: E402
 from gpu_rehearsal import working_tree_copy  # noqa: E402
 
 FAILING = "ours: setup"  # the section made to fail in the run below (FLUX_BENCHMARK_FAIL)
@@ -34,7 +35,7 @@ def tiny_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_", "FLUX_"))}
     # python3 is this interpreter, which has every package: nothing may be built
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env[benchmark_gpu.FAIL_ENV] = FAILING
+    env[names.FAIL_ENV] = FAILING
     started = time.monotonic()
     done = subprocess.run(
         [str(tree / "script" / "gpu-benchmark"), "--kit", str(tree / "no-kit"), "--out", str(out), "--limit", "1500",
@@ -75,26 +76,26 @@ def test_sections_run_key_rows_first_in_the_order_of_the_issue(tiny_run):
     rows = tiny_run[0]
     order = []
     for r in rows[1:-1]:
-        group = next(g for g in benchmark_gpu.GROUPS if r["section"].startswith(g))
+        group = next(g for g in names.GROUPS if r["section"].startswith(g))
         if group not in order:
             order.append(group)
-    assert order == list(benchmark_gpu.GROUPS)
+    assert order == list(names.GROUPS)
     timings = [(r["name"], r["outputs"]) for r in rows if r["kind"] == "timing"]
-    key = [(benchmark_gpu.BARE, 1), *((name, 1) for name, _ in benchmark_gpu.KEY), (benchmark_gpu.TORCHAO, 1)]
+    key = [(names.BARE, 1), *((name, 1) for name, _ in names.KEY), (names.TORCHAO, 1)]
     assert timings[:len(key)] == key  # bare diffusers, bf16 compiled, go_fast, Juiced, Blink, then the torchao peer
 
 
 def test_every_contender_and_section_reports(tiny_run):
     rows = tiny_run[0]
     timings = {(r["name"], r["outputs"]): r for r in rows if r["kind"] == "timing"}
-    expected = {(name, 1) for name in (*benchmark_gpu.PEERS, *(n for n, _ in benchmark_gpu.OURS))}
-    expected |= {(name, 4) for name in (*benchmark_gpu.PEERS, *(n for n, _ in benchmark_gpu.OURS))}
+    expected = {(name, 1) for name in (*names.PEERS, *(n for n, _ in names.OURS))}
+    expected |= {(name, 4) for name in (*names.PEERS, *(n for n, _ in names.OURS))}
     assert expected <= set(timings)
     assert all(r["finite"] and r["s"] > 0 and len(r["runs"]) == 1 for r in timings.values())
     for (name, _), r in timings.items():  # each row says whether its transformer ran compiled or eager
-        if name == benchmark_gpu.BARE:
+        if name == names.BARE:
             assert r["transformer"] == "eager (bare diffusers)"
-        elif name == benchmark_gpu.TORCHAO:
+        elif name == names.TORCHAO:
             assert r["compile mode"] == "n/a" and "graphs compiled" in r["transformer"] and r["fp8"]
         elif name == "go_fast, FLUX_COMPILE=off":
             assert r["transformer"] == "eager (FLUX_COMPILE=off)"
@@ -110,10 +111,10 @@ def test_every_contender_and_section_reports(tiny_run):
     assert not any(r["recompiled"] for r in switches)
     offload = [r for r in rows if r["kind"] == "offload"]
     assert len(offload) == 6 and all(r["s"] > 0 for r in offload)
-    assert [name for name, _, _ in benchmark_gpu.switch_rows()] == [  # flux/speed's SWITCHES, the unguarded last
+    assert [name for name, _, _ in sections.switch_rows()] == [  # flux/speed's SWITCHES, the unguarded last
         "FLUX_COMPILE=off", "FLUX_ATTENTION=cudnn", "FLUX_ATTENTION=fa3", "FLUX_FUSED_PROJECTIONS=0",
         "FLUX_COMPILE_VAE=0", "FLUX_CHANNELS_LAST=0", "FLUX_INDUCTOR_TUNING_FLAGS=0"]
-    for name, _, _ in benchmark_gpu.switch_rows():  # measured, or why it cannot run here (no time spent on it)
+    for name, _, _ in sections.switch_rows():  # measured, or why it cannot run here (no time spent on it)
         section = f"switch: {name}"
         measured = (f"go_fast, {name}", 1) in timings
         refused = [r for r in rows if r["section"] == section and r["kind"] == "not available"]
@@ -125,17 +126,17 @@ def test_every_contender_and_section_reports(tiny_run):
     assert not [r for r in rows if r["kind"] in ("skipped", "stopped") and r.get("reason") in ("time", "GPU memory")]
 
 
-def make_ctx(tmp_path, budget: float = 600) -> benchmark_gpu.Ctx:
+def make_ctx(tmp_path, budget: float = 600) -> schedule.Ctx:
     args = benchmark_gpu.parse(["--tiny", "--backend", "eager"])
-    run = benchmark_gpu.Run(tmp_path, time.time() + budget, {"model": "m", "device": "d", "software": "s",
+    run = schedule.Run(tmp_path, time.time() + budget, {"model": "m", "device": "d", "software": "s",
                                                              "size": "8x8", "steps": 1, "repeats": 1, "budget s": 60})
-    return benchmark_gpu.Ctx(args, torch.device("cpu"), torch.bfloat16, None, run, tmp_path)
+    return schedule.Ctx(args, torch.device("cpu"), torch.bfloat16, None, run, tmp_path)
 
 
 def test_a_section_that_does_not_fit_is_skipped_with_a_row_and_an_error_row_frees_and_goes_on(tmp_path, monkeypatch):
     ctx = make_ctx(tmp_path)
     ran = []
-    monkeypatch.setattr(benchmark_gpu, "gpu_available", lambda device: 10 * 2**30)
+    monkeypatch.setattr(schedule, "gpu_available", lambda device: 10 * 2**30)
     assert not ctx.section("too long", 3600, 0, lambda: ran.append("too long"))
     assert not ctx.section("too big", 1, 11 * 2**30, lambda: ran.append("too big"))
     assert not ctx.section("fails", 1, 0, lambda: 1 / 0)
@@ -155,22 +156,22 @@ def test_the_deadline_cuts_the_section_that_runs_then(tmp_path):
     ctx.run.arm()
     started = time.monotonic()
     try:
-        with pytest.raises(benchmark_gpu.DeadlineReached):  # not an Exception: no section's guard swallows it
+        with pytest.raises(schedule.DeadlineReached):  # not an Exception: no section's guard swallows it
             ctx.section("slow", 0.1, 0, lambda: time.sleep(30))
     finally:
-        benchmark_gpu.Run.disarm()
+        schedule.Run.disarm()
     assert time.monotonic() - started < 5
     assert not ctx.run.fits("next", 1)  # nothing starts after the deadline
 
 
 def test_each_section_fits_an_h100_alone_by_the_meta_device_sizes():
-    table = benchmark_gpu.plan_table((78, 139))
+    table = memory_model.plan_table((78, 139))
     rows = [line for line in table.splitlines() if line.startswith("| ") and "GiB)" not in line]
-    assert len(rows) == len(benchmark_gpu.PLAN_ROWS)
+    assert len(rows) == len(memory_model.PLAN_ROWS)
     assert all(line.endswith("| fits | fits |") for line in rows), table
     held = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in rows}
     assert held["ours: setup"] < 60 and held["4 outputs: ours (Juiced)"] < 78  # one engine at a time
-    assert "does not fit" in benchmark_gpu.plan_table((40,))  # the rule that skips: bf16 and fp8 beside T5
+    assert "does not fit" in memory_model.plan_table((40,))  # the rule that skips: bf16 and fp8 beside T5
 
 
 def test_the_rehearsal_passes_only_with_every_key_row_measured_inside_the_limit(tmp_path):
@@ -181,15 +182,15 @@ def test_the_rehearsal_passes_only_with_every_key_row_measured_inside_the_limit(
         (tmp_path / "gpu-benchmark.log").write_text(f"...\nscript/gpu-benchmark: {log_line}\n")
         return gpu_rehearsal.verdict(tmp_path, rc)
 
-    names = gpu_rehearsal.key_rows()
-    assert names[0] == benchmark_gpu.BARE and names[-1] == benchmark_gpu.TORCHAO and len(names) == 6
+    key = gpu_rehearsal.key_rows()
+    assert key[0] == names.BARE and key[-1] == names.TORCHAO and len(key) == 6
     good = [{"kind": "machine"}] + [{"kind": "timing", "name": n, "outputs": 1, "s": 1.5, "finite": True}
-                                    for n in names]
+                                    for n in key]
     assert write(good, "ended after 300s (limit 480s), rc 0") == []
     assert write(good, "ended after 481s (limit 480s), rc 0") == ["the command ran 481 s, over its limit of 480 s"]
     cut = good[:3] + [{"kind": "stopped", "section": "ours, 1 output", "reason": "deadline"}]
     problems = write(cut, "ended after 470s (limit 480s), rc 0")
-    assert [p.split(" (")[0] for p in problems] == [f"key row missing: {n}" for n in names[2:]]
+    assert [p.split(" (")[0] for p in problems] == [f"key row missing: {n}" for n in key[2:]]
     assert "deadline" in problems[0]
     assert write(good[:-1] + [dict(good[-1], finite=False)], "ended after 1s (limit 480s), rc 0")[0].startswith(
         "key row not a finite timing")
