@@ -75,6 +75,8 @@ def redact(url: str) -> str:
     """The URL without query, fragment or userinfo: safe to log and to show."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
@@ -173,7 +175,10 @@ def _session(url: str, what: str, limits: Limits):
     """A guarded client, with transport failures turned into DownloadErrors that name the URL (never its query)."""
     if not url.lower().startswith(("https://", "http://")):
         raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
-    client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
+    # Every socket operation ends by the fetch's deadline: a host that sends a byte (or a header line) at a time
+    # cannot stretch it (the same total_timeout _Deadline counts from, started here for the headers too).
+    client = netguard.client(deadline=time.monotonic() + limits.total_timeout,
+                             timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     try:
         yield client
     except httpx.TimeoutException:
@@ -294,6 +299,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
     encoded = False
     with open(part, "wb") as fh:
         while True:
+            before = received
             request_headers = {**headers, **IDENTITY}
             if received and not encoded:
                 request_headers["Range"] = f"bytes={received}-"
@@ -309,7 +315,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                         if meter is not None:
                             meter.done = 0
                     counter = _Counter(response, what, url, limits, size, wire_before=received)
-                    for chunk in response.iter_bytes(MiB):
+                    for chunk in response.iter_bytes():  # as they arrive: each counted, the deadline checked
                         counter.add(chunk)
                         received += len(chunk)
                         fh.write(chunk)
@@ -322,10 +328,12 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 attempt += 1
                 problem = f"{_problem(exc)} ({received} of {size or '?'} bytes received)"
-                if attempt > limits.retries:
+                # A body that ends short again without a byte more (a host whose length is wrong) is not retried on.
+                stalled = attempt > 1 and received == before and isinstance(exc, httpx.RemoteProtocolError)
+                if attempt > limits.retries or stalled:
                     raise DownloadError(f"{what}: {redact(url)} {problem}.") from None
                 log.warning("%s: connection dropped after %d bytes, resuming (attempt %d)", what, received, attempt)
-                time.sleep(min(2**attempt * 0.25, 4))
+                time.sleep(max(0.0, min(2**attempt * 0.25, 4, deadline.end - time.monotonic())))
                 deadline.check(what, url, problem)
 
 
@@ -372,7 +380,7 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
                 if encoding is not None:
                     raise DownloadError(f"{what}: {redact(url)} answered a byte range compressed "
                                         f"({encoding}), which cannot be put in place; try again later.")
-                for chunk in response.iter_bytes(MiB):
+                for chunk in response.iter_bytes():  # as they arrive: each counted, the deadline checked
                     if stop.is_set():
                         return
                     if offset + len(chunk) > last + 1:
@@ -388,7 +396,7 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
             attempt += 1
             if attempt > limits.retries:
                 raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
-            time.sleep(min(2**attempt * 0.25, 4))
+            time.sleep(max(0.0, min(2**attempt * 0.25, 4, deadline.end - time.monotonic())))
             deadline.check(what, url, _problem(exc))
 
 
