@@ -164,6 +164,17 @@ def _number(env: dict, name: str, default: float, zero: bool = False) -> float:
     return value
 
 
+def sendable_token(token: str | None, name: str, error: type[Exception] = SettingsError) -> str | None:
+    """A token as it is sent (stripped of surrounding whitespace; None when empty), or `error` naming `name` when it
+    holds anything but printable ASCII (a character a header cannot carry, a line break, a space inside). The
+    message never holds the token, nor its length."""
+    token = (token or "").strip()
+    if not all("!" <= c <= "~" for c in token):
+        raise error(f"{name} is not a token this container can send: a token is printable ASCII without spaces or "
+                    "line breaks. Copy it again from the site that issued it.")
+    return token or None
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA loader's settings (flux/lora/sources.py), read once: limits, the cache, where the hosts are, and the
@@ -200,7 +211,7 @@ class LoraSettings:
             replicate_url=url("FLUX_REPLICATE_URL", cls.replicate_url),
             civitai_url=url("FLUX_CIVITAI_URL", cls.civitai_url),
             hf_endpoint=url("HF_ENDPOINT", cls.hf_endpoint),
-            hf_token=env.get("HF_TOKEN") or None,
-            civitai_token=env.get("CIVITAI_API_TOKEN") or None,
-            replicate_token=env.get("REPLICATE_API_TOKEN") or None,
+            hf_token=sendable_token(env.get("HF_TOKEN"), "HF_TOKEN"),
+            civitai_token=sendable_token(env.get("CIVITAI_API_TOKEN"), "CIVITAI_API_TOKEN"),
+            replicate_token=sendable_token(env.get("REPLICATE_API_TOKEN"), "REPLICATE_API_TOKEN"),
         )

@@ -648,3 +648,43 @@ def test_a_gated_file_in_the_cache_is_served_only_to_callers_the_hub_lets_read_i
                 fetch(loader, reference, **tokens)
         again = fetch(loader, reference, hf_api_token=TOKEN)
         assert again.cached and again.key == first.key and again.path.read_bytes() == lora_file
+
+
+@pytest.mark.parametrize("token", ["hf_\u00e9t\u00e9_token", "hf_abc\r\nX-Injected: 1", "hf abc", "hf_\x00abc"])
+def test_a_token_no_header_can_carry_is_refused_naming_the_input_only(env, loader, lora_file, hub, token):
+    """Non-ASCII, line breaks, spaces, control characters: refused before any request, by branch or by commit,
+    naming the input and never the token or its length; surrounding whitespace (a pasted newline) is dropped."""
+    from flux.errors import SettingsError
+
+    repo = hub.add_repo("me/gated", {"g.safetensors": lora_file}, gated_token=TOKEN)
+    for reference in ("huggingface.co/me/gated", f"huggingface.co/me/gated/resolve/{repo.sha}/g.safetensors"):
+        with pytest.raises(UserError, match=r"^hf_api_token is not a token this container can send") as failed:
+            fetch(loader, reference, hf_api_token=token)
+        assert token not in str(failed.value) and str(len(token)) not in str(failed.value)
+        with pytest.raises(UserError, match=r"^civitai_api_token is not a token"):
+            fetch(loader, reference, civitai_api_token=token)
+    assert hub.requests == []
+    with pytest.raises(SettingsError, match=r"^HF_TOKEN is not a token this container can send"):
+        LoraSettings.from_env({"HF_TOKEN": token})
+    assert fetch(loader, "huggingface.co/me/gated", hf_api_token=f" {TOKEN}\r\n").path.read_bytes() == lora_file
+
+
+def test_a_short_body_says_what_arrived_and_is_not_retried_without_progress(env, loader, lora_file):
+    """A host that ends the body early, and sends nothing more when asked for the rest: the message counts the
+    bytes that did arrive, and the download gives up at the first resume that brings none (not after every retry)."""
+    import time
+
+    half = len(lora_file) // 2
+    with FileServer() as srv:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"kept dropping the connection \({half} of {len(lora_file)} bytes"):
+            fetch(loader, srv.add("/short.safetensors", lora_file, truncate=half))
+        assert time.monotonic() - started < 5  # the retries' pauses alone were 7.5 s
+        assert len([r for r in srv.requests if r.headers.get("Range") != "bytes=0-0"]) == 2
+
+
+def test_ipv6_hosts_keep_their_brackets_in_messages():
+    from flux.download import redact
+
+    assert redact("http://[::1]:8080/a.safetensors?sig=s") == "http://[::1]:8080/a.safetensors"
+    assert redact("https://[2001:db8::1]/a") == "https://[2001:db8::1]/a"

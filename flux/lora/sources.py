@@ -46,7 +46,7 @@ from .. import download as dl
 from .. import netguard
 from ..cache import DiskCache
 from ..errors import UserError
-from ..settings import LoraSettings
+from ..settings import LoraSettings, sendable_token
 from ..weights import shown as shown_reference
 from . import PICKLE_SUFFIXES, SAFETENSORS, WHAT, LoraError, listing, pickle_message
 from .archives import as_safetensors
@@ -77,12 +77,15 @@ class Tokens:
     @classmethod
     def of(cls, hf_api_token: str | None = None, civitai_api_token: str | None = None,
            settings: LoraSettings = LoraSettings()) -> "Tokens":
-        """The request's tokens, else the ones the container was given (its settings)."""
+        """The request's tokens (surrounding spaces and line breaks dropped), else the ones the container was given
+        (its settings). A token that cannot be sent in an HTTP header is refused naming the input, never its value
+        or its length."""
         return cls(
-            hf=hf_api_token or settings.hf_token or None,
-            civitai=civitai_api_token or settings.civitai_token or None,
+            hf=sendable_token(hf_api_token, "hf_api_token", LoraError) or settings.hf_token or None,
+            civitai=sendable_token(civitai_api_token, "civitai_api_token", LoraError) or settings.civitai_token or None,
             replicate=settings.replicate_token or None,
         )
+
 
 
 _PROCESS_KEY = os.urandom(32)
