@@ -607,7 +607,7 @@ def test_tensors_are_counted_and_the_header_sized_before_any_conversion(env, loa
     larger than FLUX_LORA_MAX_HEADER_BYTES is refused from its first 8 bytes."""
     from tests.helpers import floods
 
-    with pytest.raises(UserError, match=r"holds 200,000 tensors, over the 20,000 limit \(FLUX_LORA_MAX_TENSORS\)"):
+    with pytest.raises(UserError, match=r"header lists 200,000 tensors, over the 20,000 limit \(FLUX_LORA_MAX_TENSORS\)"):
         fetch(loader, data_uri(floods.tensor_flood(200_000), ""))
     monkeypatch.setenv("FLUX_LORA_MAX_HEADER_BYTES", str(2**20))
     huge_header = (2**30).to_bytes(8, "little") + b'{"t0": {"dtype": "F32"'
