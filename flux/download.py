@@ -177,12 +177,13 @@ def _session(url: str, what: str, limits: Limits):
         raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
     # Every socket operation ends by the fetch's deadline: a host that sends a byte (or a header line) at a time
     # cannot stretch it (the same total_timeout _Deadline counts from, started here for the headers too).
-    client = netguard.client(deadline=time.monotonic() + limits.total_timeout,
-                             timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
+    end = time.monotonic() + limits.total_timeout
+    client = netguard.client(deadline=end, timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     try:
         yield client
     except httpx.TimeoutException:
-        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
+        late = " and did not finish in time" if time.monotonic() > end - 0.1 else ""  # the deadline, not a silence
+        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out){late}; try again later.") from None
     except httpx.TooManyRedirects:
         raise DownloadError(f"{what}: {redact(url)} redirects too many times (a redirect loop?): use the file's "
                             "direct URL.") from None

@@ -39,9 +39,8 @@ def as_safetensors(raw: Path, folder: Path, shown: str, settings: LoraSettings) 
     """The one .safetensors file a download holds (itself, or the one in its .tar or .zip, unpacking to at most
     settings.max_bytes), checked to be one within the header and tensor limits."""
     path = raw
-    if _is_tar(raw, _counted_headers(shown, settings.max_header_bytes)):
-        path = _from_tar(raw, folder / "lora.safetensors", shown, settings.max_bytes,
-                         _counted_headers(shown, settings.max_header_bytes))
+    if _is_tar(raw, shown, settings.max_header_bytes):
+        path = _from_tar(raw, folder / "lora.safetensors", shown, settings)
     elif zipfile.is_zipfile(raw):
         path = _from_zip(raw, folder / "lora.safetensors", shown, settings)
     if path != raw:
@@ -61,7 +60,8 @@ def _counted_headers(shown: str, limit: int) -> type[tarfile.TarInfo]:
         def _proc_member(self, tar):
             nonlocal held
             if self.type == tarfile.GNUTYPE_SPARSE:
-                raise LoraError(f"{shown}: the archive holds a sparse file ({short(self.name)!r}); refusing to read it.")
+                raise LoraError(f"{shown}: the archive holds a sparse file ({short(self.name)!r}); refusing to read "
+                                "it.")
             if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                              tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
                 held += self.size
@@ -74,22 +74,22 @@ def _counted_headers(shown: str, limit: int) -> type[tarfile.TarInfo]:
     return Counted
 
 
-def _is_tar(path: Path, tarinfo: type[tarfile.TarInfo]) -> bool:
-    """Whether path is a tar of any compression tarfile reads, its first header read within the limits."""
+def _is_tar(path: Path, shown: str, header_limit: int) -> bool:
+    """Whether path is a tar of any compression tarfile reads, its first header read within the header limit."""
     try:
-        with tarfile.open(path, mode="r|*", tarinfo=tarinfo):
+        with tarfile.open(path, mode="r|*", tarinfo=_counted_headers(shown, header_limit)):
             return True
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError):  # not a tar, or a compressed non-tar
         return False
 
 
-def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int, tarinfo: type[tarfile.TarInfo]) -> Path:
-    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members and max_bytes of content
-    (counted from each member's header before its content is read), its headers counted by `tarinfo`; the one
-    .safetensors written to dest."""
-    names, found, total = [], [], 0
+def _from_tar(raw: Path, dest: Path, shown: str, settings: LoraSettings) -> Path:
+    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members, settings.max_bytes of content
+    (counted from each member's header before its content is read) and settings.max_header_bytes of long-name and
+    PAX headers; the one .safetensors written to dest."""
+    names, found, total, max_bytes = [], [], 0, settings.max_bytes
     try:
-        with tarfile.open(raw, mode="r|*", tarinfo=tarinfo) as tar:
+        with tarfile.open(raw, mode="r|*", tarinfo=_counted_headers(shown, settings.max_header_bytes)) as tar:
             for member in tar:
                 if len(names) == MAX_MEMBERS:
                     raise LoraError(_too_many(shown, "tar"))
