@@ -688,3 +688,14 @@ def test_ipv6_hosts_keep_their_brackets_in_messages():
 
     assert redact("http://[::1]:8080/a.safetensors?sig=s") == "http://[::1]:8080/a.safetensors"
     assert redact("https://[2001:db8::1]/a") == "https://[2001:db8::1]/a"
+
+
+def test_a_civitai_file_in_the_cache_is_served_only_to_callers_civitai_lets_download_it(env, loader, lora_file,
+                                                                                        monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_CIVITAI_URL", srv.base)
+        srv.add("/api/download/models/77", lora_file, auth=TOKEN)
+        assert not fetch(loader, "civitai.com/api/download/models/77", civitai_api_token=TOKEN).cached
+        with pytest.raises(UserError, match=r"answered 401 \(not authorized\)\. .*pass civitai_api_token"):
+            fetch(loader, "civitai.com/api/download/models/77")
+        assert fetch(loader, "civitai.com/api/download/models/77", civitai_api_token=TOKEN).cached

@@ -37,7 +37,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
@@ -246,14 +246,14 @@ class CivitaiRef(Ref):
 
     def locate(self, tokens: Tokens, settings: LoraSettings) -> Source:
         hint = "CivitAI asks for a token to download this model: pass civitai_api_token."
-        version = self.version_id or self._latest_version(_bearer(tokens.civitai), hint, settings.civitai_url)
+        version = self.version_id or self._latest_version(_bearer(tokens.civitai), hint, settings)
         url = f"{settings.civitai_url}/api/download/models/{version}?type=Model&format=SafeTensor"
         return Source(f"civitai:{version}", url, "civitai", hint)
 
-    def _latest_version(self, headers: dict, hint: str, civitai_url: str) -> str:
-        try:
-            info = dl.fetch_json(f"{civitai_url}/api/v1/models/{self.model_id}", what=WHAT, headers=headers,
-                                 auth_hint=hint)
+    def _latest_version(self, headers: dict, hint: str, settings: LoraSettings) -> str:
+        try:  # an API answer: 1 MiB at most, within the LoRA fetch's time
+            info = dl.fetch_json(f"{settings.civitai_url}/api/v1/models/{self.model_id}", what=WHAT, headers=headers,
+                                 limits=replace(limits(settings), max_bytes=dl.MiB), auth_hint=hint)
         except dl.DownloadError as exc:
             raise _not_found(exc, f"CivitAI model {self.model_id} was not found. Check the id in the URL.") from None
         if not isinstance(info, dict):
