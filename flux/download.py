@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,34 @@ class _Counter:
     def wire(self) -> int:
         return self.wire_before + self.response.num_bytes_downloaded
 
+    def chunks(self):
+        """The body's bytes as they arrive, each counted before it is passed on. A gzip or deflate body is decoded
+        here in pieces of at most 1 MiB: httpx decodes each chunk read whole, and 64 KiB of gzip can decode to 64 MB
+        in one piece, held before any count could refuse it."""
+        if self.encoding not in ("gzip", "x-gzip", "deflate"):  # httpx decodes no other (it passes them as they are)
+            for chunk in self.response.iter_bytes():
+                self.add(chunk)
+                yield chunk
+            return
+        # gzip: a gzip header; deflate: a zlib header (RFC 9110), or raw deflate as some servers send it (as httpx)
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in self.encoding else 0))
+        started = False
+        for raw in self.response.iter_raw():
+            while raw:
+                try:
+                    piece = decoder.decompress(raw, MiB)
+                except zlib.error:
+                    if started or self.encoding != "deflate":
+                        raise httpx.DecodingError(f"the body is not valid {self.encoding}") from None
+                    decoder, started = zlib.decompressobj(-zlib.MAX_WBITS), True
+                    continue
+                started, raw = True, decoder.unconsumed_tail
+                self.add(piece)
+                yield piece
+        if rest := decoder.flush():  # what a last match left pending: at most a few hundred bytes
+            self.add(rest)
+            yield rest
+
     def add(self, chunk: bytes) -> None:
         self.decoded += len(chunk)
         if self.wire > self.limits.max_bytes:
@@ -268,8 +297,7 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
                 raise _status_error(response, what, url, auth_hint)
             body = bytearray()
             counter = _Counter(response, what, url, limits, None)
-            for chunk in response.iter_bytes():
-                counter.add(chunk)
+            for chunk in counter.chunks():
                 body += chunk
     try:
         return json.loads(body)
@@ -316,8 +344,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                         if meter is not None:
                             meter.done = 0
                     counter = _Counter(response, what, url, limits, size, wire_before=received)
-                    for chunk in response.iter_bytes():  # as they arrive: each counted, the deadline checked
-                        counter.add(chunk)
+                    for chunk in counter.chunks():  # as they arrive: each counted, the deadline checked
                         received += len(chunk)
                         fh.write(chunk)
                         if meter is not None:

@@ -699,3 +699,18 @@ def test_a_civitai_file_in_the_cache_is_served_only_to_callers_civitai_lets_down
         with pytest.raises(UserError, match=r"answered 401 \(not authorized\)\. .*pass civitai_api_token"):
             fetch(loader, "civitai.com/api/download/models/77")
         assert fetch(loader, "civitai.com/api/download/models/77", civitai_api_token=TOKEN).cached
+
+
+def test_a_compressed_body_is_decoded_in_bounded_pieces(env, loader, monkeypatch):
+    """64 MiB of zeros sent gzip-encoded (about 64 KB on the wire): refused at FLUX_LORA_MAX_BYTES (32 MiB here) with
+    little held at any time; httpx alone decodes each 64 KiB read whole, tens of MB at once."""
+    monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(32 * 2**20))
+    with FileServer() as srv:
+        url = srv.add("/zeros.safetensors", bytes(64 * 2**20), encoding="gzip")
+
+        def work():
+            with pytest.raises(UserError, match=r"gzip-compressed and decodes to more than the 32\.0 MiB limit"):
+                fetch(loader, url)
+
+        assert _peak_python_bytes(work) < 16 * 2**20
+    assert cache_names(env) == []
