@@ -440,7 +440,7 @@ class LoraLoader:
         return Fetched(source.key, ref.shown, path, cached=False, weights=weights)
 
     def _check_access(self, source: Source, tokens: Tokens) -> None:
-        """A cached file a token can be needed for (a gated or private Hugging Face file, a CivitAI or Replicate
+        """A cached file a caller's token can be needed for (a gated or private Hugging Face file, a CivitAI
         download) is served only to a caller the host lets read it: asked again for each set of tokens, the answer
         trusted for ACCESS_RECHECK_S at most (FLUX_LORA_RECHECK_S when shorter), never for other tokens. Replicate's
         token is the container's own (REPLICATE_API_TOKEN), the same for every caller: what it may read was settled
@@ -449,18 +449,21 @@ class LoraLoader:
             return
         with self._lock:
             when = self._access.get((source.key, tokens.fingerprint()))
-        if when is not None and time.monotonic() - when < min(ACCESS_RECHECK_S, self.settings.recheck_s):
+        if when is not None and time.monotonic() - when < self._access_horizon:
             return
         source.check_access(tokens, self.settings)
         self._granted(source, tokens)
+
+    @property
+    def _access_horizon(self) -> float:
+        return min(ACCESS_RECHECK_S, self.settings.recheck_s)
 
     def _granted(self, source: Source, tokens: Tokens) -> None:
         if source.token not in Tokens.PER_CALLER:
             return
         now = time.monotonic()
-        horizon = min(ACCESS_RECHECK_S, self.settings.recheck_s)
         with self._lock:
-            for old in [k for k, when in self._access.items() if now - when >= horizon]:
+            for old in [k for k, when in self._access.items() if now - when >= self._access_horizon]:
                 del self._access[old]
             self._access[(source.key, tokens.fingerprint())] = now
 
