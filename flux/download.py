@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ def redact(url: str) -> str:
     """The URL without query, fragment or userinfo: safe to log and to show."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
@@ -147,6 +150,34 @@ class _Counter:
     def wire(self) -> int:
         return self.wire_before + self.response.num_bytes_downloaded
 
+    def chunks(self):
+        """The body's bytes as they arrive, each counted before it is passed on. A gzip or deflate body is decoded
+        here in pieces of at most 1 MiB: httpx decodes each chunk read whole, and 64 KiB of gzip can decode to 64 MB
+        in one piece, held before any count could refuse it."""
+        if self.encoding not in ("gzip", "x-gzip", "deflate"):  # httpx decodes no other (it passes them as they are)
+            for chunk in self.response.iter_bytes():
+                self.add(chunk)
+                yield chunk
+            return
+        # gzip: a gzip header; deflate: a zlib header (RFC 9110), or raw deflate as some servers send it (as httpx)
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in self.encoding else 0))
+        started = False
+        for raw in self.response.iter_raw():
+            while raw:
+                try:
+                    piece = decoder.decompress(raw, MiB)
+                except zlib.error:
+                    if started or self.encoding != "deflate":
+                        raise httpx.DecodingError(f"the body is not valid {self.encoding}") from None
+                    decoder, started = zlib.decompressobj(-zlib.MAX_WBITS), True
+                    continue
+                started, raw = True, decoder.unconsumed_tail
+                self.add(piece)
+                yield piece
+        if rest := decoder.flush():  # what a last match left pending: at most a few hundred bytes
+            self.add(rest)
+            yield rest
+
     def add(self, chunk: bytes) -> None:
         self.decoded += len(chunk)
         if self.wire > self.limits.max_bytes:
@@ -173,11 +204,15 @@ def _session(url: str, what: str, limits: Limits):
     """A guarded client, with transport failures turned into DownloadErrors that name the URL (never its query)."""
     if not url.lower().startswith(("https://", "http://")):
         raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
-    client = netguard.client(timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
+    # Every socket operation ends by the fetch's deadline: a host that sends a byte (or a header line) at a time
+    # cannot stretch it (the same total_timeout _Deadline counts from, started here for the headers too).
+    end = time.monotonic() + limits.total_timeout
+    client = netguard.client(deadline=end, timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     try:
         yield client
     except httpx.TimeoutException:
-        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out); try again later.") from None
+        late = " and did not finish in time" if time.monotonic() > end - 0.1 else ""  # the deadline, not a silence
+        raise DownloadError(f"{what}: {redact(url)} stopped sending data (timed out){late}; try again later.") from None
     except httpx.TooManyRedirects:
         raise DownloadError(f"{what}: {redact(url)} redirects too many times (a redirect loop?): use the file's "
                             "direct URL.") from None
@@ -262,8 +297,7 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
                 raise _status_error(response, what, url, auth_hint)
             body = bytearray()
             counter = _Counter(response, what, url, limits, None)
-            for chunk in response.iter_bytes():
-                counter.add(chunk)
+            for chunk in counter.chunks():
                 body += chunk
     try:
         return json.loads(body)
@@ -294,6 +328,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
     encoded = False
     with open(part, "wb") as fh:
         while True:
+            before = received
             request_headers = {**headers, **IDENTITY}
             if received and not encoded:
                 request_headers["Range"] = f"bytes={received}-"
@@ -309,8 +344,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                         if meter is not None:
                             meter.done = 0
                     counter = _Counter(response, what, url, limits, size, wire_before=received)
-                    for chunk in response.iter_bytes(MiB):
-                        counter.add(chunk)
+                    for chunk in counter.chunks():  # as they arrive: each counted, the deadline checked
                         received += len(chunk)
                         fh.write(chunk)
                         if meter is not None:
@@ -322,10 +356,12 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 attempt += 1
                 problem = f"{_problem(exc)} ({received} of {size or '?'} bytes received)"
-                if attempt > limits.retries:
+                # A body that ends short again without a byte more (a host whose length is wrong) is not retried on.
+                stalled = attempt > 1 and received == before and isinstance(exc, httpx.RemoteProtocolError)
+                if attempt > limits.retries or stalled:
                     raise DownloadError(f"{what}: {redact(url)} {problem}.") from None
                 log.warning("%s: connection dropped after %d bytes, resuming (attempt %d)", what, received, attempt)
-                time.sleep(min(2**attempt * 0.25, 4))
+                time.sleep(max(0.0, min(2**attempt * 0.25, 4, deadline.end - time.monotonic())))
                 deadline.check(what, url, problem)
 
 
@@ -372,7 +408,7 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
                 if encoding is not None:
                     raise DownloadError(f"{what}: {redact(url)} answered a byte range compressed "
                                         f"({encoding}), which cannot be put in place; try again later.")
-                for chunk in response.iter_bytes(MiB):
+                for chunk in response.iter_bytes():  # as they arrive: each counted, the deadline checked
                     if stop.is_set():
                         return
                     if offset + len(chunk) > last + 1:
@@ -388,7 +424,7 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
             attempt += 1
             if attempt > limits.retries:
                 raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
-            time.sleep(min(2**attempt * 0.25, 4))
+            time.sleep(max(0.0, min(2**attempt * 0.25, 4, deadline.end - time.monotonic())))
             deadline.check(what, url, _problem(exc))
 
 

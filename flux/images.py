@@ -10,10 +10,12 @@ which is read as given (a regular file only).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,32 +88,61 @@ def _open(value, name: str) -> Image.Image:
         return _checked(_decode(file, name), name)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _without_png_text(file):
+    """A PNG without its text chunks, which no pixel depends on (a ComfyUI workflow is kept in one): PIL would
+    decompress each whole, and refuses a valid image whose text unpacks to more than 1 MB. The chunks are skipped
+    unread (seeked over), the others copied as they are. Any other file is returned as it is."""
+    if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        file.seek(0)
+        return file
+    out = io.BytesIO(PNG_SIGNATURE)
+    out.seek(0, os.SEEK_END)
+    while len(head := file.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", head)
+        if kind in PNG_TEXT_CHUNKS:
+            file.seek(length + 4, os.SEEK_CUR)  # its data and CRC
+            continue
+        out.write(head + file.read(length + 4))
+        if kind == b"IEND":
+            break
+    else:
+        out.write(head)  # a truncated file stays truncated: PIL says so
+    out.seek(0)
+    return out
+
+
 def _decode(file, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(file)
+            img = Image.open(_without_png_text(file))
             w, h = img.size
             if w * h > MAX_INPUT_PIXELS:
-                raise UserError(
-                    f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP: "
-                    "downscale it before sending."
-                )
+                raise UserError(f"{name} is {w}x{h} pixels ({_megapixels(w * h)}); the limit is "
+                                f"{_megapixels(MAX_INPUT_PIXELS)}: downscale it before sending.")
             img.load()
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else "too large"
-        raise UserError(
-            f"{name} is {size}; the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP: downscale it before sending."
-        ) from None
+        size = _megapixels(int(found.group(1))) if found else "too large"
+        raise UserError(f"{name} is {size}; the limit is {_megapixels(MAX_INPUT_PIXELS)}: downscale it before "
+                        "sending.") from None
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image file PIL can read: send a PNG, JPEG or WebP.") from None
     except (OSError, SyntaxError, ValueError) as exc:
         log.info("%s: PIL could not decode it (%s)", name, type(exc).__name__)
         raise UserError(f"{name} could not be decoded; the file may be truncated or corrupt: send it again.") from None
     return img
+
+
+def _megapixels(pixels: int) -> str:
+    """Pixels in MP, with as many decimals as it takes to tell it from the limit (64.008 MP, 400 MP)."""
+    return f"{pixels / 1e6:.3f}".rstrip("0").rstrip(".") + " MP"
 
 
 def _checked(img: Image.Image, name: str) -> Image.Image:

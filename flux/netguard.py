@@ -9,6 +9,10 @@ private host or a DNS answer that changes between check and use (rebinding)
 is refused too.
 
 FLUX_ALLOW_PRIVATE_URLS=1 allows them (tests, private deployments).
+
+A client may also be given a deadline (a time.monotonic() value): every connect, TLS handshake, read and write of
+its connections then waits at most until it, so a host that sends a byte at a time (a body, or header lines)
+cannot stretch a fetch past it; past it, the next socket operation fails as a timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import ipaddress
 import os
 import socket
+import time
 import typing
 
 import httpcore
@@ -59,11 +64,50 @@ def resolve(host: str, port: int) -> list[tuple]:
     return infos
 
 
+def _within(deadline: float | None, timeout: float | None, error: type[Exception]) -> float | None:
+    """An operation's timeout shortened to what is left before the deadline; past it, `error`."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("the deadline of the fetch has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _Bounded(httpcore.NetworkStream):
+    """A connection whose every operation ends by the deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float | None):
+        self._stream, self._deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _within(self._deadline, timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _within(self._deadline, timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        timeout = _within(self._deadline, timeout, httpcore.ConnectTimeout)
+        return _Bounded(self._stream.start_tls(ssl_context, server_hostname, timeout), self._deadline)
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        return self._stream.get_extra_info(info)
+
+
 class GuardedBackend(httpcore.SyncBackend):
-    """httpcore's socket backend, connecting only to addresses that passed the check."""
+    """httpcore's socket backend, connecting only to addresses that passed the check, every operation of its
+    connections ending by `deadline` (a time.monotonic() value; None: only their own timeouts)."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: typing.Iterable | None = None) -> httpcore.NetworkStream:
+        timeout = _within(self.deadline, timeout, httpcore.ConnectTimeout)
         last_error: Exception | None = None
         for family, kind, proto, _, address in resolve(host, port):
             try:
@@ -82,22 +126,23 @@ class GuardedBackend(httpcore.SyncBackend):
                 sock.close()
                 last_error = httpcore.ConnectError(str(exc))
             else:
-                return SyncStream(sock)
+                return _Bounded(SyncStream(sock), self.deadline)
         raise last_error or httpcore.ConnectError(f"could not connect to {host}")
 
 
-def transport(**kwargs) -> httpx.HTTPTransport:
-    """An httpx transport whose connections go through GuardedBackend."""
+def transport(deadline: float | None = None, **kwargs) -> httpx.HTTPTransport:
+    """An httpx transport whose connections go through GuardedBackend (ending by `deadline` when given)."""
     t = httpx.HTTPTransport(**kwargs)
     # httpx does not expose httpcore's network_backend argument; its pool is the place it lives (httpx 0.28).
-    t._pool._network_backend = GuardedBackend()
+    t._pool._network_backend = GuardedBackend(deadline)
     return t
 
 
-def client(**kwargs) -> httpx.Client:
-    """An httpx.Client that follows redirects and refuses non-public addresses (environment proxies ignored)."""
+def client(deadline: float | None = None, **kwargs) -> httpx.Client:
+    """An httpx.Client that follows redirects and refuses non-public addresses (environment proxies ignored); with a
+    deadline (a time.monotonic() value), nothing it does on the network lasts past it."""
     kwargs.setdefault("follow_redirects", True)
-    return httpx.Client(transport=transport(), trust_env=False, **kwargs)
+    return httpx.Client(transport=transport(deadline), trust_env=False, **kwargs)
 
 
 @functools.cache

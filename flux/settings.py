@@ -25,6 +25,9 @@ The LoRA loader's settings (`LoraSettings`, flux/lora/sources.py) are read here 
   FLUX_LORA_CACHE_GB         size cap of the on-disk LoRA cache under weights/loras (default 20)
   FLUX_LORA_TIMEOUT_S        longest a LoRA download may take (default 600)
   FLUX_LORA_RECHECK_S        how long a resolved unversioned reference is trusted (default 300)
+  FLUX_LORA_MAX_HEADER_BYTES most bytes a LoRA file's parsers may hold before its content: a tar's long-name and PAX
+                             headers together, a zip's central directory, the safetensors header (default 16 MiB)
+  FLUX_LORA_MAX_TENSORS      most tensors a LoRA file may hold (default 20,000; FLUX LoRAs hold a few thousand)
   FLUX_REPLICATE_URL, FLUX_CIVITAI_URL, HF_ENDPOINT   where replicate.com, civitai.com and huggingface.co are
   HF_TOKEN, CIVITAI_API_TOKEN, REPLICATE_API_TOKEN    tokens for requests that bring none
 
@@ -56,7 +59,8 @@ VARIABLES = (
     *(v.setting for v in variants.VARIANTS.values()), "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
     "FLUX_WEIGHTS_DIR", "HF_TOKEN",
     # LoRAs (lora_loader.py)
-    "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S", "FLUX_REPLICATE_URL",
+    "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S",
+    "FLUX_LORA_MAX_HEADER_BYTES", "FLUX_LORA_MAX_TENSORS", "FLUX_REPLICATE_URL",
     "FLUX_CIVITAI_URL", "FLUX_ALLOW_PRIVATE_URLS", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN",
 )
 
@@ -160,6 +164,17 @@ def _number(env: dict, name: str, default: float, zero: bool = False) -> float:
     return value
 
 
+def sendable_token(token: str | None, name: str, error: type[Exception] = SettingsError) -> str | None:
+    """A token as it is sent (stripped of surrounding whitespace; None when empty), or `error` naming `name` when it
+    holds anything but printable ASCII (a character a header cannot carry, a line break, a space inside). The
+    message never holds the token, nor its length."""
+    token = (token or "").strip()
+    if not all("!" <= c <= "~" for c in token):
+        raise error(f"{name} is not a token this container can send: a token is printable ASCII without spaces or "
+                    "line breaks. Copy it again from the site that issued it.")
+    return token or None
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA loader's settings (flux/lora/sources.py), read once: limits, the cache, where the hosts are, and the
@@ -170,6 +185,8 @@ class LoraSettings:
     cache_dir: Path = field(default_factory=lambda: weights_dir() / "loras")
     timeout_s: float = 600.0
     recheck_s: float = 300.0
+    max_header_bytes: int = 16 * 2**20
+    max_tensors: int = 20_000
     replicate_url: str = "https://replicate.com"
     civitai_url: str = "https://civitai.com"
     hf_endpoint: str = "https://huggingface.co"
@@ -189,10 +206,12 @@ class LoraSettings:
             cache_bytes=int(_number(env, "FLUX_LORA_CACHE_GB", cls.cache_bytes / GiB) * GiB),
             timeout_s=_number(env, "FLUX_LORA_TIMEOUT_S", cls.timeout_s),
             recheck_s=_number(env, "FLUX_LORA_RECHECK_S", cls.recheck_s, zero=True),
+            max_header_bytes=int(_number(env, "FLUX_LORA_MAX_HEADER_BYTES", cls.max_header_bytes)),
+            max_tensors=int(_number(env, "FLUX_LORA_MAX_TENSORS", cls.max_tensors)),
             replicate_url=url("FLUX_REPLICATE_URL", cls.replicate_url),
             civitai_url=url("FLUX_CIVITAI_URL", cls.civitai_url),
             hf_endpoint=url("HF_ENDPOINT", cls.hf_endpoint),
-            hf_token=env.get("HF_TOKEN") or None,
-            civitai_token=env.get("CIVITAI_API_TOKEN") or None,
-            replicate_token=env.get("REPLICATE_API_TOKEN") or None,
+            hf_token=sendable_token(env.get("HF_TOKEN"), "HF_TOKEN"),
+            civitai_token=sendable_token(env.get("CIVITAI_API_TOKEN"), "CIVITAI_API_TOKEN"),
+            replicate_token=sendable_token(env.get("REPLICATE_API_TOKEN"), "REPLICATE_API_TOKEN"),
         )

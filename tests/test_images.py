@@ -97,3 +97,24 @@ def test_save_formats(tmp_path, fmt, quality):
     with Image.open(paths[0]) as img:
         assert img.format == image_io.EXTENSIONS[fmt]
     assert paths[0].suffix == f".{fmt}"
+
+
+def test_an_image_just_over_the_limit_says_by_how_much(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("1", (8001, 8000)).save(path, optimize=True)
+    with pytest.raises(UserError, match=r"image is 64\.008 MP; the limit is 64 MP"):
+        image_io.load_image(path)
+
+
+def test_a_png_whose_text_chunks_unpack_past_pils_bound_is_read(tmp_path):
+    """ComfyUI keeps its workflow in a compressed text chunk: one that unpacks to 3 MB (PIL refuses text over 1 MB)
+    does not make the image unreadable, and its pixels are the image's."""
+    from PIL import PngImagePlugin
+
+    img = images.gradient(256, 256)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", "{}" * 1_500_000, zip=True)
+    info.add_text("prompt", "a cat")
+    path = tmp_path / "comfy.png"
+    img.save(path, pnginfo=info)
+    assert np.array_equal(np.asarray(image_io.load_image(path)), np.asarray(img.convert("RGB")))

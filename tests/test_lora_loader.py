@@ -542,3 +542,175 @@ def test_unreadable_file_names_itself_what_it_holds_and_what_is_accepted(tmp_pat
     with pytest.raises(lora_loader.LoraError, match=r"^llm\.safetensors is not a FLUX LoRA .*diffusers/PEFT, .*\)"
                                                     r": its keys look like model\.layers\.0\.mlp\.weight"):
         lora_loader.normalize(path, "k", "llm.safetensors")
+
+
+# ----- what a caller can make the server spend: counted before it is spent ---------------------------------------
+
+def _peak_python_bytes(work) -> int:
+    """The most memory Python allocations held while work() ran (tracemalloc): what a parser read and kept."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_tar_long_name_header_is_counted_before_tarfile_reads_it(env, loader, lora_file, monkeypatch):
+    """A 256 KiB .tar.gz whose GNU long-name header is 256 MiB, before a valid LoRA: refused at the header limit,
+    holding far less than the header (tarfile alone would read all of it, then load the LoRA)."""
+    from tests.helpers import floods
+
+    monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(64 * 2**20))
+    uri = data_uri(floods.long_name_targz(256 * 2**20, lora_file), "")
+    failed = []
+
+    def work():
+        with pytest.raises(UserError, match=r"long-name and PAX headers come to more than 16\.0 MiB.*"
+                                            r"FLUX_LORA_MAX_HEADER_BYTES") as caught:
+            fetch(loader, uri)
+        failed.append(caught.value)
+
+    assert _peak_python_bytes(work) < 64 * 2**20 and failed
+    assert cache_names(env) == []
+    monkeypatch.setenv("FLUX_LORA_MAX_HEADER_BYTES", str(2**20))  # a long name within the limit still reads
+    assert fetch(loader, data_uri(floods.long_name_targz(1000, lora_file), "")).path.read_bytes() == lora_file
+
+
+def test_a_zips_directory_is_counted_from_its_end_record_before_it_is_parsed(env, loader, tmp_path):
+    """A zip64 listing 1,000,000 entries (a 46 MB directory) is refused from its end record, holding a fraction of
+    its directory; a directory over FLUX_LORA_MAX_HEADER_BYTES is refused the same way."""
+    from tests.helpers import floods
+
+    body = floods.zip64_of_entries(1_000_000)
+    with FileServer() as srv:
+        url = srv.add("/many.zip", body)
+        del body
+
+        def work():
+            with pytest.raises(UserError, match=r"zip archive holds more than 1,000 files"):
+                fetch(loader, url)
+
+        assert _peak_python_bytes(work) < 16 * 2**20
+        loader.settings = LoraSettings(max_header_bytes=10 * 1024)
+        with pytest.raises(UserError, match=r"directory is 45\.9 KiB, over the 10\.0 KiB limit.*"
+                                            r"FLUX_LORA_MAX_HEADER_BYTES"):
+            loader.fetch(srv.add("/big-directory.zip", floods.zip64_of_entries(1000)), loader.tokens())
+    assert cache_names(env) == []
+
+
+def test_tensors_are_counted_and_the_header_sized_before_any_conversion(env, loader, monkeypatch):
+    """200,000 tensors are refused by their count, before diffusers' converters would take many seconds; a header
+    larger than FLUX_LORA_MAX_HEADER_BYTES is refused from its first 8 bytes."""
+    from tests.helpers import floods
+
+    with pytest.raises(UserError, match=r"header lists 200,000 tensors, over the 20,000 limit \(FLUX_LORA_MAX_TENSORS\)"):
+        fetch(loader, data_uri(floods.tensor_flood(200_000), ""))
+    monkeypatch.setenv("FLUX_LORA_MAX_HEADER_BYTES", str(2**20))
+    huge_header = (2**30).to_bytes(8, "little") + b'{"t0": {"dtype": "F32"'
+    with pytest.raises(UserError, match=r"safetensors header is 1\.0 GiB, over the 1\.0 MiB limit.*"
+                                        r"FLUX_LORA_MAX_HEADER_BYTES"):
+        fetch(loader, data_uri(huge_header, ""))
+    assert cache_names(env) == []
+
+
+@pytest.mark.parametrize("path", ["/body", "/headers"])
+def test_a_host_that_drips_fails_within_the_deadline(env, loader, monkeypatch, path):
+    """A byte of the body, or a header line, every 0.2 s: the fetch fails by FLUX_LORA_TIMEOUT_S (plus 2 s), however
+    long the host would go on (here 20 s)."""
+    import time
+
+    from tests.helpers.floods import DripServer
+
+    monkeypatch.setenv("FLUX_LORA_TIMEOUT_S", "2")
+    with DripServer(every=0.2, lasts=20) as srv:
+        started = time.monotonic()
+        with pytest.raises(UserError, match="(timed out|took too long|did not finish in time)"):
+            fetch(loader, srv.url(path + "/lora.safetensors"))
+        assert time.monotonic() - started < 2 + 2
+    assert cache_names(env) == []
+
+
+def test_a_gated_file_in_the_cache_is_served_only_to_callers_the_hub_lets_read_it(env, loader, lora_file, hub):
+    """The hub answers anyone about a gated repo (its metadata): once a caller with a token fetched its LoRA, a
+    caller without one (or with another token) is refused, by branch or by commit, and the caller with the token
+    is still served from the cache."""
+    repo = hub.add_repo("me/gated", {"g.safetensors": lora_file}, gated_token=TOKEN)
+    first = fetch(loader, "huggingface.co/me/gated", hf_api_token=TOKEN)
+    pinned = f"https://huggingface.co/me/gated/resolve/{repo.sha}/g.safetensors"
+    for reference in ("huggingface.co/me/gated", pinned):
+        for tokens in ({}, {"hf_api_token": "hf_someone_else"}):
+            with pytest.raises(UserError, match=r"answered 401 \(not authorized\)\. If me/gated is private or gated, "
+                                                r"pass hf_api_token"):
+                fetch(loader, reference, **tokens)
+        again = fetch(loader, reference, hf_api_token=TOKEN)
+        assert again.cached and again.key == first.key and again.path.read_bytes() == lora_file
+
+
+@pytest.mark.parametrize("token", ["hf_\u00e9t\u00e9_token", "hf_abc\r\nX-Injected: 1", "hf abc", "hf_\x00abc"])
+def test_a_token_no_header_can_carry_is_refused_naming_the_input_only(env, loader, lora_file, hub, token):
+    """Non-ASCII, line breaks, spaces, control characters: refused before any request, by branch or by commit,
+    naming the input and never the token or its length; surrounding whitespace (a pasted newline) is dropped."""
+    from flux.errors import SettingsError
+
+    repo = hub.add_repo("me/gated", {"g.safetensors": lora_file}, gated_token=TOKEN)
+    for reference in ("huggingface.co/me/gated", f"huggingface.co/me/gated/resolve/{repo.sha}/g.safetensors"):
+        with pytest.raises(UserError, match=r"^hf_api_token is not a token this container can send") as failed:
+            fetch(loader, reference, hf_api_token=token)
+        assert token not in str(failed.value) and str(len(token)) not in str(failed.value)
+        with pytest.raises(UserError, match=r"^civitai_api_token is not a token"):
+            fetch(loader, reference, civitai_api_token=token)
+    assert hub.requests == []
+    with pytest.raises(SettingsError, match=r"^HF_TOKEN is not a token this container can send"):
+        LoraSettings.from_env({"HF_TOKEN": token})
+    assert fetch(loader, "huggingface.co/me/gated", hf_api_token=f" {TOKEN}\r\n").path.read_bytes() == lora_file
+
+
+def test_a_short_body_says_what_arrived_and_is_not_retried_without_progress(env, loader, lora_file):
+    """A host that ends the body early, and sends nothing more when asked for the rest: the message counts the
+    bytes that did arrive, and the download gives up at the first resume that brings none (not after every retry)."""
+    import time
+
+    half = len(lora_file) // 2
+    with FileServer() as srv:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"kept dropping the connection \({half} of {len(lora_file)} bytes"):
+            fetch(loader, srv.add("/short.safetensors", lora_file, truncate=half))
+        assert time.monotonic() - started < 5  # the retries' pauses alone were 7.5 s
+        assert len([r for r in srv.requests if r.headers.get("Range") != "bytes=0-0"]) == 2
+
+
+def test_ipv6_hosts_keep_their_brackets_in_messages():
+    from flux.download import redact
+
+    assert redact("http://[::1]:8080/a.safetensors?sig=s") == "http://[::1]:8080/a.safetensors"
+    assert redact("https://[2001:db8::1]/a") == "https://[2001:db8::1]/a"
+
+
+def test_a_civitai_file_in_the_cache_is_served_only_to_callers_civitai_lets_download_it(env, loader, lora_file,
+                                                                                        monkeypatch):
+    with FileServer() as srv:
+        monkeypatch.setenv("FLUX_CIVITAI_URL", srv.base)
+        srv.add("/api/download/models/77", lora_file, auth=TOKEN)
+        assert not fetch(loader, "civitai.com/api/download/models/77", civitai_api_token=TOKEN).cached
+        with pytest.raises(UserError, match=r"answered 401 \(not authorized\)\. .*pass civitai_api_token"):
+            fetch(loader, "civitai.com/api/download/models/77")
+        assert fetch(loader, "civitai.com/api/download/models/77", civitai_api_token=TOKEN).cached
+
+
+def test_a_compressed_body_is_decoded_in_bounded_pieces(env, loader, monkeypatch):
+    """64 MiB of zeros sent gzip-encoded (about 64 KB on the wire): refused at FLUX_LORA_MAX_BYTES (32 MiB here) with
+    little held at any time; httpx alone decodes each 64 KiB read whole, tens of MB at once."""
+    monkeypatch.setenv("FLUX_LORA_MAX_BYTES", str(32 * 2**20))
+    with FileServer() as srv:
+        url = srv.add("/zeros.safetensors", bytes(64 * 2**20), encoding="gzip")
+
+        def work():
+            with pytest.raises(UserError, match=r"gzip-compressed and decodes to more than the 32\.0 MiB limit"):
+                fetch(loader, url)
+
+        assert _peak_python_bytes(work) < 16 * 2**20
+    assert cache_names(env) == []

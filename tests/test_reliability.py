@@ -645,3 +645,51 @@ def test_disk_full_while_saving_fails_cleanly(tmp_path, lora_bytes):
         with pytest.raises(UserError, match="the disk is full"):
             download.download(url, dest, what="LoRA")
     assert list(tmp_path.iterdir()) == []  # nothing kept, not even the .part link
+
+
+def peak_rss_growth(pid: int, work) -> int:
+    """How far work() raised the worker's peak resident memory (VmHWM, reset first through clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = rss_bytes(pid)
+    work()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 - before
+    raise RuntimeError("no VmHWM")
+
+
+def test_what_a_caller_can_make_the_worker_hold_or_wait_for_is_bounded_before_it_is_spent(lora_server, lora_host,
+                                                                                          lora_bytes, server):
+    """The second probe's floods, through the real server: a 768 MiB tar long name (a 785 KB .tar.gz), a zip64
+    listing 1,000,000 entries (sent gzip-encoded), 200,000 tensors, a host that sends a byte or a header line at a
+    time. Each is refused naming its limit, the worker's peak memory rising by less than 64 MB, the drips within
+    FLUX_LORA_TIMEOUT_S (3 s here) plus 2 s; the next caller gets what a fresh server gives."""
+    from tests.helpers import floods
+
+    lora_host.add("/many.zip", floods.zip64_of_entries(1_000_000), encoding="gzip")
+    lora_host.add("/flood.safetensors", floods.tensor_flood(200_000))
+    cases = [
+        (uri(floods.long_name_targz(768 * 2**20, lora_bytes[0]), "application/octet-stream"),
+         "long-name and PAX headers come to more than 16.0 MiB"),
+        (lora_host.url("/many.zip"), "zip archive holds more than 1,000 files"),
+        (lora_host.url("/flood.safetensors"), "header lists 200,000 tensors, over the 20,000 limit (FLUX_LORA_MAX_TENSORS)"),
+    ]
+    pid = worker_pid(lora_server.process.pid)
+    for reference, message in cases:
+        failed = {}
+
+        def work():
+            failed.update(lora_server.predict({**REFERENCE, "replicate_weights": reference})[1])
+
+        grew = peak_rss_growth(pid, work)
+        assert failed["status"] == "failed" and message in failed["error"], failed.get("error")
+        assert grew < 64 * 2**20, (message, grew)
+    with floods.DripServer(every=0.2, lasts=20) as drip:
+        for path in ("/body/lora.safetensors", "/headers/lora.safetensors"):
+            started = time.monotonic()
+            status, body = lora_server.predict({**REFERENCE, "replicate_weights": drip.url(path)})
+            assert body["status"] == "failed" and "stopped sending data" in body["error"], body.get("error")
+            assert time.monotonic() - started < 3 + 2, path
+    assert_cache_clean(lora_server)
+    lora_server.wait_status(timeout=10)
+    assert reference_output(lora_server) == reference_output(server)

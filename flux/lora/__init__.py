@@ -30,7 +30,10 @@ def short(text: str, limit: int = 80) -> str:
 
 
 def listing(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") if names else "nothing"
+    if not names:
+        return "nothing"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(short(n) for n in names[:limit]) + more
 
 
 def pickle_message(shown: str) -> str:

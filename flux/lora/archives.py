@@ -4,6 +4,12 @@ An archive is read as a stream, one member at a time, and refused while it is re
 than `max_bytes` of content (counted as it really unpacks, not as the archive announces it), a path out of the
 folder, a link or special file, no .safetensors or several. A zip of a pickle (torch.save) is refused as a pickle; a
 file that is not a safetensors file is named for what it is (a web page, a zip, a pickle).
+
+What the parsers hold in memory before any content is bounded too (LoraSettings.max_header_bytes): a tar's long-name
+and PAX headers are counted from their own headers before tarfile reads them (GNU sparse files, whose maps tarfile
+reads without a bound, are refused), a zip's central directory is sized and its entries counted from its end record
+before zipfile parses it, and a safetensors header is sized from its first 8 bytes before it is parsed; its tensors
+are counted (LoraSettings.max_tensors) before any layout conversion reads them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from .. import download as dl
 from ..errors import UserError
 from ..progress import human_bytes
+from ..settings import LoraSettings
 from ..tarstream import member_problem
 from . import PICKLE_SUFFIXES, SAFETENSORS, LoraError, listing, pickle_message, short
 
@@ -28,33 +35,61 @@ log = logging.getLogger(__name__)
 MAX_MEMBERS = 1000
 
 
-def as_safetensors(raw: Path, folder: Path, shown: str, max_bytes: int) -> Path:
+def as_safetensors(raw: Path, folder: Path, shown: str, settings: LoraSettings) -> Path:
     """The one .safetensors file a download holds (itself, or the one in its .tar or .zip, unpacking to at most
-    max_bytes), checked to be one."""
+    settings.max_bytes), checked to be one within the header and tensor limits."""
     path = raw
-    if _is_tar(raw):
-        path = _from_tar(raw, folder / "lora.safetensors", shown, max_bytes)
+    if _is_tar(raw, shown, settings.max_header_bytes):
+        path = _from_tar(raw, folder / "lora.safetensors", shown, settings)
     elif zipfile.is_zipfile(raw):
-        path = _from_zip(raw, folder / "lora.safetensors", shown, max_bytes)
+        path = _from_zip(raw, folder / "lora.safetensors", shown, settings)
     if path != raw:
         raw.unlink()
-    _check_safetensors(path, shown)
+    _check_safetensors(path, shown, settings)
     return path
 
 
-def _is_tar(path: Path) -> bool:
+def _counted_headers(shown: str, limit: int) -> type[tarfile.TarInfo]:
+    """A TarInfo class for one archive that counts its long-name and PAX headers before tarfile reads them whole,
+    refusing them past `limit` bytes together, and refuses GNU sparse members (tarfile reads their maps unbounded)."""
+    held = 0
+
+    class Counted(tarfile.TarInfo):
+        # _proc_member is where tarfile reads what follows a header; it has no public hook (tarfile takes a TarInfo
+        # class, `tarinfo=`, for exactly this kind of extension).
+        def _proc_member(self, tar):
+            nonlocal held
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise LoraError(f"{shown}: the archive holds a sparse file ({short(self.name)!r}); refusing to read "
+                                "it.")
+            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+                held += self.size
+                if held > limit:
+                    raise LoraError(f"{shown}: the .tar archive's long-name and PAX headers come to more than "
+                                    f"{human_bytes(limit)}, the limit on a LoRA file's headers "
+                                    "(FLUX_LORA_MAX_HEADER_BYTES). Send the .safetensors file itself.")
+            return super()._proc_member(tar)
+
+    return Counted
+
+
+def _is_tar(path: Path, shown: str, header_limit: int) -> bool:
+    """Whether path is a tar of any compression tarfile reads, its first header read within the header limit."""
     try:
-        return tarfile.is_tarfile(path)
-    except (EOFError, zlib.error, lzma.LZMAError, OSError):  # a compressed stream that is not a tar
+        with tarfile.open(path, mode="r|*", tarinfo=_counted_headers(shown, header_limit)):
+            return True
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError):  # not a tar, or a compressed non-tar
         return False
 
 
-def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
-    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members and max_bytes of content
-    (counted from each member's header before its content is read); the one .safetensors written to dest."""
-    names, found, total = [], [], 0
+def _from_tar(raw: Path, dest: Path, shown: str, settings: LoraSettings) -> Path:
+    """The archive read as a stream, one member at a time: at most MAX_MEMBERS members, settings.max_bytes of content
+    (counted from each member's header before its content is read) and settings.max_header_bytes of long-name and
+    PAX headers; the one .safetensors written to dest."""
+    names, found, total, max_bytes = [], [], 0, settings.max_bytes
     try:
-        with tarfile.open(raw, mode="r|*") as tar:
+        with tarfile.open(raw, mode="r|*", tarinfo=_counted_headers(shown, settings.max_header_bytes)) as tar:
             for member in tar:
                 if len(names) == MAX_MEMBERS:
                     raise LoraError(_too_many(shown, "tar"))
@@ -79,9 +114,13 @@ def _from_tar(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
     return _the_one(shown, names, found, dest)
 
 
-def _from_zip(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
-    """A zip read like a tar: at most MAX_MEMBERS members, max_bytes of content (counted as it is unpacked, not as
-    the zip announces it); the one .safetensors written to dest. A zip of a pickle (torch.save) is refused as one."""
+def _from_zip(raw: Path, dest: Path, shown: str, settings: LoraSettings) -> Path:
+    """A zip read like a tar: at most MAX_MEMBERS members and a central directory of at most
+    settings.max_header_bytes (both read from its end record before the directory is parsed), settings.max_bytes of
+    content (counted as it is unpacked, not as the zip announces it); the one .safetensors written to dest. A zip of
+    a pickle (torch.save) is refused as one."""
+    _check_zip_directory(raw, shown, settings.max_header_bytes)
+    max_bytes = settings.max_bytes
     try:
         with zipfile.ZipFile(raw) as archive:
             members = archive.infolist()
@@ -107,6 +146,22 @@ def _from_zip(raw: Path, dest: Path, shown: str, max_bytes: int) -> Path:
         raise LoraError(f"{shown}: the .zip archive is damaged, encrypted or compressed in a way this loader does "
                         "not read: use a .safetensors file or a plain .zip.") from None
     return _the_one(shown, names, [m.filename for m in found], dest)
+
+
+def _check_zip_directory(raw: Path, shown: str, limit: int) -> None:
+    """The entry count and directory size a zip's end record (zip64's too) declares, checked before zipfile reads
+    and parses the directory: zipfile holds all of it, and an object per entry, before a caller could count them."""
+    with open(raw, "rb") as fh:
+        # zipfile has no public reader of the end record alone; _EndRecData is what ZipFile itself reads first.
+        end = zipfile._EndRecData(fh)
+    if end is None:
+        return  # no end record: ZipFile refuses it as damaged
+    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_MEMBERS:
+        raise LoraError(_too_many(shown, "zip"))
+    if end[zipfile._ECD_SIZE] > limit:
+        raise LoraError(f"{shown}: the zip archive's directory is {human_bytes(end[zipfile._ECD_SIZE])}, over the "
+                        f"{human_bytes(limit)} limit on a LoRA file's headers (FLUX_LORA_MAX_HEADER_BYTES). Send the "
+                        ".safetensors file itself.")
 
 
 def _the_one(shown: str, names: list[str], found: list[str], dest: Path) -> Path:
@@ -140,18 +195,35 @@ def _too_big(shown: str, max_bytes: int) -> str:
             "(FLUX_LORA_MAX_BYTES). Send the .safetensors file itself.")
 
 
-def _check_safetensors(path: Path, shown: str) -> None:
+def _check_safetensors(path: Path, shown: str, settings: LoraSettings) -> None:
+    """A safetensors file with at least one tensor, at most settings.max_tensors, and a header of at most
+    settings.max_header_bytes (read from its first 8 bytes before safetensors parses it); anything else is named for
+    what it is."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(path, "pt") as f:
-            if not list(f.keys()):
-                raise LoraError(f"{shown} is an empty safetensors file.")
-        return
-    except (SafetensorError, OSError, ValueError):
-        pass
     with open(path, "rb") as fh:
         head = fh.read(64)
+        header_bytes = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        if header_bytes > settings.max_header_bytes and head[8:9] == b"{":
+            raise LoraError(f"{shown}: its safetensors header is {human_bytes(header_bytes)}, over the "
+                            f"{human_bytes(settings.max_header_bytes)} limit on a LoRA file's headers "
+                            "(FLUX_LORA_MAX_HEADER_BYTES).")
+        fh.seek(8)
+        header = fh.read(header_bytes) if header_bytes <= settings.max_header_bytes else b""
+    # Every tensor's entry names its data_offsets: counted in the header's bytes, before safetensors makes an object
+    # of each (seconds for 200,000; its list of names alone takes longer than the count).
+    listed = header.count(b'"data_offsets"')
+    if listed > settings.max_tensors:
+        raise LoraError(f"{shown}: its header lists {listed:,} tensors, over the {settings.max_tensors:,} limit "
+                        "(FLUX_LORA_MAX_TENSORS); a FLUX LoRA holds a few thousand.")
+    if header_bytes <= settings.max_header_bytes:
+        try:
+            with safe_open(path, "pt") as f:
+                if not f.keys():
+                    raise LoraError(f"{shown} is an empty safetensors file.")
+            return
+        except (SafetensorError, OSError, ValueError):
+            pass
     if head.lstrip()[:1] == b"<":
         raise LoraError(f"{shown} is a web page, not a safetensors file: use the file's direct download URL.")
     if head[:4] == b"PK\x03\x04":
@@ -160,5 +232,3 @@ def _check_safetensors(path: Path, shown: str) -> None:
     if head[:1] == b"\x80":
         raise LoraError(pickle_message(shown))
     raise LoraError(f"{shown} is not a safetensors file (or it is truncated): check the URL.")
-
-

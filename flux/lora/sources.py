@@ -37,7 +37,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
@@ -46,7 +46,7 @@ from .. import download as dl
 from .. import netguard
 from ..cache import DiskCache
 from ..errors import UserError
-from ..settings import LoraSettings
+from ..settings import LoraSettings, sendable_token
 from ..weights import shown as shown_reference
 from . import PICKLE_SUFFIXES, SAFETENSORS, WHAT, LoraError, listing, pickle_message
 from .archives import as_safetensors
@@ -68,6 +68,8 @@ class Tokens:
     civitai: str | None = field(default=None, repr=False)
     replicate: str | None = field(default=None, repr=False)
 
+    PER_CALLER = ("hf", "civitai")  # the fields a request may bring its own value for
+
     def fingerprint(self) -> str:
         """Tells token sets apart without holding them: a keyed hash whose key lives in this process only."""
         return hmac.new(_PROCESS_KEY, repr((self.hf, self.civitai, self.replicate)).encode(), "sha256").hexdigest()
@@ -75,12 +77,15 @@ class Tokens:
     @classmethod
     def of(cls, hf_api_token: str | None = None, civitai_api_token: str | None = None,
            settings: LoraSettings = LoraSettings()) -> "Tokens":
-        """The request's tokens, else the ones the container was given (its settings)."""
+        """The request's tokens (surrounding spaces and line breaks dropped), else the ones the container was given
+        (its settings). A token that cannot be sent in an HTTP header is refused naming the input, never its value
+        or its length."""
         return cls(
-            hf=hf_api_token or settings.hf_token or None,
-            civitai=civitai_api_token or settings.civitai_token or None,
+            hf=sendable_token(hf_api_token, "hf_api_token", LoraError) or settings.hf_token or None,
+            civitai=sendable_token(civitai_api_token, "civitai_api_token", LoraError) or settings.civitai_token or None,
             replicate=settings.replicate_token or None,
         )
+
 
 
 _PROCESS_KEY = os.urandom(32)
@@ -110,6 +115,13 @@ class Source:
         headers = _bearer(getattr(tokens, self.token)) if self.token else {}
         return dl.download(self.url, folder / "download", what=WHAT, headers=headers, limits=limits(settings),
                            auth_hint=self.auth_hint, space_hint=" (or lower FLUX_LORA_CACHE_GB so the cache leaves room)")
+
+    def check_access(self, tokens: Tokens, settings: LoraSettings) -> None:
+        """Whether the host lets these tokens read the file (one request for its first byte): a DownloadError saying
+        which token to pass if not. Hosts that gate a file often answer anyone about it (Hugging Face's metadata is
+        public for a gated repo), so only asking for the file itself tells."""
+        dl.probe(self.url, what=WHAT, headers=_bearer(getattr(tokens, self.token)), limits=limits(settings),
+                 auth_hint=self.auth_hint)
 
 
 class Ref:
@@ -234,14 +246,14 @@ class CivitaiRef(Ref):
 
     def locate(self, tokens: Tokens, settings: LoraSettings) -> Source:
         hint = "CivitAI asks for a token to download this model: pass civitai_api_token."
-        version = self.version_id or self._latest_version(_bearer(tokens.civitai), hint, settings.civitai_url)
+        version = self.version_id or self._latest_version(_bearer(tokens.civitai), hint, settings)
         url = f"{settings.civitai_url}/api/download/models/{version}?type=Model&format=SafeTensor"
         return Source(f"civitai:{version}", url, "civitai", hint)
 
-    def _latest_version(self, headers: dict, hint: str, civitai_url: str) -> str:
-        try:
-            info = dl.fetch_json(f"{civitai_url}/api/v1/models/{self.model_id}", what=WHAT, headers=headers,
-                                 auth_hint=hint)
+    def _latest_version(self, headers: dict, hint: str, settings: LoraSettings) -> str:
+        try:  # an API answer: 1 MiB at most, within the LoRA fetch's time
+            info = dl.fetch_json(f"{settings.civitai_url}/api/v1/models/{self.model_id}", what=WHAT, headers=headers,
+                                 limits=replace(limits(settings), max_bytes=dl.MiB), auth_hint=hint)
         except dl.DownloadError as exc:
             raise _not_found(exc, f"CivitAI model {self.model_id} was not found. Check the id in the URL.") from None
         if not isinstance(info, dict):
@@ -374,6 +386,9 @@ def _not_found(exc: dl.DownloadError, message: str) -> UserError:
 
 # ----- into the cache ----------------------------------------------------------------------------------------------
 
+# How long a host's "yes, these tokens may read this file" is trusted before a cached copy is served again.
+ACCESS_RECHECK_S = 60.0
+
 @dataclass(frozen=True)
 class Fetched:
     key: str
@@ -393,6 +408,8 @@ class LoraLoader:
         # (reference, tokens' fingerprint) -> (source, when located): a caller with other tokens locates again,
         # so a private or gated reference is never served from memory to a caller who could not read it.
         self._located: dict[tuple[str, str], tuple[Source, float]] = {}
+        # (cache key, tokens' fingerprint) -> when the host last let these tokens read the file
+        self._access: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -410,15 +427,45 @@ class LoraLoader:
         files = self.cache
         path = files.get(source.key)
         if path is not None:
+            self._check_access(source, tokens)
             log.info("lora: %s from the cache in %.2fs", ref.shown, time.monotonic() - started)
             return Fetched(source.key, ref.shown, path, cached=True)
         with files.staging() as folder:
             raw = source.fetch(folder, tokens, self.settings)
-            path = as_safetensors(raw, folder, ref.shown, self.settings.max_bytes)
+            path = as_safetensors(raw, folder, ref.shown, self.settings)
             weights = self._read(path, source.key, ref.shown)
             path = files.put(source.key, path)
+        self._granted(source, tokens)
         log.info("lora: %s fetched into the cache in %.2fs", ref.shown, time.monotonic() - started)
         return Fetched(source.key, ref.shown, path, cached=False, weights=weights)
+
+    def _check_access(self, source: Source, tokens: Tokens) -> None:
+        """A cached file a caller's token can be needed for (a gated or private Hugging Face file, a CivitAI
+        download) is served only to a caller the host lets read it: asked again for each set of tokens, the answer
+        trusted for ACCESS_RECHECK_S at most (FLUX_LORA_RECHECK_S when shorter), never for other tokens. Replicate's
+        token is the container's own (REPLICATE_API_TOKEN), the same for every caller: what it may read was settled
+        when the file was fetched."""
+        if source.token not in Tokens.PER_CALLER:
+            return
+        with self._lock:
+            when = self._access.get((source.key, tokens.fingerprint()))
+        if when is not None and time.monotonic() - when < self._access_horizon:
+            return
+        source.check_access(tokens, self.settings)
+        self._granted(source, tokens)
+
+    @property
+    def _access_horizon(self) -> float:
+        return min(ACCESS_RECHECK_S, self.settings.recheck_s)
+
+    def _granted(self, source: Source, tokens: Tokens) -> None:
+        if source.token not in Tokens.PER_CALLER:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, when in self._access.items() if now - when >= self._access_horizon]:
+                del self._access[old]
+            self._access[(source.key, tokens.fingerprint())] = now
 
     def forget(self, fetched: Fetched) -> None:
         """Drop a fetched file from the cache (a LoRA the model refused: no file stays for a failed request)."""

@@ -227,7 +227,7 @@ class FileServer(LocalServer):
 @dataclass
 class Repo:
     files: dict[str, bytes]
-    gated_token: str | None = None  # when set, every call needs this token
+    gated_token: str | None = None  # when set, its files need this token (its metadata answers anyone, as the hub's)
     sha: str = field(default="")
 
     def __post_init__(self):
@@ -239,7 +239,8 @@ class Repo:
 
 
 class HubServer(FileServer):
-    """Enough of the Hugging Face Hub API for huggingface_hub's snapshot_download and hf_hub_download.
+    """Enough of the Hugging Face Hub API for huggingface_hub's snapshot_download and hf_hub_download. A gated repo
+    is gated as the hub gates one: its files need the token, its metadata (model info, file tree) answers anyone.
 
     Point huggingface_hub at it with HF_ENDPOINT=hub.base (read at import: set it before importing).
     """
@@ -252,12 +253,12 @@ class HubServer(FileServer):
         self.repos[repo_id] = repo = Repo(files, gated_token)
         return repo
 
-    def _check(self, handler: _Handler, repo_id: str) -> Repo | None:
+    def _check(self, handler: _Handler, repo_id: str, file: bool = False) -> Repo | None:
         repo = self.repos.get(repo_id)
         if repo is None:
             handler.json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             return None
-        if repo.gated_token and handler.headers.get("Authorization") != f"Bearer {repo.gated_token}":
+        if file and repo.gated_token and handler.headers.get("Authorization") != f"Bearer {repo.gated_token}":
             handler.json(401, {"error": "Access to this repo is restricted"}, {"X-Error-Code": "GatedRepo"})
             return None
         return repo
@@ -281,7 +282,7 @@ class HubServer(FileServer):
             return True
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:
-            repo = self._check(handler, m.group(1))
+            repo = self._check(handler, m.group(1), file=True)
             if repo is None:
                 return True
             body = repo.files.get(m.group(3))
