@@ -34,6 +34,8 @@ Each layout can express a different set of modules, so updates are built over a 
              everything else converts at any size
   ALL        every Linear of the transformer (diffusers and ai-toolkit layouts)
   BLOCKS     every attention and MLP Linear of every block: what a trainer's LoRA usually holds (script/benchmark gpu)
+  FUSED      the fused BFL modules only (each double block's img/txt qkv, each single block's linear1): the ones
+             diffusers splits at FLUX.1's widths (tests/test_lora_width.py, on a transformer of that width)
 Modules that a fused layout stores as one (q, k, v) share one A, so the fused file holds the update exactly.
 Alphas are powers of two times the rank, so alpha scaling is exact in floating point and every layout of an update
 converts to bit-identical tensors.
@@ -115,7 +117,7 @@ def bfl_groups(transformer) -> dict[str, tuple[str, ...]]:
 
 
 def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
-    """The groups of a named module subset: ATTENTION, XLABS, FUSED_OK or ALL."""
+    """The groups of a named module subset: ATTENTION, XLABS, FUSED_OK, ALL, BLOCKS or FUSED."""
     groups = bfl_groups(transformer)
     attention = {b: ds for b, ds in groups.items() if b.startswith("double_blocks.") and b.split(".", 2)[2] in ATTENTION_BFL}
     if name == "ATTENTION":
@@ -129,6 +131,8 @@ def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
         return {b: ds for b, ds in groups.items() if not b.endswith(".linear1")}
     if name == "ALL":
         return groups
+    if name == "FUSED":
+        return {b: ds for b, ds in groups.items() if b.endswith((".qkv", ".linear1"))}
     if name == "BLOCKS":  # every attention and MLP linear of every block (no modulation, no embedders)
         return {b: ds for b, ds in groups.items()
                 if b.startswith(("double_blocks.", "single_blocks.")) and not b.endswith(".lin")}
