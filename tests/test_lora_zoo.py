@@ -189,10 +189,12 @@ SCHEMES = [
            lambda t, c: File(*loras.bfl_peft_layout(_update(t, "FUSED_OK", seed=29)))),
     Scheme("fal", "replicate/cog-flux#54: fal's trainer, BFL names under base_model.model.",
            lambda t, c: File(*loras.fal_layout(_update(t, "FUSED_OK", seed=30)))),
-    Scheme("OneTrainer full, CLIP and T5", "OneTrainer modules/module/LoRAModule.py: lora_transformer_<diffusers "
-           "module>, CLIP lora_te1_, T5 lora_te2_ (diffusers' mixture converter collapses non-attention modules)",
+    Scheme("OneTrainer full, CLIP and T5", "OneTrainer modules/modelSaver/flux/FluxLoRASaver.py, its own format: "
+           "lora_transformer_<diffusers module>, CLIP lora_te1_, T5 lora_te2_ (issue 28; diffusers' "
+           "_convert_mixture_state_dict_to_diffusers asserts on lora_te2_ and collapses non-attention modules)",
            _onetrainer),
-    Scheme("OneTrainer attention-only", "OneTrainer, attention layers only (diffusers' mixture converter loads it)",
+    Scheme("OneTrainer attention-only", "OneTrainer, attention layers only: diffusers "
+           "_convert_mixture_state_dict_to_diffusers loads it",
            _onetrainer_attention),
     Scheme("LyCORIS LoKr, kohya names", "LyCORIS lycoris/modules/lokr.py saved by sd-scripts: lora_unet_<BFL "
            "module>.lokr_w1", _lycoris("lokr", "bfl", 31)),
@@ -210,6 +212,8 @@ SCHEMES = [
            _with(lambda t, c: File(*loras.bfl_peft_layout(_update(t, "ATTENTION", seed=35))),
                  **{"double_blocks.0.img_attn.norm.query_norm.scale": lambda f: torch.ones(16)}),
            refused=r"FLUX Control LoRA \(Canny/Depth\).*control image"),
+    Scheme("T5 only", "sd-scripts networks/lora_flux.py trained with only the T5 encoder (lora_te3_)",
+           lambda t, c: File(loras.t5_tensors("kohya")), refused=r"holds only text-encoder weights .*\(T5\)"),
 ]
 
 
@@ -299,7 +303,7 @@ def test_every_scheme_loads_as_its_writer_intends_or_is_refused_in_words(engine,
     assert got.files[0].read_bytes() != images[False], "the LoRA changed nothing"
     assert got.metrics["lora_unapplied_tensors"] == file.unapplied
     if file.unapplied:
-        assert f"{file.unapplied} T5" in caplog.text and "not applied" in caplog.text
+        assert f"T5 text-encoder weights ({file.unapplied} tensors" in caplog.text and "not applied" in caplog.text
 
     if file.intended is not None:
         expected = _hand_merged(originals, file.intended, SCALE)

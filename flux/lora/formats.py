@@ -4,14 +4,17 @@ A `Delta` keeps a module's weight change as the factors it was trained as (a low
 Kronecker or Hadamard product) and the scale its file gives it (alpha / rank, as PEFT would scale it); `problem()`
 says why one cannot be fused (not matrices of finite numbers that multiply out, rank 0, a scale that is not finite).
 
-`normalize` reads a .safetensors file: diffusers' FluxLoraLoaderMixin converters turn the key names of the layouts in
-use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into diffusers/PEFT keys,
-and each lora_A/lora_B pair becomes a Delta. The adapter metadata is read for the scaling numbers only, each checked:
-nothing in a file configures the serving model. What diffusers cannot do for FLUX.1 is routed here: BFL names with
-PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`) go to the ComfyUI form diffusers
-converts at any size, and LyCORIS LoKr/LoHa files become Deltas per diffusers module (a fused BFL qkv/linear1 split
-by rows). Every tensor must be finite and floating-point, every Delta fusable, before the LoRA is cached or used;
-DoRA is refused.
+`normalize` reads a .safetensors file. Its factors are read in float32 (fp8, fp16 and bf16 ones too) before any check
+or product; T5 factors (kohya's lora_te3_, OneTrainer's lora_te2_, ComfyUI's t5xxl) are set aside, named in the log
+and counted (`LoraWeights.unapplied`); PEFT's wrapper prefix (`base_model.model.`, SimpleTuner's
+`transformer.base_model.model.`) is removed. diffusers' FluxLoraLoaderMixin converters then turn the key names of the
+layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into
+diffusers/PEFT keys, and each lora_A/lora_B pair becomes a Delta. The adapter metadata is read for the scaling
+numbers only, each checked: nothing in a file configures the serving model. What diffusers cannot do for FLUX.1 is
+routed here: BFL names with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`) go to the
+ComfyUI form diffusers converts at any size; LyCORIS LoKr/LoHa files and OneTrainer's LoRAs (diffusers names, each
+module apart) become Deltas per diffusers module (a fused BFL qkv/linear1 split by rows). Every tensor must be finite
+and floating-point, every Delta fusable, before the LoRA is cached or used; DoRA is refused.
 """
 
 from __future__ import annotations
@@ -246,7 +249,7 @@ def _bfl_to_comfy(state_dict: dict) -> dict:
     return out
 
 
-FORMATS = ("diffusers/PEFT (also under PEFT's base_model.model.), ai-toolkit, kohya/sd-scripts, OneTrainer, XLabs, "
+FORMATS = ("diffusers/PEFT, PEFT's own base_model.model. keys, ai-toolkit, kohya/sd-scripts, OneTrainer, XLabs, "
            "BFL-native (ComfyUI, BFL's and fal's trainers), LyCORIS LoKr and LoHa")
 
 
@@ -304,8 +307,8 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
 #   lora_te2_                    OneTrainer's FLUX LoRA (its second text encoder is T5; FLUX has one CLIP)
 #   text_encoders.t5xxl.         ComfyUI's saved LoRAs (diffusers' lora_conversion_utils drops them too)
 #   text_encoder_2.              diffusers' component name for T5
-UNAPPLIED_ENCODERS = {"lora_te3_": "T5 (kohya lora_te3_)", "lora_te2_": "T5 (OneTrainer lora_te2_)",
-                      "text_encoders.t5xxl.": "T5 (ComfyUI t5xxl)", "text_encoder_2.": "T5 (diffusers text_encoder_2)"}
+UNAPPLIED_ENCODERS = {"lora_te3_": "kohya lora_te3_", "lora_te2_": "OneTrainer lora_te2_",
+                      "text_encoders.t5xxl.": "ComfyUI text_encoders.t5xxl.", "text_encoder_2.": "text_encoder_2."}
 
 
 def _without_unapplied_encoders(tensors: dict, shown: str) -> tuple[dict, int]:
@@ -318,9 +321,10 @@ def _without_unapplied_encoders(tensors: dict, shown: str) -> tuple[dict, int]:
             kept[name] = value
         else:
             dropped[UNAPPLIED_ENCODERS[prefix]] += 1
-    for encoder, count in dropped.items():
-        log.warning("lora: %s carries %d %s text-encoder tensors; this loader changes FLUX's transformer and CLIP "
-                    "only (as diffusers' FLUX loader does), so they are not applied", shown, count, encoder)
+    for names, count in dropped.items():
+        log.warning("lora: %s carries T5 text-encoder weights (%d tensors) in %s names; this loader changes FLUX's "
+                    "transformer and CLIP only (as diffusers' FLUX loader does), so they are not applied",
+                    shown, count, names)
     return kept, sum(dropped.values())
 
 
@@ -640,8 +644,8 @@ def _lycoris_targets(module: str) -> list[tuple[str, tuple[int, ...] | None, boo
 def _per_module(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
     """A file whose modules each carry their own factors and alpha as one Delta per diffusers module, checked to be
     complete and consistent: LyCORIS (LoKr, LoHa, with LoRA pairs mixed in) and OneTrainer's LoRAs
-    (`lora_transformer_<diffusers module>` on every Linear, CLIP as `lora_te1_`: OneTrainer's
-    modules/module/LoRAModule.py names each module after its path in the model, `.` as `_`). Each module's change is
+    (`lora_transformer_<diffusers module>` on every Linear, CLIP as `lora_te1_`: OneTrainer names each LoRA module
+    after its path in the diffusers model, `.` as `_`, as its FLUX LoRA saver writes them). Each module's change is
     scale * its factors' product with scale alpha / rank, as LyCORIS and OneTrainer apply it (diffusers' converter for
     these names appends a submodule only for attention, so every other module would collapse onto its block)."""
     grouped: dict[str, dict[str, object]] = {}
