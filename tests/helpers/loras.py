@@ -340,8 +340,8 @@ T5_NAMING = {
 
 
 def t5_tensors(naming: str, blocks: int = 2, rank: int = RANK, seed: int = 0) -> dict:
-    """Random low-rank T5 factors (q, k, v, o of each encoder block, at T5-XXL's widths cut to 64) in a trainer's
-    names: 4 modules per block, 3 tensors each (down, up, alpha)."""
+    """Random low-rank T5 factors (q, k, v, o of each encoder block, 64 wide: they are never applied, so no width is
+    checked) in a trainer's names: 4 modules per block, 3 tensors each (down, up, alpha)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i in range(blocks):
