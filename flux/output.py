@@ -59,5 +59,6 @@ def metrics(generated: Generated, image_count: int) -> dict[str, object]:
     if generated.loras:
         facts["lora"] = [got.shown for got in generated.loras]
         facts["lora_cached"] = all(got.cached for got in generated.loras)
+        facts["lora_unapplied_tensors"] = generated.lora_unapplied
     facts.update({f"timing.{stage}": round(seconds, 4) for stage, seconds in generated.timings.items()})
     return facts

@@ -45,6 +45,7 @@ class Generated:
     steps: int = 0  # denoising steps each output ran
     passes: int = 0  # transformer passes that computed (a step cache's cached steps do not), over every pipeline call
     loras: list[Fetched] = field(default_factory=list)
+    lora_unapplied: int = 0  # tensors of the LoRAs in use for text encoders not changed (T5), named in the log
     moves: list[memory.Move] = field(default_factory=list)  # transfers between CPU and GPU memory
     started: float = field(default_factory=time.monotonic)  # when the prediction started running
 
@@ -134,6 +135,7 @@ class Runner:
             generated.images = [processor.apply_overlay(req.mask, req.image, img) for img in generated.images]
             timings["decode"] += time.monotonic() - started
         generated.loras = fetched
+        generated.lora_unapplied = sum(a.weights.unapplied for a in self.loras.adapters(req.model))
         return generated
 
     def _calls(self, copy, req: Request, kwargs: dict, timings: dict[str, float],

@@ -4,14 +4,17 @@ A `Delta` keeps a module's weight change as the factors it was trained as (a low
 Kronecker or Hadamard product) and the scale its file gives it (alpha / rank, as PEFT would scale it); `problem()`
 says why one cannot be fused (not matrices of finite numbers that multiply out, rank 0, a scale that is not finite).
 
-`normalize` reads a .safetensors file: diffusers' FluxLoraLoaderMixin converters turn the key names of the layouts in
-use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into diffusers/PEFT keys,
-and each lora_A/lora_B pair becomes a Delta. The adapter metadata is read for the scaling numbers only, each checked:
-nothing in a file configures the serving model. What diffusers cannot do for FLUX.1 is routed here: BFL names with
-PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`) go to the ComfyUI form diffusers
-converts at any size, and LyCORIS LoKr/LoHa files become Deltas per diffusers module (a fused BFL qkv/linear1 split
-by rows). Every tensor must be finite and floating-point, every Delta fusable, before the LoRA is cached or used;
-DoRA is refused.
+`normalize` reads a .safetensors file. Its factors are read in float32 (fp8, fp16 and bf16 ones too) before any check
+or product; T5 factors (kohya's lora_te3_, OneTrainer's lora_te2_, ComfyUI's t5xxl) are set aside, named in the log
+and counted (`LoraWeights.unapplied`); PEFT's wrapper prefix (`base_model.model.`, SimpleTuner's
+`transformer.base_model.model.`) is removed. diffusers' FluxLoraLoaderMixin converters then turn the key names of the
+layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into
+diffusers/PEFT keys, and each lora_A/lora_B pair becomes a Delta. The adapter metadata is read for the scaling
+numbers only, each checked: nothing in a file configures the serving model. What diffusers cannot do for FLUX.1 is
+routed here: BFL names with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`) go to the
+ComfyUI form diffusers converts at any size; LyCORIS LoKr/LoHa files and OneTrainer's LoRAs (diffusers names, each
+module apart) become Deltas per diffusers module (a fused BFL qkv/linear1 split by rows). Every tensor must be finite
+and floating-point, every Delta fusable, before the LoRA is cached or used; DoRA is refused.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class LoraWeights:
     shown: str  # how logs and messages name it; never holds a token
     layout: str  # the layout the file was written in (diffusers, kohya, xlabs, lokr, ...)
     deltas: dict[str, Delta] = field(repr=False)
+    unapplied: int = 0  # tensors for text encoders this loader does not change (T5): named in the log, not applied
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -212,7 +216,9 @@ def layout(keys: list[str], metadata: dict | None) -> str:
         return kinds.pop() if len(kinds) == 1 else "lycoris"
     if any(k.startswith("base_model.model.") and _strip_bfl_prefix(k).startswith(_BFL_ROOTS) for k in keys):
         return "fal"
-    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
+    if any(k.startswith("lora_transformer_") for k in keys):
+        return "onetrainer"
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
     if any(".lora_down.weight" in k for k in keys) and any(k.startswith("diffusion_model.") for k in keys):
         return "bfl"
@@ -243,8 +249,8 @@ def _bfl_to_comfy(state_dict: dict) -> dict:
     return out
 
 
-FORMATS = ("diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native (ComfyUI, BFL's and fal's trainers), "
-           "LyCORIS LoKr and LoHa")
+FORMATS = ("diffusers/PEFT, PEFT's own base_model.model. keys, ai-toolkit, kohya/sd-scripts, OneTrainer, XLabs, "
+           "BFL-native (ComfyUI, BFL's and fal's trainers), LyCORIS LoKr and LoHa")
 
 
 def _unreadable(shown: str, keys: list[str], why: str = "") -> LoraError:
@@ -265,22 +271,23 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     that says what to change if it cannot be. Key names go through diffusers' own converters; the file's adapter
     metadata is read only for the numbers that scale the LoRA (as PEFT would scale it), never as a configuration."""
     tensors, header = _read(path, shown)
+    tensors, unapplied = _without_unapplied_encoders(tensors, shown)
+    if not tensors:
+        raise LoraError(f"{shown} holds only text-encoder weights this loader does not apply (T5): it would change "
+                        "nothing. Use a LoRA with weights for FLUX's transformer.")
+    tensors, wrapped = _without_peft_wrapper(tensors)
     keys = list(tensors)
     kind = layout(keys, header)
     if kind == "bfl-control":
         raise LoraError(f"{shown} is a FLUX Control LoRA (Canny/Depth): it needs a control image, which this model "
                         "does not take.")
-    dropped = [k for k in keys if "t5xxl" in k or k.startswith("lora_te2_")]
-    if dropped:
-        log.warning("lora: %s carries T5 text-encoder weights (%d tensors); diffusers' FLUX loader has no T5 LoRA "
-                    "support, so they are not applied", shown, len(dropped))
     tensors = _numbers(tensors, shown)
     dora = next((k for k in keys if k.endswith((".dora_scale", "lora_magnitude_vector"))), None)
     if dora is not None:
         raise LoraError(f"{shown} is a DoRA ({short(dora)}): this loader applies LoRA, LoKr and LoHa weights, not "
                         "DoRA's weight decomposition. Use the LoRA without DoRA.")
-    if kind in ("lokr", "loha", "lycoris"):
-        deltas = _lycoris(tensors, shown, kind)
+    if kind in ("lokr", "loha", "lycoris", "onetrainer"):
+        deltas = _per_module(tensors, shown, kind)
     else:
         deltas = _low_rank(tensors, header, kind, shown)
     checked = {(id(d.factors), d.scale): d for d in deltas.values()}  # rows play no part: once per shared factors
@@ -288,7 +295,54 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
         problem = delta.problem()
         if problem:
             raise LoraError(f"{shown} cannot be used: {short(delta.source)} {problem}. Use an intact LoRA file.")
-    return LoraWeights(key=key, shown=shown, layout=kind, deltas=deltas)
+    return LoraWeights(key=key, shown=shown, layout="peft" if wrapped and kind != "fal" else kind, deltas=deltas,
+                       unapplied=unapplied)
+
+
+# ----- schemes read before a layout is chosen (each: where its key names come from) ---------------------------------
+
+# Text encoders FLUX LoRAs may carry and this loader does not change (diffusers' FLUX loader has no T5 LoRA either):
+# the key prefix -> how the log names the encoder.
+#   lora_te3_                    sd-scripts networks/lora_flux.py (LORA_PREFIX_TEXT_ENCODER_T5)
+#   lora_te2_                    OneTrainer's FLUX LoRA (its second text encoder is T5; FLUX has one CLIP)
+#   text_encoders.t5xxl.         ComfyUI's saved LoRAs (diffusers' lora_conversion_utils drops them too)
+#   text_encoder_2.              diffusers' component name for T5
+UNAPPLIED_ENCODERS = {"lora_te3_": "kohya lora_te3_", "lora_te2_": "OneTrainer lora_te2_",
+                      "text_encoders.t5xxl.": "ComfyUI text_encoders.t5xxl.", "text_encoder_2.": "text_encoder_2."}
+
+
+def _without_unapplied_encoders(tensors: dict, shown: str) -> tuple[dict, int]:
+    """The tensors this loader applies, and how many it does not (text encoders it does not change): those are named
+    in the log, never dropped in silence, and counted for the prediction's metrics (`lora_unapplied_tensors`)."""
+    kept, dropped = {}, collections.Counter()
+    for name, value in tensors.items():
+        prefix = next((p for p in UNAPPLIED_ENCODERS if name.startswith(p)), None)
+        if prefix is None:
+            kept[name] = value
+        else:
+            dropped[UNAPPLIED_ENCODERS[prefix]] += 1
+    for names, count in dropped.items():
+        log.warning("lora: %s carries T5 text-encoder weights (%d tensors) in %s names; this loader changes FLUX's "
+                    "transformer and CLIP only (as diffusers' FLUX loader does), so they are not applied",
+                    shown, count, names)
+    return kept, sum(dropped.values())
+
+
+# PEFT's own wrapper prefix: `PeftModel.save_pretrained` writes `base_model.model.<module>` (peft/utils/
+# save_and_load.py keeps the wrapper's names), SimpleTuner's PEFT saves `transformer.base_model.model.<module>`.
+# Under it, diffusers module names; BFL names under `base_model.model.` are fal's trainer (layout "fal").
+_PEFT_WRAPPERS = ("transformer.base_model.model.", "base_model.model.")
+
+
+def _without_peft_wrapper(tensors: dict) -> tuple[dict, bool]:
+    """diffusers module names under PEFT's wrapper prefix as `transformer.<module>` keys; whether any were."""
+    out, wrapped = {}, False
+    for name, value in tensors.items():
+        prefix = next((p for p in _PEFT_WRAPPERS if name.startswith(p)), None)
+        if prefix is not None and name[len(prefix):].startswith(_TRANSFORMER_ROOTS):
+            name, wrapped = "transformer." + name[len(prefix):], True
+        out[name] = value
+    return out, wrapped
 
 
 def _read(path: Path, shown: str) -> tuple[dict, dict]:
@@ -304,10 +358,13 @@ def _read(path: Path, shown: str) -> tuple[dict, dict]:
 
 
 def _numbers(tensors: dict, shown: str) -> dict:
-    """The tensors, refused unless each is floating-point and finite; an alpha may be a one-element integer (as
-    float32 then, which diffusers' converters take)."""
+    """The tensors in float32, refused unless each is floating-point and finite; an alpha may be a one-element integer
+    (as float32 then, which diffusers' converters take). Factors saved in fp8 (e4m3, e5m2: torch has no finite
+    check or product for them), fp16 or bf16 are read in float32 before any check or product."""
     out = {}
     for name, value in tensors.items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            value = value.to(torch.float32)
         if name.endswith(".alpha"):
             if value.numel() != 1:
                 raise LoraError(f"{shown}: {short(name)} holds {value.numel()} numbers; an alpha is one number.")
@@ -584,8 +641,13 @@ def _lycoris_targets(module: str) -> list[tuple[str, tuple[int, ...] | None, boo
     return [(f"transformer.{name}", None, False)] if name else None
 
 
-def _lycoris(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
-    """A LyCORIS file as one Delta per diffusers module, checked to be complete and consistent."""
+def _per_module(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
+    """A file whose modules each carry their own factors and alpha as one Delta per diffusers module, checked to be
+    complete and consistent: LyCORIS (LoKr, LoHa, with LoRA pairs mixed in) and OneTrainer's LoRAs
+    (`lora_transformer_<diffusers module>` on every Linear, CLIP as `lora_te1_`: OneTrainer names each LoRA module
+    after its path in the diffusers model, `.` as `_`, as its FLUX LoRA saver writes them). Each module's change is
+    scale * its factors' product with scale alpha / rank, as LyCORIS and OneTrainer apply it (diffusers' converter for
+    these names appends a submodule only for attention, so every other module would collapse onto its block)."""
     grouped: dict[str, dict[str, object]] = {}
     for name, value in tensors.items():
         suffix = _suffix(name)
@@ -595,8 +657,6 @@ def _lycoris(tensors: dict, shown: str, kind: str) -> dict[str, Delta]:
         grouped.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
     deltas = {}
     for module, parts in grouped.items():
-        if module.startswith("lora_te2_") or "t5xxl" in module:
-            continue  # T5: logged by normalize()
         unsupported = [_LYCORIS_UNSUPPORTED[s] for s in parts if s in _LYCORIS_UNSUPPORTED]
         if unsupported:
             raise LoraError(f"{shown}: {short(module)} uses {unsupported[0]}, which this loader does not apply to "

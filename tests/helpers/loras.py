@@ -14,6 +14,12 @@ W + scale * B @ A. The writers below store the same update in each file layout:
               img_attn.qkv.lora_down.weight` + `.alpha`, CLIP as `text_encoders.clip_l.transformer...`
   bfl-peft    BFL-native names with PEFT's lora_A / lora_B and no prefix (BFL's own trainer)
   fal         BFL-native names with PEFT's lora_A / lora_B under `base_model.model.` (fal's trainer)
+  peft        diffusers names with PEFT's lora_A / lora_B under PEFT's wrapper prefix (`base_model.model.` from
+              PeftModel.save_pretrained, `transformer.base_model.model.` from SimpleTuner)
+  onetrainer  OneTrainer: `lora_transformer_<diffusers module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+              on each module apart, CLIP as `lora_te1_...`
+  t5_tensors  T5 factors as a trainer adds them (kohya `lora_te3_`, OneTrainer `lora_te2_`, ComfyUI
+              `text_encoders.t5xxl.transformer.`), to be named in the log and not applied
 
 LyCORIS files (LoKr, LoHa) are not low-rank updates: `lycoris_file` writes random ones directly, in kohya's BFL
 names or LyCORIS' diffusers names, and says which diffusers modules each file module stands for; the tests compute
@@ -28,6 +34,8 @@ Each layout can express a different set of modules, so updates are built over a 
              everything else converts at any size
   ALL        every Linear of the transformer (diffusers and ai-toolkit layouts)
   BLOCKS     every attention and MLP Linear of every block: what a trainer's LoRA usually holds (script/benchmark gpu)
+  FUSED      the fused BFL modules only (each double block's img/txt qkv, each single block's linear1): the ones
+             diffusers splits at FLUX.1's widths (tests/test_lora_width.py, on a transformer of that width)
 Modules that a fused layout stores as one (q, k, v) share one A, so the fused file holds the update exactly.
 Alphas are powers of two times the rank, so alpha scaling is exact in floating point and every layout of an update
 converts to bit-identical tensors.
@@ -109,7 +117,7 @@ def bfl_groups(transformer) -> dict[str, tuple[str, ...]]:
 
 
 def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
-    """The groups of a named module subset: ATTENTION, XLABS, FUSED_OK or ALL."""
+    """The groups of a named module subset: ATTENTION, XLABS, FUSED_OK, ALL, BLOCKS or FUSED."""
     groups = bfl_groups(transformer)
     attention = {b: ds for b, ds in groups.items() if b.startswith("double_blocks.") and b.split(".", 2)[2] in ATTENTION_BFL}
     if name == "ATTENTION":
@@ -123,6 +131,8 @@ def subset(transformer, name: str) -> dict[str, tuple[str, ...]]:
         return {b: ds for b, ds in groups.items() if not b.endswith(".linear1")}
     if name == "ALL":
         return groups
+    if name == "FUSED":
+        return {b: ds for b, ds in groups.items() if b.endswith((".qkv", ".linear1"))}
     if name == "BLOCKS":  # every attention and MLP linear of every block (no modulation, no embedders)
         return {b: ds for b, ds in groups.items()
                 if b.startswith(("double_blocks.", "single_blocks.")) and not b.endswith(".lin")}
@@ -297,6 +307,50 @@ def xlabs_layout(update: Update, dtype=torch.float32) -> tuple[dict, None]:
             out[f"{kind}.{index}.processor.{name}.down.weight"] = _t(fused[0], dtype)
             out[f"{kind}.{index}.processor.{name}.up.weight"] = _t(fused[1], dtype)
     return out, None
+
+
+def peft_layout(update: Update, prefix: str = "base_model.model.", dtype=torch.float32) -> tuple[dict, None]:
+    """PEFT's own keys: diffusers module names under the PEFT wrapper's prefix, no alpha (PeftModel.save_pretrained
+    keeps lora_alpha in adapter_config.json beside the file)."""
+    assert not update.text_encoder
+    out = {}
+    for m, (a, b) in update.transformer.items():
+        out[f"{prefix}{m}.lora_A.weight"] = _t(a, dtype)
+        out[f"{prefix}{m}.lora_B.weight"] = _t(b, dtype)
+    return out, None
+
+
+def onetrainer_layout(update: Update, alpha: float | None = None, dtype=torch.float32) -> tuple[dict, None]:
+    """OneTrainer's keys: every diffusers module apart (no fused qkv), `.` as `_`, with its alpha (default rank / 2)."""
+    alpha = alpha or update.rank / 2
+    out = {}
+    for m, (a, b) in update.transformer.items():
+        _down_up_alpha(out, "lora_transformer_" + m.replace(".", "_"), a, b, update.rank, alpha, dtype)
+    for m, (a, b) in update.text_encoder.items():
+        _down_up_alpha(out, "lora_te1_" + m.replace(".", "_"), a, b, update.rank, alpha, dtype)
+    return out, None
+
+
+# T5 (text_encoder_2) module names as each trainer writes them: T5 factors are named in the log, never applied.
+T5_NAMING = {
+    "kohya": lambda m: "lora_te3_" + m.replace(".", "_"),
+    "onetrainer": lambda m: "lora_te2_" + m.replace(".", "_"),
+    "comfyui": lambda m: "text_encoders.t5xxl.transformer." + m,
+}
+
+
+def t5_tensors(naming: str, blocks: int = 2, rank: int = RANK, seed: int = 0) -> dict:
+    """Random low-rank T5 factors (q, k, v, o of each encoder block, 64 wide: they are never applied, so no width is
+    checked) in a trainer's names: 4 modules per block, 3 tensors each (down, up, alpha)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(blocks):
+        for part in "qkvo":
+            name = T5_NAMING[naming](f"encoder.block.{i}.layer.0.SelfAttention.{part}")
+            out[f"{name}.lora_down.weight"] = torch.randn(rank, 64, generator=gen)
+            out[f"{name}.lora_up.weight"] = torch.randn(64, rank, generator=gen)
+            out[f"{name}.alpha"] = torch.tensor(float(rank))
+    return out
 
 
 LAYOUTS = {
