@@ -28,6 +28,9 @@ The LoRA loader's settings (`LoraSettings`, flux/lora/sources.py) are read here 
   FLUX_LORA_MAX_HEADER_BYTES most bytes a LoRA file's parsers may hold before its content: a tar's long-name and PAX
                              headers together, a zip's central directory, the safetensors header (default 16 MiB)
   FLUX_LORA_MAX_TENSORS      most tensors a LoRA file may hold (default 20,000; FLUX LoRAs hold a few thousand)
+  FLUX_LORA_MAX_FLOAT32_BYTES most bytes a LoRA's numbers may take once read in float32, counted from its header's
+                             shapes before any is read (default twice FLUX_LORA_MAX_BYTES: a bf16 or fp16 file at the
+                             download limit; an fp8 file takes four times its size)
   FLUX_REPLICATE_URL, FLUX_CIVITAI_URL, HF_ENDPOINT   where replicate.com, civitai.com and huggingface.co are
   HF_TOKEN, CIVITAI_API_TOKEN, REPLICATE_API_TOKEN    tokens for requests that bring none
 
@@ -60,7 +63,7 @@ VARIABLES = (
     "FLUX_WEIGHTS_DIR", "HF_TOKEN",
     # LoRAs (lora_loader.py)
     "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S",
-    "FLUX_LORA_MAX_HEADER_BYTES", "FLUX_LORA_MAX_TENSORS", "FLUX_REPLICATE_URL",
+    "FLUX_LORA_MAX_HEADER_BYTES", "FLUX_LORA_MAX_TENSORS", "FLUX_LORA_MAX_FLOAT32_BYTES", "FLUX_REPLICATE_URL",
     "FLUX_CIVITAI_URL", "FLUX_ALLOW_PRIVATE_URLS", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN",
 )
 
@@ -187,6 +190,7 @@ class LoraSettings:
     recheck_s: float = 300.0
     max_header_bytes: int = 16 * 2**20
     max_tensors: int = 20_000
+    max_float32_bytes: int = 4 * GiB  # from_env: twice max_bytes unless set
     replicate_url: str = "https://replicate.com"
     civitai_url: str = "https://civitai.com"
     hf_endpoint: str = "https://huggingface.co"
@@ -201,13 +205,15 @@ class LoraSettings:
         def url(name: str, default: str) -> str:
             return ((env.get(name) or "").strip() or default).rstrip("/")
 
+        max_bytes = int(_number(env, "FLUX_LORA_MAX_BYTES", cls.max_bytes))
         return cls(
-            max_bytes=int(_number(env, "FLUX_LORA_MAX_BYTES", cls.max_bytes)),
+            max_bytes=max_bytes,
             cache_bytes=int(_number(env, "FLUX_LORA_CACHE_GB", cls.cache_bytes / GiB) * GiB),
             timeout_s=_number(env, "FLUX_LORA_TIMEOUT_S", cls.timeout_s),
             recheck_s=_number(env, "FLUX_LORA_RECHECK_S", cls.recheck_s, zero=True),
             max_header_bytes=int(_number(env, "FLUX_LORA_MAX_HEADER_BYTES", cls.max_header_bytes)),
             max_tensors=int(_number(env, "FLUX_LORA_MAX_TENSORS", cls.max_tensors)),
+            max_float32_bytes=int(_number(env, "FLUX_LORA_MAX_FLOAT32_BYTES", 2 * max_bytes)),
             replicate_url=url("FLUX_REPLICATE_URL", cls.replicate_url),
             civitai_url=url("FLUX_CIVITAI_URL", cls.civitai_url),
             hf_endpoint=url("HF_ENDPOINT", cls.hf_endpoint),

@@ -617,6 +617,28 @@ def test_tensors_are_counted_and_the_header_sized_before_any_conversion(env, loa
     assert cache_names(env) == []
 
 
+def test_a_lora_whose_factors_read_in_float32_exceed_the_limit_is_refused_from_its_header(env, loader, monkeypatch):
+    """Factors are read in float32 whatever their dtype (fp8 ones take four times their bytes then): that size is
+    counted from the header's shapes before any tensor is read, against FLUX_LORA_MAX_FLOAT32_BYTES (default twice
+    FLUX_LORA_MAX_BYTES); under the limit the same file loads."""
+    import torch
+    from safetensors.torch import save
+
+    factors = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    fp8 = save({k: v.to(torch.float8_e4m3fn) for k, v in factors.items()})
+    monkeypatch.setenv("FLUX_LORA_MAX_FLOAT32_BYTES", "1000")
+    with pytest.raises(UserError, match=r"take 1\.0 KiB once read in float32 .* over the 1000 bytes limit "
+                                        r"\(FLUX_LORA_MAX_FLOAT32_BYTES\)"):
+        fetch(loader, data_uri(fp8, ""))
+    assert cache_names(env) == []
+    monkeypatch.setenv("FLUX_LORA_MAX_FLOAT32_BYTES", "1024")
+    assert fetch(loader, data_uri(fp8, "")).path.is_file()
+    monkeypatch.delenv("FLUX_LORA_MAX_FLOAT32_BYTES")
+    monkeypatch.setenv("FLUX_LORA_MAX_BYTES", "1000")
+    assert LoraSettings.from_env().max_float32_bytes == 2000
+
+
 @pytest.mark.parametrize("path", ["/body", "/headers"])
 def test_a_host_that_drips_fails_within_the_deadline(env, loader, monkeypatch, path):
     """A byte of the body, or a header line, every 0.2 s: the fetch fails by FLUX_LORA_TIMEOUT_S (plus 2 s), however

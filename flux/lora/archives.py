@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import math
 import tarfile
 import zipfile
 import zlib
@@ -216,6 +217,11 @@ def _check_safetensors(path: Path, shown: str, settings: LoraSettings) -> None:
     if listed > settings.max_tensors:
         raise LoraError(f"{shown}: its header lists {listed:,} tensors, over the {settings.max_tensors:,} limit "
                         "(FLUX_LORA_MAX_TENSORS); a FLUX LoRA holds a few thousand.")
+    as_float32 = _float32_bytes(header)
+    if as_float32 is not None and as_float32 > settings.max_float32_bytes:
+        raise LoraError(f"{shown}: its numbers take {human_bytes(as_float32)} once read in float32 (every factor is "
+                        f"read in float32 before it is checked), over the {human_bytes(settings.max_float32_bytes)} "
+                        "limit (FLUX_LORA_MAX_FLOAT32_BYTES). Use a LoRA of a lower rank.")
     if header_bytes <= settings.max_header_bytes:
         try:
             with safe_open(path, "pt") as f:
@@ -232,3 +238,26 @@ def _check_safetensors(path: Path, shown: str, settings: LoraSettings) -> None:
     if head[:1] == b"\x80":
         raise LoraError(pickle_message(shown))
     raise LoraError(f"{shown} is not a safetensors file (or it is truncated): check the URL.")
+
+
+def _float32_bytes(header: bytes) -> int | None:
+    """The bytes a safetensors file's tensors take in float32 (the dtype formats.py reads every factor in), from the
+    shapes its header lists (already bounded in size and count); None when the header is not valid JSON of tensors
+    (safetensors then says what is wrong)."""
+    import json
+
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(entries, dict):
+        return None
+    total = 0
+    for name, entry in entries.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            return None
+        total += 4 * math.prod(shape)
+    return total
