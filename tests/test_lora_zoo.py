@@ -42,6 +42,7 @@ class File:
     # the file as diffusers loads it, where diffusers needs a step first (float32 factors, no PEFT wrapper)
     for_diffusers: Callable[[dict], dict] | None = None
     unapplied: int = 0  # T5 tensors: named in the log, counted in lora_unapplied_tensors, not applied
+    differences: int = 0  # ComfyUI's bias and norm differences (.diff_b, .diff): the same
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,17 @@ def _kohya_integer_alpha(t, clip):
     return File({k: v.to(torch.int64) if k.endswith(".alpha") else v for k, v in file.tensors.items()})
 
 
-def _comfyui(t, clip, seed=24, t5=False):
+def _comfyui(t, clip, seed=24, t5=False, differences=False):
     tensors, _ = loras.bfl_layout(_update(t, "FUSED_OK", clip, seed), alpha=3.0)
     extra = loras.t5_tensors("comfyui") if t5 else {}
-    return File(tensors | extra, unapplied=len(extra))
+    diffs = {}
+    if differences:  # ComfyUI's extract with its bias option: a layer's bias difference, a norm's scale difference
+        block = t.transformer_blocks[0]
+        diffs = {"diffusion_model.double_blocks.0.img_attn.qkv.diff_b": torch.full((3 * block.attn.to_q.out_features,),
+                                                                                     0.01),
+                 "diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff": torch.full(
+                     (block.attn.norm_q.weight.shape[0],), 0.01)}
+    return File(tensors | extra | diffs, unapplied=len(extra), differences=len(diffs))
 
 
 def _onetrainer(t, clip):
@@ -183,6 +191,9 @@ SCHEMES = [
            "(diffusers _convert_kohya_flux_lora_to_diffusers, ComfyUI branch)", lambda t, c: _comfyui(t, c)),
     Scheme("ComfyUI, CLIP and T5", "ComfyUI: text_encoders.t5xxl.transformer. (dropped by diffusers' converter too)",
            lambda t, c: _comfyui(t, c, 27, t5=True)),
+    Scheme("ComfyUI extract with bias and norm differences", "ComfyUI comfy_extras/nodes_lora_extract.py (bias_diff): "
+           "<module>.diff_b and 1-D <weight>.diff beside the factors; diffusers' FLUX converters drop them",
+           lambda t, c: _comfyui(t, c, 39, differences=True)),
     Scheme("XLabs", "diffusers _convert_xlabs_flux_lora_to_diffusers: double_blocks.N.processor.qkv_lora1",
            lambda t, c: File(*loras.xlabs_layout(_update(t, "XLABS", seed=28)))),
     Scheme("BFL PEFT", "BFL's flux repo: BFL module names with PEFT's lora_A/lora_B",
@@ -213,7 +224,8 @@ SCHEMES = [
                  **{"double_blocks.0.img_attn.norm.query_norm.scale": lambda f: torch.ones(16)}),
            refused=r"FLUX Control LoRA \(Canny/Depth\).*control image"),
     Scheme("T5 only", "sd-scripts networks/lora_flux.py trained with only the T5 encoder (lora_te3_)",
-           lambda t, c: File(loras.t5_tensors("kohya")), refused=r"holds only text-encoder weights .*\(T5\)"),
+           lambda t, c: File(loras.t5_tensors("kohya")),
+           refused=r"holds only weights this loader does not apply \(T5 text-encoder weights"),
 ]
 
 
@@ -302,9 +314,11 @@ def test_every_scheme_loads_as_its_writer_intends_or_is_refused_in_words(engine,
     with caplog.at_level(logging.WARNING, logger="flux"):
         got = run(engine, tmp_path, replicate_weights=uri, lora_scale=SCALE)
     assert got.files[0].read_bytes() != images[False], "the LoRA changed nothing"
-    assert got.metrics["lora_unapplied_tensors"] == file.unapplied
+    assert got.metrics["lora_unapplied_tensors"] == file.unapplied + file.differences
     if file.unapplied:
         assert f"T5 text-encoder weights ({file.unapplied} tensors" in caplog.text and "not applied" in caplog.text
+    if file.differences:
+        assert "bias differences (.diff_b) (1 tensors)" in caplog.text and "(.diff) (1 tensors)" in caplog.text
 
     if file.intended is not None:
         expected = _hand_merged(originals, file.intended, SCALE)

@@ -181,7 +181,7 @@ class LoraWeights:
     shown: str  # how logs and messages name it; never holds a token
     layout: str  # the layout the file was written in (diffusers, kohya, xlabs, lokr, ...)
     deltas: dict[str, Delta] = field(repr=False)
-    unapplied: int = 0  # tensors for text encoders this loader does not change (T5): named in the log, not applied
+    unapplied: int = 0  # tensors this loader does not apply (T5, bias/norm differences): named in the log
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -271,10 +271,10 @@ def normalize(path: Path, key: str, shown: str) -> LoraWeights:
     that says what to change if it cannot be. Key names go through diffusers' own converters; the file's adapter
     metadata is read only for the numbers that scale the LoRA (as PEFT would scale it), never as a configuration."""
     tensors, header = _read(path, shown)
-    tensors, unapplied = _without_unapplied_encoders(tensors, shown)
+    tensors, unapplied = _without_unapplied(tensors, shown)
     if not tensors:
-        raise LoraError(f"{shown} holds only text-encoder weights this loader does not apply (T5): it would change "
-                        "nothing. Use a LoRA with weights for FLUX's transformer.")
+        raise LoraError(f"{shown} holds only weights this loader does not apply (T5 text-encoder weights, bias or norm "
+                        "differences): it would change nothing. Use a LoRA with weights for FLUX's transformer.")
     tensors, wrapped = _without_peft_wrapper(tensors)
     keys = list(tensors)
     kind = layout(keys, header)
@@ -311,21 +311,34 @@ UNAPPLIED_ENCODERS = {"lora_te3_": "kohya lora_te3_", "lora_te2_": "OneTrainer l
                       "text_encoders.t5xxl.": "ComfyUI text_encoders.t5xxl.", "text_encoder_2.": "text_encoder_2."}
 
 
-def _without_unapplied_encoders(tensors: dict, shown: str) -> tuple[dict, int]:
-    """The tensors this loader applies, and how many it does not (text encoders it does not change): those are named
-    in the log, never dropped in silence, and counted for the prediction's metrics (`lora_unapplied_tensors`)."""
-    kept, dropped = {}, collections.Counter()
+# Full-weight differences ComfyUI's LoRA extract writes beside the low-rank factors (comfy_extras/nodes_lora_extract.py:
+# `.diff_b` for a layer's bias, `.diff` for a 1-D weight such as a norm's scale); diffusers' FLUX converters drop them
+# at INFO level. This loader fuses low-rank changes only: the suffix -> how the log names them.
+UNAPPLIED_DIFFERENCES = {".diff_b": "bias differences (.diff_b)", ".diff": "norm and other 1-D weight differences (.diff)"}
+
+
+def _without_unapplied(tensors: dict, shown: str) -> tuple[dict, int]:
+    """The tensors this loader applies, and how many it does not (text encoders it does not change, ComfyUI's bias and
+    norm differences): those are named in the log, never dropped in silence, and counted for the prediction's
+    metrics (`lora_unapplied_tensors`)."""
+    kept, encoders, differences = {}, collections.Counter(), collections.Counter()
     for name, value in tensors.items():
         prefix = next((p for p in UNAPPLIED_ENCODERS if name.startswith(p)), None)
-        if prefix is None:
-            kept[name] = value
+        suffix = next((x for x in UNAPPLIED_DIFFERENCES if name.endswith(x)), None)
+        if prefix is not None:
+            encoders[UNAPPLIED_ENCODERS[prefix]] += 1
+        elif suffix is not None:
+            differences[UNAPPLIED_DIFFERENCES[suffix]] += 1
         else:
-            dropped[UNAPPLIED_ENCODERS[prefix]] += 1
-    for names, count in dropped.items():
+            kept[name] = value
+    for names, count in encoders.items():
         log.warning("lora: %s carries T5 text-encoder weights (%d tensors) in %s names; this loader changes FLUX's "
                     "transformer and CLIP only (as diffusers' FLUX loader does), so they are not applied",
                     shown, count, names)
-    return kept, sum(dropped.values())
+    for what, count in differences.items():
+        log.warning("lora: %s carries %s (%d tensors); this loader applies low-rank changes only (as diffusers' FLUX "
+                    "converters do), so they are not applied", shown, what, count)
+    return kept, sum(encoders.values()) + sum(differences.values())
 
 
 # PEFT's own wrapper prefix: `PeftModel.save_pretrained` writes `base_model.model.<module>` (peft/utils/
