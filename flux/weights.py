@@ -2,18 +2,27 @@
 
 One setting per component names its source; the same forms work for each:
   - `tiny`: the tiny random-weight FLUX built by flux/fakes/tiny.py (no download)
+  - `public`: the component's public default (below), on any machine
   - a local folder holding the component in diffusers format
   - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
-  - an https URL of a .tar of that folder, extracted safely while it downloads in parallel ranged parts
+  - an https URL of a .tar of that folder: only the members its layout needs are fetched, in parallel ranged parts
+
+The public defaults need no token (a Replicate model has no secrets): each FLUX variant's .tar on Replicate's weights
+delivery (flux/variants.py: `public`, diffusers layout), and the safety checkers' public Hugging Face repos (both hold
+model.safetensors and are not gated; Replicate's safety tars were not used: what they hold could not be checked, and
+their loaders accept pickles, which this container never loads).
 
 Settings (environment):
-  each FLUX variant's setting (flux/variants.py)  its weights   default: its HF repo on a GPU, tiny without one:
-      FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component
+  each FLUX variant's setting (flux/variants.py)  its weights   default: its public .tar on a GPU, tiny without one:
+      FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component; `public` selects
+                                                   every default a GPU would use, on any machine
       FLUX_SCHNELL_WEIGHTS, FLUX_KREA_DEV_WEIGHTS  the variants loaded on first use: transformer and scheduler
       (any variant other than the base is tiny when the base is tiny)
   FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
   FLUX_SAFETY_SECOND                   second opinion on flagged images (or off)  default: Falconsai's HF repo,
                                        or tiny when dev is tiny
+  FLUX_WEIGHTS_HOST                    replaces the host of every default: the .tars' (PUBLIC_HOST), and the
+                                       Hugging Face endpoint of the default safety checkers (a mirror serving both)
   FLUX_WEIGHTS_DIR                     where downloads land    default: weights/ beside predict.py
 
 Nothing already complete on disk is fetched again: a finished download leaves a
@@ -31,7 +40,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +58,7 @@ SAFETY = "safety"
 SAFETY_SECOND = "safety-second"
 OFF = "off"
 TINY = "tiny"
+PUBLIC = "public"
 
 SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
 COMPILE_CACHE = "compile-cache"  # a compile bundle (flux/compile_cache.py) comes in the same forms as the weights
@@ -73,6 +83,8 @@ class Sources:
     variants: dict[str, str]  # each FLUX variant's weights, by name (flux/variants.py)
     safety: str
     safety_second: str | None = None  # None: off
+    # kind -> the Hugging Face endpoint of a default repo moved by FLUX_WEIGHTS_HOST (others: HF_ENDPOINT's)
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -87,26 +99,40 @@ class Sources:
 def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
     """The configured source of each component, defaults filled in."""
     env = os.environ if env is None else env
+    host = (env.get("FLUX_WEIGHTS_HOST") or "").strip().rstrip("/") or None
     base = variants.BASE
-    chosen = env.get(base.setting) or env.get("COG_WEIGHTS") or (base.repo if has_cuda else TINY)
+    chosen = env.get(base.setting) or env.get("COG_WEIGHTS") or (PUBLIC if has_cuda else TINY)
     fallback_tiny = chosen == TINY
+
+    def variant(v: variants.Variant) -> str:
+        value = chosen if v is base else env.get(v.setting) or (TINY if fallback_tiny else PUBLIC)
+        return public_url(v, host) if value == PUBLIC else value
+
+    safety = env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO)
+    second = env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)
+    defaults = {SAFETY: (safety, SAFETY_REPO), SAFETY_SECOND: (second, SAFETY_SECOND_REPO)}
     return Sources(
-        variants={v.name: chosen if v is base else env.get(v.setting) or (TINY if fallback_tiny else v.repo)
-                  for v in variants.VARIANTS.values()},
-        safety=env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO),
-        safety_second=_off_or(env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)),
+        variants={v.name: variant(v) for v in variants.VARIANTS.values()},
+        safety=SAFETY_REPO if safety == PUBLIC else safety,
+        safety_second=_off_or(SAFETY_SECOND_REPO if second == PUBLIC else second),
+        endpoints={kind: host for kind, (value, repo) in defaults.items() if host and value in (PUBLIC, repo)},
     )
+
+
+def public_url(variant: variants.Variant, host: str | None = None) -> str:
+    """A variant's public .tar, on `host` (FLUX_WEIGHTS_HOST) instead of Replicate's weights delivery if given."""
+    return (host or variants.PUBLIC_HOST) + variant.public
 
 
 def _off_or(source: str) -> str | None:
     return None if source.strip().lower() == OFF else source
 
 
-def locate(source: str, kind: str) -> Path:
+def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
     """A local folder holding the component named by source, fetching it if needed.
 
     kind is a variant's name (flux/variants.py), "safety", "safety-second" or "compile-cache": it picks the tiny build
-    and the files to fetch.
+    and the files to fetch. endpoint: the Hugging Face endpoint of a repo id (Sources.endpoints; None: HF_ENDPOINT's).
     """
     started = time.monotonic()
     form, dest = _form(source, kind)
@@ -115,7 +141,7 @@ def locate(source: str, kind: str) -> Path:
     elif form == "url":
         path = _from_tar_url(source, dest, kind)
     elif form == "hub":
-        path = _from_hub(source, dest, kind)
+        path = _from_hub(source, dest, kind, endpoint)
     elif form == "folder":
         path = Path(source).expanduser()
         if not path.is_dir():
@@ -283,7 +309,7 @@ def _url_folder(url: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
-def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
+def _from_hub(repo_id: str, dest: Path, kind: str, endpoint: str | None = None) -> Path:
     if (dest / ".complete").is_file():
         return dest
     from huggingface_hub import snapshot_download
@@ -297,7 +323,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
         snapshot_download(
             repo_id, local_dir=dest, allow_patterns=patterns, token=token, max_workers=16,
             tqdm_class=progress.HubBytes.named(_what(kind)),  # bytes, percent and rate in the setup log
-            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror can be set at run time
+            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror set at run time
         )
     except GatedRepoError:
         raise WeightsError(
@@ -321,8 +347,8 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
 
 
 def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
-    """The .tar at url extracted while it downloads (flux/tarstream.py) into a staging folder beside dest, which
-    becomes dest, marked complete, only once everything arrived and was checked."""
+    """What the layout needs of the .tar at url (flux/tarstream.py: only those members are fetched) in a staging
+    folder beside dest, which becomes dest, marked complete, only once everything arrived and was checked."""
     if (dest / ".complete").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +357,8 @@ def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS)
+        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS,
+                              wanted=PATTERNS[kind])
         root = _single_root(unpacked)
         (root / ".complete").write_text(dl.redact(url))
         if dest.exists():

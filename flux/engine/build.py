@@ -217,7 +217,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
 
     def checker(source: str, kind: str, what: str, model):
         with stages("fetch", what):
-            folder = weights.locate(source, kind)
+            folder = weights.locate(source, kind, srcs.endpoints.get(kind))
         with stages("load", what), weights.loading(kind, folder):
             return model.load(folder, device, dtype)
 
