@@ -295,7 +295,7 @@ class HubServer(FileServer):
         return repo
 
     def route(self, handler: _Handler, path: str, head: bool):
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/[^/]+)?", path)
         if m:
             repo = self._check(handler, m.group(1))
             if repo:
