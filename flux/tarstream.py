@@ -88,14 +88,17 @@ def plan(members: list[tarfile.TarInfo], wanted: Sequence[str] | None, max_bytes
     firsts = {p[0] for p in paths if p}
     top = next(iter(firsts)) if len(firsts) == 1 and any(len(p) > 1 for p in paths) else None
     result = Plan(members, top, [])
-    total = 0
+    picked: dict[str, tarfile.TarInfo] = {}  # by path: a path the archive holds twice is its last member, as tar does
     for member in members:
-        if member.isfile() and (wanted is None or any(fnmatch.fnmatch(result.relative(member), p) for p in wanted)):
-            total += member.size
-            if total > max_bytes:
-                raise UserError(f"the archive unpacks to more than {max_bytes / 1024**3:.0f} GiB; refusing to "
-                                "extract it.")
-            result.chosen.append(member)
+        path = result.relative(member)
+        if member.isfile() and (wanted is None or any(fnmatch.fnmatch(path, p) for p in wanted)):
+            if member.issparse():  # its data is a map of holes, not the file: never written as it is
+                raise UserError(f"the archive holds a sparse file ({member.name!r}); refusing to extract it.")
+            picked.pop(path, None)
+            picked[path] = member
+    result.chosen.extend(picked.values())
+    if result.chosen_bytes > max_bytes:
+        raise UserError(f"the archive unpacks to more than {max_bytes / 1024**3:.0f} GiB; refusing to extract it.")
     return result
 
 

@@ -69,7 +69,7 @@ PATTERNS = {**{v.name: list(v.files) for v in variants.VARIANTS.values()}, SAFET
 LAYOUT = {**{v.name: list(v.layout) for v in variants.VARIANTS.values()}, SAFETY: ["config.json", "model.safetensors"],
           SAFETY_SECOND: ["config.json", "model.safetensors"], COMPILE_CACHE: []}  # compile_cache.load checks its own
 MAX_TAR_BYTES = 64 * 1024**3
-# A weights .tar: 16 ranged parts of 32 MiB ahead of the extractor (about 0.5 GiB of memory while it streams).
+# A weights .tar: its members' bytes in ranged parts of 32 MiB, 16 at a time, each written in place as it arrives.
 TAR_LIMITS = dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=32 * dl.MiB, workers=16)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -167,8 +167,7 @@ def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
             files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
             fetched = {}
         else:
-            raise WeightsError(f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id, an https URL of "
-                               "a .tar, or 'tiny'.")
+            raise _unknown_form(source, kind)
     except UserError as exc:
         return Survey(source, kind, form, problem=str(exc))
     present = fetched if form != "folder" else files
@@ -232,12 +231,15 @@ def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
         if not path.is_dir():
             raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
     else:
-        raise WeightsError(
-            f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
-        )
+        raise _unknown_form(source, kind)
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
     return path
+
+
+def _unknown_form(source: str, kind: str) -> WeightsError:
+    return WeightsError(f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL "
+                        "of a .tar, 'public' or 'tiny'.")
 
 
 def _form(source: str, kind: str) -> tuple[str, Path | None]:

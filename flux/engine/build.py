@@ -50,13 +50,14 @@ class Engine:
     def __init__(self, pipe, safety: SafetyChecker | None, sources: dict[str, str], device: torch.device,
                  dtype: torch.dtype, settings: Settings | None = None, stages: logs.Stages | None = None,
                  compile_bundle=True, second_safety: NsfwClassifier | None = None,
-                 lora_settings: LoraSettings | None = None):
+                 lora_settings: LoraSettings | None = None, budget: SetupBudget | None = None):
         """pipe: the base variant's pipeline; sources: every variant's weights (the others load from them on first
         use). compile_bundle: the compile bundle's local folder (fetched in setup), None for none, True to fetch it
-        here. lora_settings: the LoRA loader's (read from the environment when not given)."""
+        here. lora_settings: the LoRA loader's (read from the environment when not given). budget: setup's time
+        budget (`load` gives the server's; None: unbounded, for an engine a tool or a test builds)."""
         self.device, self.dtype = device, dtype
         self.settings = settings = settings or Settings(fp8=fp8_.fp8_kind(device))
-        self.budget = SetupBudget(settings.setup_budget_s)
+        self.budget = budget or SetupBudget()
         self.stages = stages or logs.Stages()
         self.base = pipe
         pipe.set_progress_bar_config(disable=True)
@@ -235,7 +236,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     else:
         log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
     engine = Engine(pipe, safety, srcs.variants, device, dtype, settings, stages, compile_bundle=bundle,
-                    second_safety=second, lora_settings=lora_settings)
+                    second_safety=second, lora_settings=lora_settings, budget=SetupBudget(settings.setup_budget_s))
     if settings.warmup:
         engine.warm_up()
     stages.total()
