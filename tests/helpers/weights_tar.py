@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import tarfile
 from pathlib import Path, PurePosixPath
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "script"))
+from deploy_check import replicate_tar  # noqa: E402,F401  (the deploy rehearsal's Replicate-layout tar, shared)
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -17,30 +21,13 @@ def digests(folder: Path) -> dict[str, str]:
 
 def tar_of(folder: Path, extra: list[tarfile.TarInfo] = ()) -> bytes:
     """The folder as a .tar with everything under the folder's name; `extra` members come after every real one
-    (refused mid-stream, with parts already extracted)."""
+    (an unsafe one is refused from the headers, before any member's data is fetched)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(folder, arcname=folder.name)
         for info in extra:
             tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
     return buf.getvalue()
-
-
-def replicate_tar(path: Path, folder: Path, *, top: bool = True, unread: int = 2**30) -> Path:
-    """The folder as a .tar on disk laid out like Replicate's weights tars: under one top folder named like the
-    folder (top) or none, after a member no layout reads (a single-file checkpoint of `unread` bytes, a hole in
-    the file: sparse on disk, nothing written)."""
-    prefix = f"{folder.name}/" if top else ""
-    with open(path, "wb") as fh:
-        big = tarfile.TarInfo(f"{prefix}flux1-single-file.safetensors")
-        big.size = unread
-        fh.write(big.tobuf(tarfile.PAX_FORMAT))
-        fh.seek(-(-unread // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, io.SEEK_CUR)  # the member's data: a hole
-        with tarfile.open(fileobj=fh, mode="w") as tar:
-            for entry in sorted(folder.rglob("*")):
-                if not entry.name.startswith("."):
-                    tar.add(entry, arcname=prefix + entry.relative_to(folder).as_posix(), recursive=False)
-    return path
 
 
 def loaded_bytes(folder: Path) -> int:
