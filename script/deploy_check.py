@@ -173,6 +173,11 @@ class Host(ThreadingHTTPServer):
     def base(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def handle_error(self, request, client_address):
+        """A client closing a kept-alive connection (the server's downloader when it is done) is no error here."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
     def record(self, path: str, first: int, last: int) -> None:
         with self.lock:
             self.sent.setdefault(path, []).append((first, last))

@@ -24,10 +24,10 @@ from collections import OrderedDict
 import torch
 
 from .. import compiler, memory, speed, variants, weights
+from ..budget import SetupBudget
 from ..lora.formats import TRANSFORMER
 from ..lora.fuse import Fp8Twin, LoraManager
 from ..request import Request
-from ..budget import SetupBudget
 from ..settings import Settings
 from ..speed import fp8 as fp8_
 from ..speed import projections, step_cache
