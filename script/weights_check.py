@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     if args.sources:
         checks = []
         for given in args.sources:
-            kind, _, source = given.rpartition("=") if given.split("=")[0] in kinds else ("", "", given)
+            kind, _, source = given.partition("=") if given.split("=")[0] in kinds else ("", "", given)
             checks.append((kind or variants.BASE.name, source, None))
     else:
         srcs = weights.sources(has_cuda=True, env=env)
