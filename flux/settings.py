@@ -7,6 +7,9 @@ has a field for each, made from those entries. Beside them:
   FLUX_COMPILE_CACHE         a compile bundle to boot from (`script/compile-cache export`): a local folder, an https URL
                              of a .tar of that folder, or a Hugging Face repo id. Default: the working folder
                              weights/compile-cache, which setup writes to after compiling.
+  FLUX_SETUP_BUDGET_S        the seconds setup() may take, counted from the process's start (imports included):
+                             once they run short, the work that can wait is deferred to the request that needs it
+                             (flux/budget.py). Replicate fails a setup over 600 s. Default: 540.
   FLUX_PREFETCH              "1": once setup is done, the weights of the variants loaded on first use (flux/variants.py)
                              that must be downloaded are fetched in the background, so that their first request does
                              not wait for a download (flux/weights.py: Prefetch). Default: 1.
@@ -48,7 +51,7 @@ from typing import Any
 
 import torch
 
-from . import speed, variants
+from . import budget, speed, variants
 from .errors import SettingsError
 from .folders import compile_cache_dir, weights_dir
 from .memory import HOST_RESERVE_BYTES, GiB
@@ -57,10 +60,10 @@ from .speed import fp8 as fp8_
 # Every environment variable the project reads (tests/conftest.py clears them all before a test run).
 VARIABLES = (
     *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_HOST_MEMORY_GB",
-    "FLUX_PREFETCH",
+    "FLUX_PREFETCH", "FLUX_SETUP_BUDGET_S",
     # weights (flux/weights.py)
     *(v.setting for v in variants.VARIANTS.values()), "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
-    "FLUX_WEIGHTS_DIR", "HF_TOKEN",
+    "FLUX_WEIGHTS_DIR", "FLUX_WEIGHTS_HOST", "HF_TOKEN",
     # LoRAs (lora_loader.py)
     "FLUX_LORA_MAX_BYTES", "FLUX_LORA_CACHE_GB", "FLUX_LORA_RECHECK_S", "FLUX_LORA_TIMEOUT_S",
     "FLUX_LORA_MAX_HEADER_BYTES", "FLUX_LORA_MAX_TENSORS", "FLUX_LORA_MAX_FLOAT32_BYTES", "FLUX_REPLICATE_URL",
@@ -124,6 +127,7 @@ class _Settings:
             gpu_memory=_gpu_memory(env, device),
             host_memory=_host_memory(env),
             prefetch=speed.flag(True)("FLUX_PREFETCH", (env.get("FLUX_PREFETCH") or "").strip(), device, values),
+            setup_budget_s=_number(env, "FLUX_SETUP_BUDGET_S", budget.DEFAULT_S),
         )
 
     @property
@@ -149,6 +153,7 @@ Settings = dataclasses.make_dataclass(
         ("host_memory", Any, field(default=None)),  # bytes of RAM for weights (FLUX_HOST_MEMORY_GB); None: no limit
         ("cache_dir", Any, field(default=None)),  # the working compile folder; None: not compiling
         ("prefetch", bool, field(default=False)),  # fetch the variants loaded on first use in the background
+        ("setup_budget_s", float, field(default=float("inf"))),  # FLUX_SETUP_BUDGET_S; inf: unbounded
     ],
     bases=(_Settings,), frozen=True,
 )

@@ -2,8 +2,8 @@
 
 Everything that differs between FLUX variants is a column here, read by the rest of the code:
   request validation   the `model` input's choices, the step cap, whether guidance_scale means anything
-  weights              the setting that names a variant's weights, its default Hugging Face repo, the files fetched
-                       and what a folder must hold
+  weights              the setting that names a variant's weights, its default (a public .tar on Replicate's weights
+                       delivery: no token), its Hugging Face repo, the files fetched and what a folder must hold
   the engine           which variant setup loads (the base: its pipeline carries the text encoders, tokenizers and
                        VAE every variant shares) and which load on first use; the diffusers pipeline class of each
                        task; the T5 window
@@ -41,11 +41,18 @@ TRANSFORMER_FILES = ("model_index.json", "scheduler/*", "transformer/*")
 TRANSFORMER_LAYOUT = ("transformer",)
 
 
+# Replicate's weights delivery: public .tars in diffusers layout, the sources Replicate's own FLUX containers boot
+# from (replicate/cog-flux), readable with no token. FLUX_WEIGHTS_HOST replaces this host (a mirror, a test server).
+PUBLIC_HOST = "https://weights.replicate.delivery"
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str  # the `model` input's value, and the name of its bf16 transformer ("-fp8" names go_fast's copy)
     title: str  # as logs and messages name it
-    repo: str  # default weights: a Hugging Face repo in diffusers format
+    public: str  # default weights: the path of a public .tar on PUBLIC_HOST (the diffusers folders, one top folder
+    #              or none, maybe beside files never read: only what `files` names is fetched)
+    repo: str  # its Hugging Face repo in diffusers format (a setting may name it; gated ones need HF_TOKEN)
     setting: str  # the environment variable that names other weights (a folder, a repo id, an https .tar)
     max_sequence_length: int  # T5 tokens it reads: a longer prompt is refused, never cut
     guidance: bool  # guidance-distilled (a guidance embedder reads guidance_scale); without, guidance_scale is ignored
@@ -64,12 +71,14 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("dev", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev", "FLUX_WEIGHTS", 512, True, DEV_SCHEDULER,
-            tiny_seed=1, at_setup=True, files=BASE_FILES, layout=BASE_LAYOUT),
-    Variant("schnell", "FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX_SCHNELL_WEIGHTS", 256, False,
-            SCHNELL_SCHEDULER, tiny_seed=2, max_steps=4),
-    Variant("krea-dev", "FLUX.1-Krea-dev", "black-forest-labs/FLUX.1-Krea-dev", "FLUX_KREA_DEV_WEIGHTS", 512, True,
-            DEV_SCHEDULER, tiny_seed=11),
+    Variant("dev", "FLUX.1-dev", "/default/black-forest-labs/FLUX.1-dev/files.tar", "black-forest-labs/FLUX.1-dev",
+            "FLUX_WEIGHTS", 512, True, DEV_SCHEDULER, tiny_seed=1, at_setup=True, files=BASE_FILES,
+            layout=BASE_LAYOUT),
+    Variant("schnell", "FLUX.1-schnell", "/default/black-forest-labs/FLUX.1-schnell/slim.tar",
+            "black-forest-labs/FLUX.1-schnell", "FLUX_SCHNELL_WEIGHTS", 256, False, SCHNELL_SCHEDULER, tiny_seed=2,
+            max_steps=4),
+    Variant("krea-dev", "FLUX.1-Krea-dev", "/default/black-forest-labs/FLUX.1-krea-dev/files.tar",
+            "black-forest-labs/FLUX.1-Krea-dev", "FLUX_KREA_DEV_WEIGHTS", 512, True, DEV_SCHEDULER, tiny_seed=11),
 )}
 NAMES = tuple(VARIANTS)
 BASE = next(v for v in VARIANTS.values() if v.at_setup)

@@ -2,18 +2,27 @@
 
 One setting per component names its source; the same forms work for each:
   - `tiny`: the tiny random-weight FLUX built by flux/fakes/tiny.py (no download)
+  - `public`: the component's public default (below), on any machine
   - a local folder holding the component in diffusers format
   - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
-  - an https URL of a .tar of that folder, extracted safely while it downloads in parallel ranged parts
+  - an https URL of a .tar of that folder: only the members its layout needs are fetched, in parallel ranged parts
+
+The public defaults need no token (a Replicate model has no secrets): each FLUX variant's .tar on Replicate's weights
+delivery (flux/variants.py: `public`, diffusers layout), and the safety checkers' public Hugging Face repos (both hold
+model.safetensors and are not gated; Replicate's safety tars were not used: what they hold could not be checked, and
+their loaders accept pickles, which this container never loads).
 
 Settings (environment):
-  each FLUX variant's setting (flux/variants.py)  its weights   default: its HF repo on a GPU, tiny without one:
-      FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component
+  each FLUX variant's setting (flux/variants.py)  its weights   default: its public .tar on a GPU, tiny without one:
+      FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component; `public` selects
+                                                   every default a GPU would use, on any machine
       FLUX_SCHNELL_WEIGHTS, FLUX_KREA_DEV_WEIGHTS  the variants loaded on first use: transformer and scheduler
       (any variant other than the base is tiny when the base is tiny)
   FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
   FLUX_SAFETY_SECOND                   second opinion on flagged images (or off)  default: Falconsai's HF repo,
                                        or tiny when dev is tiny
+  FLUX_WEIGHTS_HOST                    replaces the host of every default: the .tars' (PUBLIC_HOST), and the
+                                       Hugging Face endpoint of the default safety checkers (a mirror serving both)
   FLUX_WEIGHTS_DIR                     where downloads land    default: weights/ beside predict.py
 
 Nothing already complete on disk is fetched again: a finished download leaves a
@@ -31,7 +40,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,16 +58,18 @@ SAFETY = "safety"
 SAFETY_SECOND = "safety-second"
 OFF = "off"
 TINY = "tiny"
+PUBLIC = "public"
 
 SAFETY_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]
 COMPILE_CACHE = "compile-cache"  # a compile bundle (flux/compile_cache.py) comes in the same forms as the weights
 # kind -> the files fetched of a repo (None: all), and what a folder must hold. A variant's kind is its name.
 PATTERNS = {**{v.name: list(v.files) for v in variants.VARIANTS.values()}, SAFETY: SAFETY_FILES,
             SAFETY_SECOND: SAFETY_FILES, COMPILE_CACHE: None}
-LAYOUT = {**{v.name: list(v.layout) for v in variants.VARIANTS.values()}, SAFETY: ["config.json"],
-          SAFETY_SECOND: ["config.json"], COMPILE_CACHE: []}  # its contents are checked by compile_cache.load
+# a safety checker is loaded from model.safetensors only (never a pickle): a source without it does not hold
+LAYOUT = {**{v.name: list(v.layout) for v in variants.VARIANTS.values()}, SAFETY: ["config.json", "model.safetensors"],
+          SAFETY_SECOND: ["config.json", "model.safetensors"], COMPILE_CACHE: []}  # compile_cache.load checks its own
 MAX_TAR_BYTES = 64 * 1024**3
-# A weights .tar: 16 ranged parts of 32 MiB ahead of the extractor (about 0.5 GiB of memory while it streams).
+# A weights .tar: its members' bytes in ranged parts of 32 MiB, 16 at a time, each written in place as it arrives.
 TAR_LIMITS = dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=32 * dl.MiB, workers=16)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -73,6 +84,8 @@ class Sources:
     variants: dict[str, str]  # each FLUX variant's weights, by name (flux/variants.py)
     safety: str
     safety_second: str | None = None  # None: off
+    # kind -> the Hugging Face endpoint of a default repo moved by FLUX_WEIGHTS_HOST (others: HF_ENDPOINT's)
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -87,26 +100,123 @@ class Sources:
 def sources(has_cuda: bool, env: dict[str, str] | None = None) -> Sources:
     """The configured source of each component, defaults filled in."""
     env = os.environ if env is None else env
+    host = (env.get("FLUX_WEIGHTS_HOST") or "").strip().rstrip("/") or None
     base = variants.BASE
-    chosen = env.get(base.setting) or env.get("COG_WEIGHTS") or (base.repo if has_cuda else TINY)
+    chosen = env.get(base.setting) or env.get("COG_WEIGHTS") or (PUBLIC if has_cuda else TINY)
     fallback_tiny = chosen == TINY
+
+    def variant(v: variants.Variant) -> str:
+        value = chosen if v is base else env.get(v.setting) or (TINY if fallback_tiny else PUBLIC)
+        return public_url(v, host) if value == PUBLIC else value
+
+    safety = env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO)
+    second = env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)
+    defaults = {SAFETY: (safety, SAFETY_REPO), SAFETY_SECOND: (second, SAFETY_SECOND_REPO)}
     return Sources(
-        variants={v.name: chosen if v is base else env.get(v.setting) or (TINY if fallback_tiny else v.repo)
-                  for v in variants.VARIANTS.values()},
-        safety=env.get("FLUX_SAFETY_CHECKER") or (TINY if fallback_tiny else SAFETY_REPO),
-        safety_second=_off_or(env.get("FLUX_SAFETY_SECOND") or (TINY if fallback_tiny else SAFETY_SECOND_REPO)),
+        variants={v.name: variant(v) for v in variants.VARIANTS.values()},
+        safety=SAFETY_REPO if safety == PUBLIC else safety,
+        safety_second=_off_or(SAFETY_SECOND_REPO if second == PUBLIC else second),
+        endpoints={kind: host for kind, (value, repo) in defaults.items() if host and value in (PUBLIC, repo)},
     )
+
+
+def public_url(variant: variants.Variant, host: str | None = None) -> str:
+    """A variant's public .tar, on `host` (FLUX_WEIGHTS_HOST) instead of Replicate's weights delivery if given."""
+    return (host or variants.PUBLIC_HOST) + variant.public
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a source holds and what a boot would fetch of it, learned without downloading (script/weights-check)."""
+
+    source: str
+    kind: str
+    form: str  # "tiny", "url", "hub", "folder" or "invalid"
+    files: dict[str, int] = field(default_factory=dict)  # every file, by its path in the layout, and its bytes
+    fetched: dict[str, int] = field(default_factory=dict)  # what a boot fetches of them (a folder: nothing)
+    missing: list[str] = field(default_factory=list)  # what the layout needs and the source lacks
+    problem: str | None = None  # why it cannot be used (or checked), in the words a boot's error would use
+
+    @property
+    def holds(self) -> bool:
+        return self.problem is None and not self.missing
+
+
+def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
+    """What `source` holds for `kind` and what would be fetched: a .tar's member headers by ranged reads, a Hugging
+    Face repo's file list, a folder's files; no data is downloaded. Never raises for a source that does not hold."""
+    form, _ = _form(source, kind)
+    try:
+        if form == "tiny":
+            return Survey(source, kind, form)
+        if form == "url":
+            found, picked = tarstream.list_url(source, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS,
+                                               wanted=PATTERNS[kind])
+            if picked is None:
+                return Survey(source, kind, form, problem=(
+                    f"{shown(source)} does not take byte ranges: its members cannot be listed without downloading "
+                    f"all of it ({progress.human_bytes(found.size or 0)}), which a boot would do"))
+            files = {picked.relative(m): m.size for m in picked.members if m.isfile()}
+            fetched = {picked.relative(m): m.size for m in picked.chosen}
+        elif form == "hub":
+            files, fetched = _hub_files(source, kind, endpoint)
+        elif form == "folder":
+            path = Path(source).expanduser()
+            if not path.is_dir():
+                raise WeightsError(f"{_what(kind)}: the folder {path} does not exist.")
+            files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+            fetched = {}
+        else:
+            raise _unknown_form(source, kind)
+    except UserError as exc:
+        return Survey(source, kind, form, problem=str(exc))
+    present = fetched if form != "folder" else files
+    missing = [n for n in LAYOUT[kind] if n not in present and not any(f.startswith(n + "/") for f in present)]
+    return Survey(source, kind, form, files, fetched, missing)
+
+
+def _hub_files(repo_id: str, kind: str, endpoint: str | None) -> tuple[dict[str, int], dict[str, int]]:
+    """A repo's files and sizes, and those snapshot_download would fetch (PATTERNS); a gated repo with no token is a
+    WeightsError saying so."""
+    import fnmatch
+
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    token = os.environ.get("HF_TOKEN") or None
+    netguard.install_for_huggingface_hub()
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token or False)
+    gated = WeightsError(f"{repo_id} is gated: a boot needs HF_TOKEN, a token of an account that accepted its "
+                         "licence" + (" (HF_TOKEN is not set)." if not token else "."))
+    try:
+        if api.model_info(repo_id).gated and not token:
+            raise gated
+        files = {f.path: f.size for f in api.list_repo_tree(repo_id, recursive=True) if isinstance(f, RepoFile)}
+    except GatedRepoError:
+        raise gated from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"{repo_id} was not found on Hugging Face (or is private or gated and HF_TOKEN cannot "
+                           "read it).") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise WeightsError(f"Hugging Face answered HTTP {status} for {repo_id}.") from None
+    except (OSError, httpx.TransportError) as exc:
+        raise WeightsError(f"Could not reach Hugging Face for {repo_id} ({type(exc).__name__}).") from None
+    patterns = PATTERNS[kind]
+    return files, {f: n for f, n in files.items() if patterns is None or any(fnmatch.fnmatch(f, p) for p in patterns)}
 
 
 def _off_or(source: str) -> str | None:
     return None if source.strip().lower() == OFF else source
 
 
-def locate(source: str, kind: str) -> Path:
+def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
     """A local folder holding the component named by source, fetching it if needed.
 
     kind is a variant's name (flux/variants.py), "safety", "safety-second" or "compile-cache": it picks the tiny build
-    and the files to fetch.
+    and the files to fetch. endpoint: the Hugging Face endpoint of a repo id (Sources.endpoints; None: HF_ENDPOINT's).
     """
     started = time.monotonic()
     form, dest = _form(source, kind)
@@ -115,18 +225,21 @@ def locate(source: str, kind: str) -> Path:
     elif form == "url":
         path = _from_tar_url(source, dest, kind)
     elif form == "hub":
-        path = _from_hub(source, dest, kind)
+        path = _from_hub(source, dest, kind, endpoint)
     elif form == "folder":
         path = Path(source).expanduser()
         if not path.is_dir():
             raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
     else:
-        raise WeightsError(
-            f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL of a .tar, or 'tiny'."
-        )
+        raise _unknown_form(source, kind)
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
     return path
+
+
+def _unknown_form(source: str, kind: str) -> WeightsError:
+    return WeightsError(f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL "
+                        "of a .tar, 'public' or 'tiny'.")
 
 
 def _form(source: str, kind: str) -> tuple[str, Path | None]:
@@ -283,7 +396,7 @@ def _url_folder(url: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
-def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
+def _from_hub(repo_id: str, dest: Path, kind: str, endpoint: str | None = None) -> Path:
     if (dest / ".complete").is_file():
         return dest
     from huggingface_hub import snapshot_download
@@ -297,7 +410,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
         snapshot_download(
             repo_id, local_dir=dest, allow_patterns=patterns, token=token, max_workers=16,
             tqdm_class=progress.HubBytes.named(_what(kind)),  # bytes, percent and rate in the setup log
-            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror can be set at run time
+            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror set at run time
         )
     except GatedRepoError:
         raise WeightsError(
@@ -321,8 +434,8 @@ def _from_hub(repo_id: str, dest: Path, kind: str) -> Path:
 
 
 def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
-    """The .tar at url extracted while it downloads (flux/tarstream.py) into a staging folder beside dest, which
-    becomes dest, marked complete, only once everything arrived and was checked."""
+    """What the layout needs of the .tar at url (flux/tarstream.py: only those members are fetched) in a staging
+    folder beside dest, which becomes dest, marked complete, only once everything arrived and was checked."""
     if (dest / ".complete").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +444,8 @@ def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS)
+        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS,
+                              wanted=PATTERNS[kind])
         root = _single_root(unpacked)
         (root / ".complete").write_text(dl.redact(url))
         if dest.exists():

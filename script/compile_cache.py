@@ -36,6 +36,7 @@ def export(dest: Path) -> dict:
     logs.configure()
     os.environ.setdefault("FLUX_COMPILE", "inductor")
     os.environ["FLUX_WARMUP"] = "1"
+    os.environ["FLUX_SETUP_BUDGET_S"] = "1000000000"  # a bundle holds every graph: nothing is deferred (flux/budget.py)
     started = time.monotonic()
     engine = engine_load(weights.sources(has_cuda=torch.cuda.is_available()))
     if engine.settings.compile is None:

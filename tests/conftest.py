@@ -34,6 +34,9 @@ os.environ["FLUX_CIVITAI_URL"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["FLUX_WEIGHTS"] = "tiny"
 os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # test servers live on 127.0.0.1; tests/test_netguard.py turns it off
+# Setup's budget counts from the process's start (flux/budget.py), and engines built in this process may boot after
+# its default has passed: unbounded here (tests/test_setup_budget.py sets its own).
+os.environ["FLUX_SETUP_BUDGET_S"] = "1000000000"
 
 import pytest  # noqa: E402
 

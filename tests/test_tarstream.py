@@ -1,5 +1,6 @@
-""".tar weights extracted while they download (flux/tarstream.py), from FileServer on 127.0.0.1: the files, parallel
-ranged parts, every member checked mid-stream, an interrupted server, and the disk it takes at its peak."""
+""".tar weights fetched member by member (flux/tarstream.py), from FileServer on 127.0.0.1: the files, parallel
+ranged parts, every member checked before any data is fetched, an interrupted server, and the disk it takes at its
+peak."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from flux import download as dl
 from flux import tarstream, weights
 from flux.errors import UserError
-from tests.helpers.http import FileServer
-from tests.helpers.weights_tar import digests, tar_of
+from tests.helpers.http import FileServer, OnDisk
+from tests.helpers.weights_tar import digests, loaded_bytes, replicate_tar, tar_of
 
 KiB = 1024
 SMALL = dl.Limits(max_bytes=weights.MAX_TAR_BYTES, part_size=64 * KiB, workers=4, retries=1)
@@ -24,15 +25,22 @@ def small_parts(monkeypatch):
     monkeypatch.setattr(weights, "TAR_LIMITS", SMALL)
 
 
-def test_streamed_files_are_the_archive_s_fetched_in_parallel_ranged_parts(tiny_dev, tmp_path):
+def ranges(srv: FileServer) -> list[tuple[int, int]]:
+    return [tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in srv.ranged_gets()]
+
+
+def test_the_files_are_the_archive_s_fetched_in_parallel_ranged_parts(tiny_dev, tmp_path):
     body = tar_of(tiny_dev)
-    assert len(body) > 8 * SMALL.part_size  # many parts, more than the window
+    assert len(body) > 8 * SMALL.part_size  # many parts, more than the workers
     with FileServer() as srv:
         files = tarstream.extract_url(srv.add("/w.tar", body), tmp_path / "out", max_bytes=len(body), limits=SMALL)
-        parts = srv.ranged_gets()
+        parts = ranges(srv)
     assert digests(tmp_path / "out" / "FLUX.1-dev") == digests(tiny_dev)
-    assert sorted(p.relative_to(tmp_path / "out" / "FLUX.1-dev").as_posix() for p in files) == sorted(digests(tiny_dev))
-    assert len(parts) == -(-len(body) // SMALL.part_size) and len(set(parts)) == len(parts)  # each part once
+    assert sorted(p.relative_to(tmp_path / "out" / "FLUX.1-dev").as_posix() for p in files if p.name[0] != ".") \
+        == sorted(digests(tiny_dev))  # wanted=None: every member, markers too
+    data = [(first, last) for first, last in parts if last - first + 1 > 2 * tarfile.BLOCKSIZE]
+    assert len(data) > 8 and len(set(data)) == len(data)  # each part once
+    assert max(last - first + 1 for first, last in parts) <= SMALL.part_size
     assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "FLUX.1-dev"]  # no archive kept beside
 
 
@@ -64,14 +72,15 @@ def unsafe(kind: str) -> tarfile.TarInfo:
 @pytest.mark.parametrize("kind,message", [("dotdot", "unsafe path"), ("absolute", "unsafe path"),
                                           ("symlink", "link or special"), ("hardlink", "link or special"),
                                           ("device", "link or special")])
-def test_an_unsafe_member_after_good_ones_stops_the_stream_and_leaves_nothing(tiny_dev, weights_root, tmp_path,
+def test_an_unsafe_member_after_good_ones_is_refused_before_any_data_is_fetched(tiny_dev, weights_root, tmp_path,
                                                                              kind, message):
     body = tar_of(tiny_dev, extra=[unsafe(kind)])
     with FileServer() as srv:
         url = srv.add("/evil.tar", body)
         with pytest.raises(UserError, match=message):
             weights.locate(url, "dev")
-        assert len(srv.ranged_gets()) > 1  # refused mid-stream, not before the download
+        # refused from the headers: no member's data fetched
+        assert all(last - first + 1 <= 2 * tarfile.BLOCKSIZE for first, last in ranges(srv))
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
     assert [p for p in weights_root.rglob("*") if p.is_file()] == []
 
@@ -121,14 +130,33 @@ def disk_peak(monkeypatch, tmp_path):
     return peak
 
 
-def test_peak_disk_is_the_archive_s_size_not_twice_it(tiny_dev, weights_root, disk_peak):
+def test_peak_disk_is_what_is_unpacked_not_twice_it(tiny_dev, weights_root, disk_peak):
     body = tar_of(tiny_dev)
     with FileServer() as srv:
-        shutil.rmtree(weights.locate(srv.add("/w.tar", body), "dev"))
-        streamed, disk_peak[0] = disk_peak[0], 0
+        ranged = weights.locate(srv.add("/w.tar", body), "dev")  # ranged: the members written in place, no archive
+        streamed = sum(p.stat().st_size for p in weights_root.rglob("*") if p.is_file())
+        shutil.rmtree(ranged)
+        disk_peak[0] = 0
         weights.locate(srv.add("/plain.tar", body, no_ranges=True), "dev")  # no ranges: downloaded, then extracted
         whole = disk_peak[0]
         plain = [r.headers.get("Range") for r in srv.requests if r.path == "/plain.tar"]
-    assert plain == ["bytes=0-0", None]  # one probe, then the whole file on the same connection's probe
+    assert plain == ["bytes=0-0", "bytes=0-0", None]  # a probe for ranges, one for the whole file, the file
     assert streamed <= 1.1 * len(body)
     assert whole >= 1.9 * len(body)  # the measure sees the archive when it is there
+
+
+@pytest.mark.parametrize("top", [True, False], ids=["top-folder", "no-top-folder"])
+def test_only_the_layout_s_members_are_fetched_from_a_tar_with_an_unread_gib(tiny_dev, weights_root, tmp_path,
+                                                                            caplog, top):
+    caplog.set_level("INFO", logger="flux")
+    archive = replicate_tar(tmp_path / "files.tar", tiny_dev, top=top)
+    assert archive.stat().st_size > 2**30 and archive.stat().st_blocks * 512 < 64 * 2**20  # sparse on disk
+    with FileServer() as srv:
+        path = weights.locate(srv.add("/FLUX.1-dev/files.tar", OnDisk(archive)), "dev")
+        fetched = sum(last - first + 1 for first, last in ranges(srv))
+        whole = [r for r in srv.requests if "Range" not in r.headers]
+    assert digests(path) == digests(tiny_dev) and (path / ".complete").is_file()
+    assert not whole and not (path / "flux1-single-file.safetensors").exists()
+    loaded = loaded_bytes(path)
+    assert fetched <= 1.05 * loaded, f"{fetched} bytes fetched for {loaded} loaded"
+    assert "not flux1-single-file.safetensors" in caplog.text

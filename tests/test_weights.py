@@ -23,14 +23,14 @@ def test_defaults(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     every = {v.name: "tiny" for v in variants.VARIANTS.values()}
     assert weights.sources(has_cuda=False) == weights.Sources(every, "tiny", "tiny")
-    assert weights.sources(has_cuda=True) == weights.Sources(
-        {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
-         "krea-dev": "black-forest-labs/FLUX.1-Krea-dev"}, weights.SAFETY_REPO, weights.SAFETY_SECOND_REPO)
+    assert weights.sources(has_cuda=True) == weights.Sources(  # the public defaults: tests/test_public_weights.py
+        {v.name: weights.public_url(v) for v in variants.VARIANTS.values()}, weights.SAFETY_REPO,
+        weights.SAFETY_SECOND_REPO)
     monkeypatch.setenv("COG_WEIGHTS", "/models/flux")
     assert weights.sources(has_cuda=True).base == "/models/flux"
     monkeypatch.setenv("FLUX_WEIGHTS", "me/my-flux")
     assert weights.sources(has_cuda=False).base == "me/my-flux"
-    assert weights.sources(has_cuda=False).variants["schnell"] == "black-forest-labs/FLUX.1-schnell"  # not tiny
+    assert weights.sources(has_cuda=False).variants["schnell"] == weights.public_url(variants.get("schnell"))  # not tiny
     monkeypatch.setenv("FLUX_KREA_DEV_WEIGHTS", "/models/krea")
     assert weights.sources(has_cuda=True).variants["krea-dev"] == "/models/krea"
 

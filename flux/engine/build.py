@@ -4,19 +4,24 @@ Weights located or downloaded (flux/weights.py), the base variant's pipeline and
 compile bundle loaded, the memory plan made (flux/memory.py), the shared components placed and the switches that
 apply to them applied (flux/speed), the base variant's transformers built (flux/engine/transformers.py), then every
 schema size compiled (the warm-up), so that a prediction does no setup work except what its request really needs
-(a new LoRA, a variant loaded on first use).
+(a new LoRA, a variant loaded on first use). Within setup's time budget (flux/budget.py: FLUX_SETUP_BUDGET_S): once
+it runs short, the warm-up beyond the default size, the base variant's fp8 copy and the prefetch are left to the
+requests that need them, and the log says so.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from .. import compile_cache, compiler, logs, memory, progress, sizes, speed, variants, weights
+from ..budget import SetupBudget
 from ..lora.formats import TEXT_ENCODER
 from ..lora.fuse import LoraManager
 from ..lora.sources import LoraLoader
+from ..request import SPEC
 from ..safety import NsfwClassifier, SafetyChecker
 from ..settings import LoraSettings, Settings
 from ..speed import fp8 as fp8_
@@ -45,12 +50,14 @@ class Engine:
     def __init__(self, pipe, safety: SafetyChecker | None, sources: dict[str, str], device: torch.device,
                  dtype: torch.dtype, settings: Settings | None = None, stages: logs.Stages | None = None,
                  compile_bundle=True, second_safety: NsfwClassifier | None = None,
-                 lora_settings: LoraSettings | None = None):
+                 lora_settings: LoraSettings | None = None, budget: SetupBudget | None = None):
         """pipe: the base variant's pipeline; sources: every variant's weights (the others load from them on first
         use). compile_bundle: the compile bundle's local folder (fetched in setup), None for none, True to fetch it
-        here. lora_settings: the LoRA loader's (read from the environment when not given)."""
+        here. lora_settings: the LoRA loader's (read from the environment when not given). budget: setup's time
+        budget (`load` gives the server's; None: unbounded, for an engine a tool or a test builds)."""
         self.device, self.dtype = device, dtype
         self.settings = settings = settings or Settings(fp8=fp8_.fp8_kind(device))
+        self.budget = budget or SetupBudget()
         self.stages = stages or logs.Stages()
         self.base = pipe
         pipe.set_progress_bar_config(disable=True)
@@ -73,7 +80,7 @@ class Engine:
         self.loras = LoraManager()  # LoRA targets: each variant's bf16 transformer (by name), the shared CLIP
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.transformers = Transformers(pipe, settings, device, dtype, self.plan, self.loras, sources, self.stages,
-                                         vae_compiled)
+                                         vae_compiled, self.budget)
         self.runner = Runner(self.transformers, self.loras, LoraLoader(lora_settings), safety, second_safety,
                              t5_streamed)
 
@@ -157,14 +164,15 @@ class Engine:
 
     def warm_up(self, shapes: list[tuple[int, int, int]] | None = None) -> None:
         """Compile the base variant's copies for every schema size (or these shapes), and the VAE decoder, now, so
-        that no request pays for it; log the graphs each compiled and keep the artifacts."""
+        that no request pays for it; log the graphs each compiled and keep the artifacts. The sizes after the first
+        (the default size) wait for their first request when setup's budget runs short."""
         shapes = shapes or warm_sizes()
         base = variants.BASE
         for name in (n for n in (base.name, base.fp8) if n in self.transformers.copies):
             self.residency.use(name)
             copy = self.transformers.copies[name]
             with compiler.CompileTimes() as times, self.stages(f"warm-up {name}", f"{len(shapes)} sizes"):
-                warm(copy, base.max_sequence_length, shapes)
+                warm(copy, base.max_sequence_length, shapes, self.budget)
             log.info("setup: compile %s: %s; graphs now held: %s", name, times.summary(),
                      ", ".join(f"{k} {n}" for k, n in compiler.graph_counts(copy.transformer).items()))
         if self.transformers.vae_compiled is not None and self.transformers.vae_compiled.regions:
@@ -217,7 +225,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
 
     def checker(source: str, kind: str, what: str, model):
         with stages("fetch", what):
-            folder = weights.locate(source, kind)
+            folder = weights.locate(source, kind, srcs.endpoints.get(kind))
         with stages("load", what), weights.loading(kind, folder):
             return model.load(folder, device, dtype)
 
@@ -228,12 +236,14 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     else:
         log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
     engine = Engine(pipe, safety, srcs.variants, device, dtype, settings, stages, compile_bundle=bundle,
-                    second_safety=second, lora_settings=lora_settings)
+                    second_safety=second, lora_settings=lora_settings, budget=SetupBudget(settings.setup_budget_s))
     if settings.warmup:
         engine.warm_up()
     stages.total()
-    if settings.prefetch:
+    if settings.prefetch and engine.budget.allows("the background prefetch",
+                                                  instead="each variant's first request fetches its weights"):
         engine.start_prefetch()
+    engine.budget.report()
     return engine
 
 
@@ -245,7 +255,8 @@ def warm_sizes() -> list[tuple[int, int, int]]:
     copy compiles batch 1 apart from larger batches; one larger batch covers 2 to 4)."""
     shapes = [(*sizes.table_size(ratio, mp), 1) for mp in sizes.MEGAPIXELS for ratio in sizes.ASPECT_RATIOS]
     smallest = min(shapes, key=lambda s: s[0] * s[1])
-    return [*shapes, (smallest[0], smallest[1], 2)]
+    default = (*sizes.table_size(SPEC["aspect_ratio"].default, SPEC["megapixels"].default), 1)
+    return [default, *(s for s in shapes if s != default), (smallest[0], smallest[1], 2)]  # the default first
 
 
 def vae_warm_sizes() -> list[tuple[int, int, int]]:
@@ -255,15 +266,24 @@ def vae_warm_sizes() -> list[tuple[int, int, int]]:
     return [(width, height, 1), (width, height, 2)]
 
 
-def warm(copy: Copy, max_sequence_length: int, shapes: list[tuple[int, int, int]]) -> None:
-    """One denoising step at every size through a compiled copy (latents only: the VAE decoder is warmed apart)."""
+def warm(copy: Copy, max_sequence_length: int, shapes: list[tuple[int, int, int]],
+         budget: SetupBudget | None = None) -> None:
+    """One denoising step at every size through a compiled copy (latents only: the VAE decoder is warmed apart);
+    the sizes after the first stop where the budget has no room for twice the last size's time."""
     off = speed.mode(speed.OFF)
     meter = progress.Meter(f"setup: warm-up {copy.name}", len(shapes), unit="sizes", every_percent=25)
-    for width, height, batch in shapes:
+    took = 0.0
+    for i, (width, height, batch) in enumerate(shapes):
+        if i and budget is not None and not budget.allows(
+                f"the warm-up of {copy.name} at {len(shapes) - i} more sizes", 2 * took,
+                instead="the first request at each size compiles it"):
+            return
+        started = time.monotonic()
         with torch.inference_mode():
             copy.run("txt2img", off, prompt="warm-up", width=width, height=height, num_inference_steps=1,
                      num_images_per_prompt=batch, max_sequence_length=max_sequence_length, output_type="latent",
                      generator=torch.Generator("cpu").manual_seed(0))
+        took = time.monotonic() - started
         meter.advance(1, f"{width}x{height} x{batch}")
 
 

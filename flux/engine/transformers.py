@@ -24,6 +24,7 @@ from collections import OrderedDict
 import torch
 
 from .. import compiler, memory, speed, variants, weights
+from ..budget import SetupBudget
 from ..lora.formats import TRANSFORMER
 from ..lora.fuse import Fp8Twin, LoraManager
 from ..request import Request
@@ -89,9 +90,11 @@ class Transformers:
     """Every copy this engine runs, by name, built as needed and placed by the memory plan (`residency`)."""
 
     def __init__(self, base, settings: Settings, device: torch.device, dtype: torch.dtype, plan: memory.Plan | None,
-                 loras: LoraManager, sources: dict[str, str], stages, vae_compiled: compiler.Compiled | None):
+                 loras: LoraManager, sources: dict[str, str], stages, vae_compiled: compiler.Compiled | None,
+                 budget: SetupBudget | None = None):
         """base: the base variant's loaded pipeline (its transformer already prepared: `prepare`); sources: every
-        variant's weights (flux/weights.py), read for the variants loaded on first use."""
+        variant's weights (flux/weights.py), read for the variants loaded on first use; budget: setup's time budget
+        (None: unbounded), which may defer the base variant's fp8 copy to the first request that needs it."""
         self.base = base
         self.settings, self.device, self.dtype, self.plan = settings, device, dtype, plan
         self.loras = loras
@@ -106,7 +109,8 @@ class Transformers:
         self._lock = threading.Lock()
         self._pipes: dict[str, object] = {variants.BASE.name: base}  # each variant's bf16 pipeline, once loaded
         self.twins: dict[str, Fp8Twin] = {}  # each fp8 copy follows its variant's bf16 LoRA state: variant -> twin
-        self._add_base(base)
+        self.deferred: set[str] = set()  # the base variant's copies setup left to the first request that needs them
+        self._add_base(base, budget or SetupBudget())
 
     # ----- what runs where -----------------------------------------------------------------------------------------
 
@@ -131,9 +135,10 @@ class Transformers:
             if variant.name in self.loaded:
                 self.loaded.move_to_end(variant.name)
             if name not in self.copies:
-                if variant.at_setup or not (fp8 or self.placed(variant.name)):
+                if (variant.at_setup and name not in self.deferred) or not (fp8 or self.placed(variant.name)):
                     raise ValueError(f"{name} does not run on this GPU (memory plan): route the request")
                 self._build(variant, fp8)
+                self.deferred.discard(name)
             return self.copies[name]
 
     def graphs(self) -> dict[str, int]:
@@ -156,9 +161,10 @@ class Transformers:
         transformers (the attention backend, the fused projections)."""
         speed.apply("transformer", transformer, self.settings)
 
-    def _add_base(self, pipe) -> None:
+    def _add_base(self, pipe, budget: SetupBudget) -> None:
         """The base variant's copies, at setup: its bf16 transformer placed first (on the GPU where the plan keeps it,
-        so that its fp8 copy is quantized there without crossing PCIe; else in CPU memory), then the fp8 copy, then
+        so that its fp8 copy is quantized there without crossing PCIe; else in CPU memory), then the fp8 copy (left
+        to the first go_fast request when the budget runs short and the bf16 copy serves the first request), then
         the bf16 copy where the plan places it."""
         base = variants.BASE
         self.loras.register(base.name, pipe.transformer, TRANSFORMER)  # a LoRA target from now on
@@ -167,7 +173,11 @@ class Transformers:
             self.residency.use(base.name)
         else:  # in CPU memory, where the plan keeps it (a pipeline given on the GPU is moved there)
             projections.move(pipe.transformer, torch.device("cpu"))
-        self._add_fp8(base, pipe)
+        if self.placed(base.name) and not budget.allows(f"{base.fp8}, the fp8 copy",
+                                                        instead="the first go_fast request builds it"):
+            self.deferred.add(base.fp8)
+        else:
+            self._add_fp8(base, pipe)
         if self.placed(base.name):
             self._add_copy(base.name, base, pipe)
 
@@ -310,7 +320,8 @@ class Transformers:
         started = time.monotonic()
         if variant.name not in self._pipes:
             self._pipes[variant.name] = self._load(variant)
-        self.loaded[variant.name] = None  # get() moved a known one to the end; a new one is added there
+        if not variant.at_setup:  # the base (its fp8 copy setup deferred) is never dropped
+            self.loaded[variant.name] = None  # get() moved a known one to the end; a new one is added there
         pipe = self._pipes[variant.name]
         if not fp8:
             self._add_copy(variant.name, variant, pipe)

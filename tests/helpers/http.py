@@ -5,6 +5,7 @@ FileServer serves `files[path] = bytes` with byte ranges, and per path can:
   slow       sleep between chunks (seconds per 64 KiB)
   truncate   announce the full length but close after this many bytes
   hang       accept the request, then send nothing for this many seconds
+  hang_first the same, on the first request for the path only (a download that starts slowly)
   extra      on a full (200) response, send this many bytes more than the file has, without a Content-Length
              (the body ends when the connection closes): more bytes than a ranged probe announced
   reset      with truncate: end with a TCP reset (RST) instead of a clean close
@@ -14,6 +15,7 @@ FileServer serves `files[path] = bytes` with byte ranges, and per path can:
   content_type  the Content-Type header
   encoding   send the body compressed with this Content-Encoding ("gzip"; "gzip-broken": announced as gzip, not
              gzip), whatever the request's Accept-Encoding, without ranges (a misbehaving server or CDN)
+A file's body is bytes, or an OnDisk file read as it is served (a sparse file of many GiB costs no memory).
 Every request is recorded in `requests` (method, path, headers) for assertions.
 """
 
@@ -23,6 +25,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -33,9 +36,33 @@ from urllib.parse import unquote, urlsplit
 
 
 @functools.lru_cache(maxsize=64)
-def etag(body: bytes) -> str:
-    """The body's ETag, hashed once per body (a benchmark serves 512 MiB in many ranged parts)."""
+def etag(body) -> str:
+    """The body's ETag, hashed once per body (a benchmark serves 512 MiB in many ranged parts); a file on disk's
+    from its path, size and time."""
+    if isinstance(body, OnDisk):
+        stat = os.stat(body.path)
+        return f'"{body.path}-{stat.st_size}-{stat.st_mtime_ns}"'
     return f'"{hashlib.sha256(body).hexdigest()}"'
+
+
+class OnDisk:
+    """A file served from disk, read only where a response reads it: len(), and slices that are views until read."""
+
+    def __init__(self, path, start: int = 0, end: int | None = None):
+        self.path, self.start = path, start
+        self.end = os.path.getsize(path) if end is None else end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, part: slice):
+        first, last, _ = part.indices(len(self))
+        return OnDisk(self.path, self.start + first, self.start + max(first, last))
+
+    def __bytes__(self) -> bytes:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start)
+            return fh.read(len(self))
 
 
 @dataclass
@@ -44,6 +71,7 @@ class Behaviour:
     slow: float = 0.0
     truncate: int | None = None
     hang: float = 0.0
+    hang_first: float = 0.0
     extra: int = 0
     reset: bool = False
     auth: str | None = None
@@ -84,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
         behaviour = owner.behaviours.get(path, Behaviour())
         if behaviour.hang:
             time.sleep(behaviour.hang)
+        if behaviour.hang_first and sum(r.path == self.path for r in owner.requests) == 1:
+            time.sleep(behaviour.hang_first)
         if behaviour.redirect:
             self.send_response(302)
             self.send_header("Location", behaviour.redirect)
@@ -108,7 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(body):
                 return self._plain(416, b"")
             status = 206
-        chunk = memoryview(body)[start:end + 1]  # no copies of a large body: a benchmark serves 1 GiB in parts
+        # no copies of a large body: a benchmark serves 1 GiB in parts
+        chunk = body[start:end + 1] if isinstance(body, OnDisk) else memoryview(body)[start:end + 1]
         self.send_response(status)
         self.send_header("Content-Type", behaviour.content_type)
         if behaviour.extra and status == 200:
@@ -128,7 +159,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload = payload[: max(0, behaviour.truncate - start)]
         try:
             for i in range(0, len(payload), 65536):
-                self.wfile.write(payload[i:i + 65536])
+                piece = payload[i:i + 65536]
+                self.wfile.write(bytes(piece) if isinstance(piece, OnDisk) else piece)
                 if behaviour.slow:
                     time.sleep(behaviour.slow)
             self.wfile.flush()
@@ -264,7 +296,7 @@ class HubServer(FileServer):
         return repo
 
     def route(self, handler: _Handler, path: str, head: bool):
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/[^/]+)?", path)
         if m:
             repo = self._check(handler, m.group(1))
             if repo:
