@@ -37,8 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import image_pins  # script/image_pins.py: what the image installs, read once
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREAD = "flux1-single-file.safetensors"  # a single-file checkpoint beside the folders, as Replicate's tars may hold
@@ -46,25 +48,11 @@ PROMPT = "a knitted purple prune"
 
 
 def image_recipe(cog_yaml: str) -> tuple[str, list[str]]:
-    """cog.yaml's build.sdk_version and its build.run lines, as written (a list of strings, as this project writes
-    them: `- "..."` items under `run:`)."""
-    sdk = re.search(r"^\s*sdk_version:\s*\"?([^\"\s#]+)", cog_yaml, re.M)
+    """cog.yaml's build.sdk_version and its build.run lines as cog runs them (script/image_pins.py reads both)."""
+    sdk = image_pins.sdk_version(cog_yaml)
     if not sdk:
         raise SystemExit("deploy-check: cog.yaml has no build.sdk_version")
-    lines, inside, indent = [], False, 0
-    for line in cog_yaml.splitlines():
-        stripped = line.strip()
-        if re.match(r"^\s*run:\s*$", line):
-            inside, indent = True, len(line) - len(line.lstrip())
-            continue
-        if not inside or not stripped or stripped.startswith("#"):
-            continue
-        if len(line) - len(line.lstrip()) <= indent or not stripped.startswith("- "):
-            inside = False
-            continue
-        item = stripped[2:].strip()
-        lines.append(json.loads(item) if item.startswith('"') else item)
-    return sdk.group(1), lines
+    return sdk, image_pins.run_lines(cog_yaml)
 
 
 def build_env(work: Path, fresh: bool) -> Path:
