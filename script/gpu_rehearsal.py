@@ -3,7 +3,7 @@ r"""The lent GPU machine's run, rehearsed on this CPU: the prepared command as t
   script/gpu-rehearsal [--mirror VENV] [--python PY312] [--keep DIR] [-- ARGS for script/benchmark gpu]
 
 1. the CPU mirror of the GPU machine's image (Python 3.12, torch 2.11, the image's known versions; no diffusers,
-   pruna, torchao or peft): VENV (default /tmp/mirror312), built by `script/device-kit --make-mirror` when absent;
+   pruna, torchao or peft): VENV (default /tmp/mirror312), built by script/gpu_image.py's make_mirror when absent;
 2. the kit: `script/device-kit .whl` in this checkout, the folder the device tool carries (`carry=[".whl"]`);
 3. a copy of the working tree laid out as the device tool sends it: the tracked files and the untracked ones git
    does not ignore (no .venv, no weights), plus the carried `.whl`;
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = [a for a in args.bench if a != "--"] or FAST
     sys.path.insert(0, str(ROOT / "script"))
     import device_kit
+    import gpu_image
 
     times = {}
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mirror = Path(args.mirror)
     if not (mirror / "bin" / "python3").exists():
-        step("1. mirror (built)", lambda: device_kit.make_mirror(mirror, args.python))
+        step("1. mirror (built)", lambda: gpu_image.make_mirror(mirror, args.python))
     else:
         times["1. mirror (present)"] = 0.0
     step("2. kit", lambda: device_kit.build(ROOT / KIT))
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FLUX_", "TORCHINDUCTOR_", "TRITON_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "OUT")}
     env["PATH"] = f"{mirror / 'bin'}:{env.get('PATH', '')}"
-    cmd = device_kit.offline(["script/gpu-benchmark", "--kit", KIT, "--out", str(out), "--limit", str(args.limit),
+    cmd = gpu_image.offline(["script/gpu-benchmark", "--kit", KIT, "--out", str(out), "--limit", str(args.limit),
                               "--", "--tiny", *bench])
     rc = step("4. script/gpu-benchmark (no network)",
               lambda: subprocess.run(cmd, cwd=tree, env=env, timeout=args.limit + 60).returncode)
