@@ -12,7 +12,8 @@ DownloadError (a UserError) that says what to change, never httpx's text.
 URLs are logged without their query string (signed URLs carry credentials
 there) and headers are never logged. After a redirect to another host (a CDN,
 a signed storage URL) the parts are fetched from where the redirect led, and an
-Authorization header never follows the request there.
+Authorization header never follows the request there. What one response may cost, and how its body is counted and
+decoded, is flux/response.py.
 """
 
 from __future__ import annotations
@@ -24,180 +25,20 @@ import logging
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from . import netguard
+# What a response may cost and how its body is counted: flux/response.py. Callers use Limits, DownloadError, Probe,
+# MiB and redact through this module too (dl.Limits, ...).
+from .response import (IDENTITY, Counter, Deadline, DownloadError, Limits, MiB, Probe, encoding_of, headers_for,
+                       length_of, problem_of, redact, status_error)
+from .response import same_origin  # noqa: F401  (dl.same_origin: flux/lora/sources.py)
 from .progress import Meter, human_bytes
-from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 2 * 1024 * MiB
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0  # longest silence tolerated mid-transfer
-    total_timeout: float = 3600.0
-    part_size: int = 64 * MiB
-    workers: int = 8
-    retries: int = 4
-    progress_bytes: int = 4 * MiB  # a download this big (or of unknown size) logs its progress as it goes
-
-
-class DownloadError(UserError):
-    """A download failed for a reason the user can act on (bad URL, 401, 404, too big, ...)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What the first request learned: where redirects led, the size, whether ranges work, the ETag."""
-
-    url: str  # after redirects
-    size: int | None  # of the file; of the compressed body when `encoded`
-    ranges: bool
-    etag: str | None
-    encoded: bool = False  # the server compresses the body (Content-Encoding) although asked not to
-
-
-def redact(url: str) -> str:
-    """The URL without query, fragment or userinfo: safe to log and to show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address keeps its brackets
-        host = f"[{host}]"
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _status_error(response: httpx.Response, what: str, url: str, auth_hint: str | None = None) -> DownloadError:
-    code = response.status_code
-    shown = redact(url)
-    if code in (401, 403):
-        hint = auth_hint or "If it is private or gated, pass a token."
-        return DownloadError(f"{what}: {shown} answered {code} (not authorized). {hint}", code)
-    if code == 404:
-        return DownloadError(f"{what}: {shown} was not found (404). Check the reference.", code)
-    return DownloadError(f"{what}: {shown} answered HTTP {code}.", code)
-
-
-def same_origin(a: str, b: str) -> bool:
-    x, y = urlsplit(a), urlsplit(b)
-    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
-
-
-def _headers_for(url: str, original: str, headers: dict[str, str]) -> dict[str, str]:
-    """Credentials go only to the origin they were given for."""
-    if same_origin(url, original):
-        return headers
-    return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
-
-
-class _Deadline:
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
-
-    def check(self, what: str, url: str, problem: str | None = None) -> None:
-        """Past the deadline: fail, naming the last problem seen while retrying if there was one."""
-        if time.monotonic() > self.end:
-            if problem:
-                raise DownloadError(f"{what}: {redact(url)} {problem} and did not finish in time; try again later "
-                                    "or use another host.")
-            raise DownloadError(f"{what}: downloading {redact(url)} took too long; try again or use a faster host.")
-
-
-# Files are fetched as they are: ranges and sizes then count the file's own bytes.
-IDENTITY = {"Accept-Encoding": "identity"}
-
-
-def _encoding(response: httpx.Response) -> str | None:
-    """The Content-Encoding a response's body is compressed with (None: the bytes are the file's)."""
-    value = response.headers.get("content-encoding", "").strip().lower()
-    return None if value in ("", "identity") else value
-
-
-def _length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
-    return int(value) if value.isdigit() else None
-
-
-class _Counter:
-    """The bytes of one body as they arrive, checked against the limits: on the wire (what the server sends,
-    against max_bytes and what it announced) and, for a compressed body, what it decodes to (against max_bytes)."""
-
-    def __init__(self, response: httpx.Response, what: str, url: str, limits: Limits, announced: int | None,
-                 wire_before: int = 0):
-        self.response, self.what, self.url, self.limits = response, what, redact(url), limits
-        self.encoding = _encoding(response)
-        self.announced = _length(response) if self.encoding else announced
-        self.wire_before = 0 if self.encoding else wire_before
-        self.decoded = 0
-
-    @property
-    def wire(self) -> int:
-        return self.wire_before + self.response.num_bytes_downloaded
-
-    def chunks(self):
-        """The body's bytes as they arrive, each counted before it is passed on. A gzip or deflate body is decoded
-        here in pieces of at most 1 MiB: httpx decodes each chunk read whole, and 64 KiB of gzip can decode to 64 MB
-        in one piece, held before any count could refuse it."""
-        if self.encoding not in ("gzip", "x-gzip", "deflate"):  # httpx decodes no other (it passes them as they are)
-            for chunk in self.response.iter_bytes():
-                self.add(chunk)
-                yield chunk
-            return
-        # gzip: a gzip header; deflate: a zlib header (RFC 9110), or raw deflate as some servers send it (as httpx)
-        decoder = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in self.encoding else 0))
-        started = False
-        for raw in self.response.iter_raw():
-            while raw:
-                try:
-                    piece = decoder.decompress(raw, MiB)
-                except zlib.error:
-                    if started or self.encoding != "deflate":
-                        raise httpx.DecodingError(f"the body is not valid {self.encoding}") from None
-                    decoder, started = zlib.decompressobj(-zlib.MAX_WBITS), True
-                    continue
-                started, raw = True, decoder.unconsumed_tail
-                self.add(piece)
-                yield piece
-        if rest := decoder.flush():  # what a last match left pending: at most a few hundred bytes
-            self.add(rest)
-            yield rest
-
-    def add(self, chunk: bytes) -> None:
-        self.decoded += len(chunk)
-        if self.wire > self.limits.max_bytes:
-            raise DownloadError(f"{self.what}: {self.url} is over the {human_bytes(self.limits.max_bytes)} limit"
-                                + (f" ({self.encoding}-compressed bytes received)." if self.encoding else "."))
-        if self.encoding and self.decoded > self.limits.max_bytes:
-            raise DownloadError(f"{self.what}: {self.url} is {self.encoding}-compressed and decodes to more than the "
-                                f"{human_bytes(self.limits.max_bytes)} limit.")
-        if self.announced is not None and self.wire > self.announced:
-            raise DownloadError(f"{self.what}: {self.url} sent more bytes than it announced ({self.announced}"
-                                + (f" {self.encoding}-compressed)." if self.encoding else ")."))
-
-    @property
-    def complete(self) -> bool:
-        return self.announced is None or self.wire == self.announced
-
-
-def _problem(exc: Exception) -> str:
-    return "stopped sending data" if isinstance(exc, httpx.TimeoutException) else "kept dropping the connection"
-
 
 @contextlib.contextmanager
 def _session(url: str, what: str, limits: Limits):
@@ -205,7 +46,7 @@ def _session(url: str, what: str, limits: Limits):
     if not url.lower().startswith(("https://", "http://")):
         raise DownloadError(f"{what}: only http(s) URLs can be fetched, not {redact(url)!r}.")
     # Every socket operation ends by the fetch's deadline: a host that sends a byte (or a header line) at a time
-    # cannot stretch it (the same total_timeout _Deadline counts from, started here for the headers too).
+    # cannot stretch it (the same total_timeout Deadline counts from, started here for the headers too).
     end = time.monotonic() + limits.total_timeout
     client = netguard.client(deadline=end, timeout=httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout))
     try:
@@ -251,7 +92,7 @@ def download(
 
 
 def _save(session, url: str, dest: Path, found: Probe, target: str, target_headers: dict, meter, what: str,
-          limits: Limits, deadline: _Deadline, auth_hint: str | None, space_hint: str, started: float) -> Path:
+          limits: Limits, deadline: Deadline, auth_hint: str | None, space_hint: str, started: float) -> Path:
     """What `found` probed, saved into dest atomically (in parallel parts where the server takes ranges)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -294,9 +135,9 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
     with _session(url, what, limits) as session:
         with session.stream("GET", url, headers={**(headers or {}), "Accept": "application/json"}) as response:
             if response.status_code != 200:
-                raise _status_error(response, what, url, auth_hint)
+                raise status_error(response, what, url, auth_hint)
             body = bytearray()
-            counter = _Counter(response, what, url, limits, None)
+            counter = Counter(response, what, url, limits, None)
             for chunk in counter.chunks():
                 body += chunk
     try:
@@ -308,18 +149,18 @@ def fetch_json(url: str, *, what: str = "download", headers: dict[str, str] | No
 def _probe(client: httpx.Client, url: str, headers: dict, what: str, auth_hint: str | None) -> Probe:
     """Total size (if announced), whether the server honours byte ranges, and where redirects led."""
     with client.stream("GET", url, headers={**headers, **IDENTITY, "Range": "bytes=0-0"}) as response:
-        final, etag, encoded = str(response.url), response.headers.get("etag"), _encoding(response) is not None
+        final, etag, encoded = str(response.url), response.headers.get("etag"), encoding_of(response) is not None
         if response.status_code == 206:
             total = response.headers.get("content-range", "").rpartition("/")[2]
             return Probe(final, int(total) if total.isdigit() else None, total.isdigit(), etag, encoded)
         if response.status_code == 200:  # no ranges; a compressed body announces its compressed length
-            return Probe(final, _length(response), False, etag, encoded)
+            return Probe(final, length_of(response), False, etag, encoded)
         if response.status_code == 416:  # empty file
             return Probe(final, 0, False, etag)
-        raise _status_error(response, what, url, auth_hint)
+        raise status_error(response, what, url, auth_hint)
 
 
-def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: _Deadline, auth_hint,
+def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadline: Deadline, auth_hint,
             meter: Meter | None) -> None:
     """One GET, resumed with a Range header after a dropped connection where the server allows it (a compressed
     body is fetched again from its start: its decoded bytes are no offset into what the server sends)."""
@@ -335,15 +176,15 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
             try:
                 with client.stream("GET", url, headers=request_headers) as response:
                     if response.status_code not in (200, 206):
-                        raise _status_error(response, what, url, auth_hint)
-                    encoded = _encoding(response) is not None
+                        raise status_error(response, what, url, auth_hint)
+                    encoded = encoding_of(response) is not None
                     if received and (response.status_code == 200 or encoded):  # no resume: start over
                         fh.seek(0)
                         fh.truncate()
                         received = 0
                         if meter is not None:
                             meter.done = 0
-                    counter = _Counter(response, what, url, limits, size, wire_before=received)
+                    counter = Counter(response, what, url, limits, size, wire_before=received)
                     for chunk in counter.chunks():  # as they arrive: each counted, the deadline checked
                         received += len(chunk)
                         fh.write(chunk)
@@ -355,7 +196,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                 raise httpx.RemoteProtocolError("short read")
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 attempt += 1
-                problem = f"{_problem(exc)} ({received} of {size or '?'} bytes received)"
+                problem = f"{problem_of(exc)} ({received} of {size or '?'} bytes received)"
                 # A body that ends short again without a byte more (a host whose length is wrong) is not retried on.
                 stalled = attempt > 1 and received == before and isinstance(exc, httpx.RemoteProtocolError)
                 if attempt > limits.retries or stalled:
@@ -365,7 +206,7 @@ def _stream(client, url, headers, part: Path, size, what, limits: Limits, deadli
                 deadline.check(what, url, problem)
 
 
-def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: _Deadline, auth_hint,
+def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits, deadline: Deadline, auth_hint,
               meter: Meter | None) -> None:
     """Ranged GETs in parallel, each written at its offset; each range retried from where it stopped."""
     with open(part, "wb") as fh:
@@ -391,7 +232,7 @@ def _parallel(client, url, headers, part: Path, size: int, what, limits: Limits,
         os.close(fd)
 
 
-def _fetch_range(client, url, headers, first: int, last: int, write, what, limits: Limits, deadline: _Deadline,
+def _fetch_range(client, url, headers, first: int, last: int, write, what, limits: Limits, deadline: Deadline,
                  auth_hint, meter: Meter | None, stop: threading.Event, size: int) -> None:
     """Bytes first..last by ranged GETs, each chunk passed to write(offset, chunk); retried from where it stopped.
     Returns early (incomplete) once stop is set, at its next chunk."""
@@ -403,8 +244,8 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
         try:
             with client.stream("GET", url, headers={**headers, **IDENTITY, "Range": f"bytes={offset}-{last}"}) as response:
                 if response.status_code != 206:
-                    raise _status_error(response, what, url, auth_hint)
-                encoding = _encoding(response)
+                    raise status_error(response, what, url, auth_hint)
+                encoding = encoding_of(response)
                 if encoding is not None:
                     raise DownloadError(f"{what}: {redact(url)} answered a byte range compressed "
                                         f"({encoding}), which cannot be put in place; try again later.")
@@ -423,9 +264,9 @@ def _fetch_range(client, url, headers, first: int, last: int, write, what, limit
         except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
             attempt += 1
             if attempt > limits.retries:
-                raise DownloadError(f"{what}: {redact(url)} {_problem(exc)}.") from None
+                raise DownloadError(f"{what}: {redact(url)} {problem_of(exc)}.") from None
             time.sleep(max(0.0, min(2**attempt * 0.25, 4, deadline.end - time.monotonic())))
-            deadline.check(what, url, _problem(exc))
+            deadline.check(what, url, problem_of(exc))
 
 
 @contextlib.contextmanager
@@ -436,7 +277,7 @@ def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None =
     credentials rule, passing each chunk to write(offset, chunk); it returns early once the threading.Event stop is
     set. whole(dest, space_hint) is download() to dest on the same probe (download() is this, for a server that takes
     no ranges too). Transport failures inside the block become DownloadErrors."""
-    deadline = _Deadline(limits.total_timeout)
+    deadline = Deadline(limits.total_timeout)
     started = time.monotonic()
     headers = headers or {}
     with _session(url, what, limits) as session:
@@ -447,7 +288,7 @@ def ranged(url: str, *, what: str = "download", headers: dict[str, str] | None =
             )
         # Parts come from where the redirects led (one version of the file, one hop), without credentials
         # meant for the first host.
-        target, target_headers = found.url, _headers_for(found.url, url, headers)
+        target, target_headers = found.url, headers_for(found.url, url, headers)
         meter = Meter(what, found.size) if found.size is None or found.size >= limits.progress_bytes else None
 
         def fetch(first: int, last: int, write, stop: threading.Event) -> None:
