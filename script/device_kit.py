@@ -162,7 +162,7 @@ MIRROR_PACKAGES = [
     "colorama", "protobuf", "pyarrow", "xxhash", "zipp", "pyparsing", "typing-extensions", "nvidia-ml-py", "six",
 ]
 
-IMPORTS = ("import flux, flux.engine, flux.speed, flux.fakes.fullsize, flux.fakes.tiny, lora_loader, tests.helpers.loras, "
+IMPORTS = ("import flux, flux.engine, flux.speed, flux.fakes.fullsize, flux.fakes.tiny, lora_loader, flux.fakes.loras, "
            "pruna, torchao, diffusers, peft; "
            "from pruna.algorithms import AlgorithmRegistry as R; "
            "missing = {'fora', 'torchao'} - set(R._registry); assert not missing, missing; "
