@@ -23,7 +23,7 @@ checker, encoding) and a bare FluxPipeline call at the same settings on the
 same weights, interleaved, and reports the ratio of their medians.
 
 The LoRA benchmark builds two LoRAs on every Linear of the transformer and every
-CLIP layer (rank 16, tests/helpers/loras.py), passed as data: URIs so no server
+CLIP layer (rank 16, flux/fakes/loras.py), passed as data: URIs so no server
 is needed, and times on the same predictor: predictions without a LoRA and with
 a LoRA already in place (each timed one after an untimed one that sets the
 state), in pairs whose order alternates; the ratio is the median of the per-pair
@@ -42,6 +42,7 @@ transformer.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import statistics
 import sys
@@ -64,11 +65,11 @@ def _predictor():
 
 def _inputs(args, **changes) -> dict:
     """Every input as cog passes it (the predictor's declared defaults), at the benchmark's size, steps and seed."""
-    from tests.helpers.inputs import defaults
+    from schema import input_defaults
 
     width, height = args.size
-    return defaults() | dict(aspect_ratio="custom", width=width, height=height, num_inference_steps=args.steps,
-                             seed=1) | changes
+    return input_defaults() | dict(prompt="a knitted purple prune", aspect_ratio="custom", width=width, height=height,
+                                   num_inference_steps=args.steps, seed=1) | changes
 
 
 def overhead(args) -> dict:
@@ -110,18 +111,18 @@ def overhead(args) -> dict:
 
 
 def lora(args) -> dict:
+    from flux.fakes import loras
     from flux.request import Request
-    from tests.helpers import loras
 
     predictor = _predictor()
     engine = predictor.engine
     pipe = engine.pipeline("dev", "txt2img")
 
-    def uri(seed: int, layout: str) -> str:
+    def uri(seed: int) -> str:
         update = loras.make_update(pipe.transformer, "ALL", text_encoder=pipe.text_encoder, seed=seed, rank=16)
-        return loras.lora_uri(update, layout)
+        return "data:application/octet-stream;base64," + base64.b64encode(loras.diffusers_bytes(update)).decode()
 
-    a, b = uri(1, "diffusers"), uri(2, "diffusers")
+    a, b = uri(1), uri(2)
     plain, with_a = _inputs(args), _inputs(args, replicate_weights=a)
 
     def timed(fn) -> float:

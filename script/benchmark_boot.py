@@ -266,16 +266,6 @@ def _peak_while(folder: Path, fn) -> tuple[float, int]:
         tarfile.TarFile.makefile = original
 
 
-_SERVE = """
-import sys
-from pathlib import Path
-from tests.helpers.http import FileServer
-with FileServer() as srv:
-    print(srv.add("/flux.tar", Path(sys.argv[1]).read_bytes()), flush=True)
-    sys.stdin.read()  # until the benchmark closes it
-"""
-
-
 def _compare(ways: dict, runs: dict, url: str, tmp: Path, repeats: int) -> None:
     for i in range(repeats):
         for name in list(ways) if i % 2 == 0 else list(ways)[::-1]:  # alternating, so load falls on both
@@ -344,8 +334,8 @@ print(json.dumps(out))
 def _served(path: Path):
     """The URL of a file served from 127.0.0.1 by a process of its own, as a remote host would serve it (in this one
     the server would share the GIL with the download threads and the extractor)."""
-    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, str(ROOT / "script" / "fileserver.py"), str(path)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         yield server.stdout.readline().strip()
     finally:

@@ -119,7 +119,7 @@ TARGET_ENV = dict(default_environment(), python_version="3.12", python_full_vers
                   sys_platform="linux", platform_system="Linux", platform_machine="x86_64",
                   implementation_name="cpython", platform_python_implementation="CPython", os_name="posix")
 
-IMPORTS = ("import flux, flux.engine, flux.speed, flux.fakes.fullsize, flux.fakes.tiny, lora_loader, tests.helpers.loras, "
+IMPORTS = ("import flux, flux.engine, flux.speed, flux.fakes.fullsize, flux.fakes.tiny, lora_loader, flux.fakes.loras, "
            "pruna, torchao, diffusers, peft; "
            "from pruna.algorithms import AlgorithmRegistry as R; "
            "missing = {'fora', 'torchao'} - set(R._registry); assert not missing, missing; "

@@ -38,15 +38,26 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def build_schema() -> dict:
+def predictor_info():
+    """The predictor as cog's inspector reads it: its declared inputs (`.inputs`, name -> field) and output."""
     sys.path.insert(0, str(ROOT))
-    import cog
-    from cog import _adt as adt
     from cog import _inspector
 
     with warnings.catch_warnings():  # cog 0.23 nudges towards BaseRunner.run(); Replicate's API is predict()
         warnings.simplefilter("ignore", DeprecationWarning)
-        info = _inspector.create_predictor(*PREDICT_REF)
+        return _inspector.create_predictor(*PREDICT_REF)
+
+
+def input_defaults() -> dict:
+    """The value cog gives each input the caller leaves out (the required prompt has none)."""
+    return {name: field.default for name, field in predictor_info().inputs.items() if name != "prompt"}
+
+
+def build_schema() -> dict:
+    import cog
+    from cog import _adt as adt
+
+    info = predictor_info()
     properties: dict = {}
     required: list[str] = []
     enums: dict = {}

@@ -65,7 +65,7 @@ def test_the_reference_is_a_fresh_predictors(reference):
     [path] = fresh.predict(**{**defaults(), **KW})
     image, fingerprint = reference
     assert path.read_bytes() == image
-    fresh_state = state.fingerprint(fresh.engine)  # what it holds: schnell is loaded on first use only
+    fresh_state = state.fingerprint(fresh.engine)  # what it holds: no variant loaded on first use yet
     assert not state.diff({k: v for k, v in fingerprint.items() if k in fresh_state}, fresh_state)
 
 

@@ -4,6 +4,7 @@ modules lives below both)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -84,3 +85,42 @@ def test_the_walk_finds_a_circle_through_a_function_level_import(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
     modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     assert circles({n: imports(n, p, modules) for n, p in modules.items()}) == [["a", "b"]]
+
+
+def imports_of_tests(path: Path) -> list[str]:
+    """The `tests` modules a script file imports: in its code, in the Python it hands to another interpreter as a
+    string (`python -c CODE`) and, for a shell script, in its text."""
+    text = path.read_text(errors="replace")
+    if path.suffix != ".py":
+        return re.findall(r"(?:from|import)\s+(tests\b[\w.]*)", text)
+    found, trees = [], [ast.parse(text)]
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.append(node.module or "")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+                try:
+                    trees.append(ast.parse(node.value))
+                except SyntaxError:  # text, not code
+                    pass
+    return [name for name in found if name == "tests" or name.startswith("tests.")]
+
+
+def test_no_script_imports_tests():
+    """Scripts (benchmarks, the device kit) run where tests/ is not: what they share with tests lives in flux/fakes/
+    or script/, and tests import it from there."""
+    scripts = [p for p in sorted((ROOT / "script").rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+    assert len(scripts) > 30 and any(p.name == "benchmark.py" for p in scripts)
+    found = {str(p.relative_to(ROOT)): names for p in scripts if (names := imports_of_tests(p))}
+    assert not found, f"scripts importing tests: {found}"
+
+
+def test_the_script_check_finds_tests_imported_in_code_in_strings_and_in_shell(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from tests.helpers import http\n")
+    (tmp_path / "b.py").write_text('CODE = "import flux, tests.helpers.loras; print(1)"\nTEXT = "import this: tests"\n')
+    (tmp_path / "c").write_text('#!/usr/bin/env bash\n"$PY" -c "from tests.helpers.inputs import defaults"\n')
+    (tmp_path / "d.py").write_text("import testsuite\nfrom .tests import x\n")
+    assert [imports_of_tests(tmp_path / n) for n in ("a.py", "b.py", "c", "d.py")] == [
+        ["tests.helpers"], ["tests.helpers.loras"], ["tests.helpers.inputs"], []]

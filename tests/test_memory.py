@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux import memory
+from flux import memory, variants
 from flux.fakes import fullsize
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, Residency, activation_bytes, fp8_bytes, module_bytes
 from flux.speed import step_cache
 
 MiB = 1024**2
+FIRST = variants.ON_FIRST_USE[0]  # a variant loaded on first use, from the table
 
 
 def model(mb: int) -> torch.nn.Module:
@@ -47,40 +48,40 @@ def test_module_bytes_counts_fp8_storage_and_shared_storage_once():
 
 def test_least_recently_used_transformers_leave_the_gpu_first():
     residency, moves = recording(3 * MiB)
-    for name, mb in (("dev", 2), ("dev-fp8", 1), ("schnell", 2)):
+    for name, mb in (("dev", 2), ("dev-fp8", 1), (FIRST.name, 2)):
         residency.add(name, model(mb), resident=False)
     residency.use("dev", 0)
     residency.use("dev-fp8", 0)
     assert moves == [("dev", "cuda"), ("dev-fp8", "cuda")]
-    residency.use("dev", 0)  # now the most recent: schnell pushes out dev-fp8 first, then dev
-    residency.use("schnell", 0)
-    assert moves[2:] == [("dev-fp8", "cpu"), ("dev", "cpu"), ("schnell", "cuda")]
-    residency.use("dev-fp8", 0)  # fits beside schnell
-    assert list(residency.resident) == ["schnell", "dev-fp8"] and moves[-1] == ("dev-fp8", "cuda")
+    residency.use("dev", 0)  # now the most recent: FIRST pushes out dev-fp8 first, then dev
+    residency.use(FIRST.name, 0)
+    assert moves[2:] == [("dev-fp8", "cpu"), ("dev", "cpu"), (FIRST.name, "cuda")]
+    residency.use("dev-fp8", 0)  # fits beside FIRST
+    assert list(residency.resident) == [FIRST.name, "dev-fp8"] and moves[-1] == ("dev-fp8", "cuda")
 
 
 def test_a_request_that_needs_room_moves_the_least_recently_used_out():
     residency, moves = recording(5 * MiB)
-    for name, mb in (("dev", 2), ("dev-fp8", 1), ("schnell", 2)):
+    for name, mb in (("dev", 2), ("dev-fp8", 1), (FIRST.name, 2)):
         residency.add(name, model(mb), resident=True)
     assert residency.evictions("dev", 0) == []  # 5 MiB: all three fit when the request needs nothing
     assert residency.evictions("dev", 1 * MiB) == ["dev-fp8"]  # least recently used first, never the one in use
-    assert residency.evictions("schnell", 3 * MiB) == ["dev", "dev-fp8"]
+    assert residency.evictions(FIRST.name, 3 * MiB) == ["dev", "dev-fp8"]
     residency.use("dev", 1 * MiB)
-    assert list(residency.resident) == ["schnell", "dev"] and moves == [("dev-fp8", "cpu")]
+    assert list(residency.resident) == [FIRST.name, "dev"] and moves == [("dev-fp8", "cpu")]
 
 
 def test_on_demand_transformers_leave_before_resident_ones():
     """The plan's resident transformers (pinned) move out only after every "on demand" one, whatever the order of
     use; room made for a new transformer (make_room) follows the same order."""
     residency, moves = recording(5 * MiB, pinned=("dev", "dev-fp8"))
-    for name, mb in (("schnell", 2), ("dev", 2), ("dev-fp8", 1)):  # schnell the least recently used... then dev
+    for name, mb in ((FIRST.name, 2), ("dev", 2), ("dev-fp8", 1)):  # FIRST the least recently used... then dev
         residency.add(name, model(mb), resident=True)
-    residency.use("schnell", 0)  # schnell now the most recent, yet the first to go for dev-fp8's room
-    assert residency.evictions("dev-fp8", 1 * MiB) == ["schnell"]
-    assert residency.evictions("dev-fp8", 3 * MiB) == ["schnell", "dev"]
-    residency.make_room(1 * MiB)  # 5 MiB are taken: 1 more moves schnell out, not dev
-    assert moves == [("schnell", "cpu")] and list(residency.resident) == ["dev", "dev-fp8"]
+    residency.use(FIRST.name, 0)  # FIRST now the most recent, yet the first to go for dev-fp8's room
+    assert residency.evictions("dev-fp8", 1 * MiB) == [FIRST.name]
+    assert residency.evictions("dev-fp8", 3 * MiB) == [FIRST.name, "dev"]
+    residency.make_room(1 * MiB)  # 5 MiB are taken: 1 more moves FIRST out, not dev
+    assert moves == [(FIRST.name, "cpu")] and list(residency.resident) == ["dev", "dev-fp8"]
 
 
 def test_no_budget_means_nothing_moves_and_too_big_is_refused():
@@ -137,17 +138,18 @@ def test_the_plan_fits_every_common_gpu_size_and_never_holds_two_bf16_transforme
         + sizes.working <= plan.budget
 
 
-def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_schnell_too(sizes):
+def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_the_variants_loaded_on_first_use_too(sizes):
     for gb in (80, CARDS["H100"], 141, CARDS["H200"]):
         plan = planned(sizes, gb)
         assert {"dev", "dev-fp8", "text_encoder_2"} <= set(plan.resident), gb
         assert plan.per_request_moves == 0
         # they stay even for the largest request: only what is "on demand" would move
         assert plan.shared_gpu + sizes.bytes["dev"] + sizes.bytes["dev-fp8"] + sizes.largest <= plan.budget
-    assert [planned(sizes, gb).where("schnell") for gb in (80, CARDS["H100"], 141, CARDS["H200"])] == \
-        [ON_DEMAND, ON_DEMAND, GPU, GPU]
-    assert planned(sizes, 141).resident == ["dev", "dev-fp8", "schnell", "schnell-fp8", "krea-dev", "krea-dev-fp8",
-                                            "text_encoder", "text_encoder_2", "vae", "safety"]
+    for variant in variants.ON_FIRST_USE:
+        assert [planned(sizes, gb).where(variant.name) for gb in (80, CARDS["H100"], 141, CARDS["H200"])] == \
+            [ON_DEMAND, ON_DEMAND, GPU, GPU], variant.name
+    assert planned(sizes, 141).resident == [*variants.transformer_names(), "text_encoder", "text_encoder_2", "vae",
+                                            "safety"]
 
 
 def test_40_and_48_gb_keep_bf16_dev_and_stream_t5_where_it_does_not_fit(sizes):
@@ -155,7 +157,7 @@ def test_40_and_48_gb_keep_bf16_dev_and_stream_t5_where_it_does_not_fit(sizes):
                    (CARDS["RTX A6000"], GPU)):
         plan = planned(sizes, gb)
         assert (plan.where("dev"), plan.where("dev-fp8"), plan.where("text_encoder_2")) == (GPU, GPU, t5), gb
-        assert (plan.where("schnell"), plan.where("schnell-fp8")) == (ON_DEMAND, ON_DEMAND)
+        assert all((plan.where(v.name), plan.where(v.fp8)) == (ON_DEMAND, ON_DEMAND) for v in variants.ON_FIRST_USE)
         assert plan.per_request_moves == (sizes.bytes["text_encoder_2"] if t5 == STREAMED else 0)
 
 
@@ -163,7 +165,8 @@ def test_24_gb_runs_fp8_only_with_t5_streamed(sizes):
     for gb in (CARDS["L4"], CARDS["RTX 4090"], 24):
         plan = planned(sizes, gb)
         assert plan.fits
-        assert (plan.where("dev"), plan.where("schnell"), plan.where("schnell-fp8")) == (CPU, CPU, ON_DEMAND)
+        assert plan.where("dev") == CPU
+        assert all((plan.where(v.name), plan.where(v.fp8)) == (CPU, ON_DEMAND) for v in variants.ON_FIRST_USE)
         assert "go_fast" in plan.placements["dev"].note
         assert plan.setup_peak < sizes.bytes["dev"]  # no bf16 transformer on the GPU, ever
     for gb in (CARDS["L4"], CARDS["RTX 4090"]):  # real 24 GB cards report under 24: T5 is streamed
@@ -211,17 +214,17 @@ def test_fora_holds_every_block_output_at_full_size():
     assert step_cache.Fora.holds_bytes(pipe.config, 1440, 1440, 4, 512) / 1e9 == pytest.approx(12.06, abs=0.01)
 
 
-def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_schnell_is_in(sizes):
-    """On an 80 GB H100 dev, fp8 dev and schnell (once used) fit; a Juiced 1440x1440 request with 4 outputs needs
-    activations plus FORA's 12 GB: the residency moves schnell out (on demand) before a resident transformer,
-    instead of running out of memory and falling back to one output at a time."""
+def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_a_variant_is_in(sizes):
+    """On an 80 GB H100 dev, fp8 dev and a variant loaded on first use (once used) fit; a Juiced 1440x1440 request
+    with 4 outputs needs activations plus FORA's 12 GB: the residency moves the variant out (on demand) before a
+    resident transformer, instead of running out of memory and falling back to one output at a time."""
     plan = memory.plan(H100_80GB, sizes)
     residency = Residency.for_plan(torch.device("cuda"), plan, mover=lambda module, device: None)
     residency.size = sizes.bytes.__getitem__
-    for name in ("dev-fp8", "schnell", "dev"):  # dev most recently used
+    for name in ("dev-fp8", FIRST.name, "dev"):  # dev most recently used
         residency.add(name, None, resident=True)
     plain = activation_bytes(1440, 1440, 4)
     fora = step_cache.Fora.holds_bytes(fullsize.TRANSFORMER, 1440, 1440, 4, 512)
     assert residency.evictions("dev", plain) == []  # without a speed mode everything stays
-    assert sum(sizes.bytes[n] for n in ("dev", "dev-fp8", "schnell")) + plain + fora > residency.budget
-    assert residency.evictions("dev", plain + fora) == ["schnell"]
+    assert sum(sizes.bytes[n] for n in ("dev", "dev-fp8", FIRST.name)) + plain + fora > residency.budget
+    assert residency.evictions("dev", plain + fora) == [FIRST.name]

@@ -1,7 +1,7 @@
 """Small GPUs, simulated on the tiny FLUX: FLUX_GPU_MEMORY_GB on a machine without a GPU gives the engine that budget,
 and the plan's offload paths run for real: T5 streamed through diffusers' group offloading (its block groups onloaded
-and offloaded around each prompt), bf16 dev kept in CPU memory while requests run its fp8 copy, schnell's fp8 copy
-built on first use and swapped with dev's. There is one device here, so "moving" keeps the tensors where they are, but
+and offloaded around each prompt), bf16 dev kept in CPU memory while requests run its fp8 copy, the fp8 copy of a
+variant loaded on first use built then and swapped with dev's. There is one device here, so "moving" keeps the tensors where they are, but
 every move goes through the same calls as on a GPU and is counted. Each image is bit-identical to the one the
 all-resident engine makes. Also: go_fast's fp8 copy is built one block at a time, bit for bit what pruna's smash makes,
 and the settings' and the plan's refusals."""
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux import memory, output, weights
+from flux import memory, output, variants, weights
 from flux.engine import Engine
 from flux.errors import UserError
 from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB
@@ -28,6 +28,7 @@ from flux.speed import fp8 as fp8_, projections
 from tests.helpers import loras
 
 STEPS = 3
+FIRST, NEXT = variants.ON_FIRST_USE[:2]  # variants loaded on first use, from the table
 
 
 def tiny_pipe(dtype=torch.float32):
@@ -106,7 +107,7 @@ def group_moves(monkeypatch):
 
 def test_a_small_gpu_plan_keeps_fp8_dev_and_streams_t5(small, sizes):
     plan = small.plan
-    assert [plan.where(n) for n in ("dev", "dev-fp8", "schnell", "schnell-fp8", "text_encoder_2")] == \
+    assert [plan.where(n) for n in ("dev", "dev-fp8", FIRST.name, FIRST.fp8, "text_encoder_2")] == \
         [CPU, GPU, CPU, ON_DEMAND, STREAMED]
     t5 = small.base.text_encoder_2
     assert t5.encoder.block[0]._diffusers_hook.get_hook("group_offloading") is not None  # diffusers' hooks on T5
@@ -146,20 +147,21 @@ def test_a_lora_on_a_small_gpu_is_fused_into_bf16_in_cpu_memory_and_reaches_fp8(
     assert np.array_equal(render(resident, go_fast=True), plain)
 
 
-def test_schnell_fp8_is_built_on_demand_and_swaps_with_dev_fp8(small, resident, tmp_path):
-    """At 1 MP the small GPU has room for one fp8 transformer beside the request: schnell's is quantized onto it
-    (its bf16 blocks cross, counted), dev's moves out for the request's room; the next dev request moves them back. Images match the
-    all-resident engine's go_fast ones."""
+def test_a_variants_fp8_is_built_on_demand_and_swaps_with_dev_fp8(small, resident, tmp_path):
+    """At 1 MP the small GPU has room for one fp8 transformer beside the request: the fp8 copy of a variant loaded on
+    first use is quantized onto it (its bf16 blocks cross, counted), dev's moves out for the request's room; the next
+    dev request moves them back. Images match the all-resident engine's go_fast ones."""
     dev_before = render(small, megapixels="1")
-    got = output.write(small.run(request(model="schnell", megapixels="1", output_format="png")), tmp_path / "a").metrics
-    assert got["path"] == "schnell-fp8"
+    got = output.write(small.run(request(model=FIRST.name, megapixels="1", output_format="png")), tmp_path / "a")
+    got = got.metrics
+    assert got["path"] == FIRST.fp8
     # the build (its bf16 blocks crossed to be quantized on the GPU), then room for the request
-    assert got["memory.moves"] == ["schnell-fp8 to gpu", "dev-fp8 to cpu", "text_encoder_2 streamed"]
-    assert small.transformers.twins["schnell"].sync.pairs  # it follows the bf16 schnell's LoRAs like dev-fp8 follows dev's
-    assert np.array_equal(render(small, model="schnell", megapixels="1"),
-                          render(resident, model="schnell", go_fast=True, megapixels="1"))
+    assert got["memory.moves"] == [f"{FIRST.fp8} to gpu", "dev-fp8 to cpu", "text_encoder_2 streamed"]
+    assert small.transformers.twins[FIRST.name].sync.pairs  # it follows its bf16's LoRAs like dev-fp8 follows dev's
+    assert np.array_equal(render(small, model=FIRST.name, megapixels="1"),
+                          render(resident, model=FIRST.name, go_fast=True, megapixels="1"))
     back = output.write(small.run(request(megapixels="1", output_format="png")), tmp_path / "b").metrics
-    assert back["memory.moves"] == ["schnell-fp8 to cpu", "dev-fp8 to gpu", "text_encoder_2 streamed"]
+    assert back["memory.moves"] == [f"{FIRST.fp8} to cpu", "dev-fp8 to gpu", "text_encoder_2 streamed"]
     assert np.array_equal(render(small, megapixels="1"), dev_before)
 
 
@@ -182,46 +184,49 @@ def test_the_all_resident_engine_moves_nothing(resident, tmp_path):
 def short_of_ram(sizes: memory.Sizes, variants_kept: float) -> Engine:
     """A small GPU whose CPU memory holds the base's share and `variants_kept` of a variant loaded on first use."""
     small = memory.plan(small_budget(sizes), sizes, floor=0)
-    one = sizes.bytes["schnell"] + sizes.bytes["schnell-fp8"]
+    one = sizes.bytes[FIRST.name] + sizes.bytes[FIRST.fp8]
     return build(small_budget(sizes), small.host_floor + int(variants_kept * one))
 
 
 def test_variants_loaded_on_first_use_take_turns_in_cpu_memory_and_come_back_the_same(sizes, resident, caplog):
-    """Room for one variant beside dev's share: krea-dev's first request drops schnell (least recently used) before
-    it is read, schnell's next request reads it again from disk and drops krea-dev; every image, with and without a
+    """Room for one variant beside dev's share: the next variant's first request drops the first (least recently
+    used) before it is read, the first's next request reads it again from disk and drops the next; every image, with
+    and without a
     LoRA, is the one the engine without limits makes, and a dropped variant's weights are freed."""
     engine = short_of_ram(sizes, 1.5)
     uri = loras.lora_uri(loras.make_update(resident.pipeline("dev", "txt2img").transformer, "ALL", seed=5))
-    first = render(engine, model="schnell", replicate_weights=uri)
-    bf16 = engine.transformers._pipes["schnell"].transformer
+    first = render(engine, model=FIRST.name, replicate_weights=uri)
+    bf16 = engine.transformers._pipes[FIRST.name].transformer
     kept = {id(p) for p in bf16.parameters()} & set(engine.loras._kept)  # the originals its LoRA keeps
     assert kept
-    schnell = [weakref.ref(engine.transformers.copies["schnell-fp8"].transformer), weakref.ref(bf16)]
+    dropped = [weakref.ref(engine.transformers.copies[FIRST.fp8].transformer), weakref.ref(bf16)]
     del bf16
     with caplog.at_level(logging.INFO, logger="flux"):
-        krea = render(engine, model="krea-dev")
-    assert "memory: schnell dropped" in caplog.text and "its next request reads it again from the disk" in caplog.text
-    assert list(engine.transformers.loaded) == ["krea-dev"] and "schnell-fp8" not in engine.transformers.copies
-    assert [ref() for ref in schnell] == [None, None]  # the dropped transformers are freed
+        next_image = render(engine, model=NEXT.name)
+    assert f"memory: {FIRST.name} dropped" in caplog.text
+    assert "its next request reads it again from the disk" in caplog.text
+    assert list(engine.transformers.loaded) == [NEXT.name] and FIRST.fp8 not in engine.transformers.copies
+    assert [ref() for ref in dropped] == [None, None]  # the dropped transformers are freed
     assert not kept & set(engine.loras._kept)  # and the originals its LoRA kept
-    assert np.array_equal(krea, render(resident, model="krea-dev", go_fast=True))
-    again = render(engine, model="schnell", replicate_weights=uri)
-    assert list(engine.transformers.loaded) == ["schnell"]
+    assert np.array_equal(next_image, render(resident, model=NEXT.name, go_fast=True))
+    again = render(engine, model=FIRST.name, replicate_weights=uri)
+    assert list(engine.transformers.loaded) == [FIRST.name]
     assert np.array_equal(again, first)
-    assert np.array_equal(again, render(resident, model="schnell", go_fast=True, replicate_weights=uri))
-    assert np.array_equal(render(engine, model="schnell"), render(resident, model="schnell", go_fast=True))
+    assert np.array_equal(again, render(resident, model=FIRST.name, go_fast=True, replicate_weights=uri))
+    assert np.array_equal(render(engine, model=FIRST.name), render(resident, model=FIRST.name, go_fast=True))
     assert np.array_equal(render(engine), render(resident, go_fast=True))  # dev never dropped
 
 
 def test_a_variant_moved_out_of_the_gpu_is_dropped_where_cpu_memory_cannot_hold_it(sizes, resident, tmp_path, caplog):
-    """Room for schnell's bf16 only: when dev's next request needs the GPU room schnell-fp8 holds, schnell is dropped
-    rather than moved out; nothing was moved to CPU memory, and dev's image is unchanged."""
-    engine = short_of_ram(sizes, 1.0 * sizes.bytes["schnell"] / (sizes.bytes["schnell"] + sizes.bytes["schnell-fp8"]))
-    render(engine, model="schnell", megapixels="1")
+    """Room for the first variant's bf16 only: when dev's next request needs the GPU room its fp8 copy holds, the
+    variant is dropped rather than moved out; nothing was moved to CPU memory, and dev's image is unchanged."""
+    engine = short_of_ram(sizes, 1.0 * sizes.bytes[FIRST.name] / (sizes.bytes[FIRST.name] + sizes.bytes[FIRST.fp8]))
+    render(engine, model=FIRST.name, megapixels="1")
     with caplog.at_level(logging.INFO, logger="flux"):
         moved = output.write(engine.run(request(megapixels="1", output_format="png")), tmp_path).metrics
-    assert "memory: schnell dropped" in caplog.text and "moved out of the GPU, schnell-fp8 would not fit" in caplog.text
-    assert "schnell-fp8 to cpu" not in moved["memory.moves"] and not engine.transformers.loaded
+    assert f"memory: {FIRST.name} dropped" in caplog.text
+    assert f"moved out of the GPU, {FIRST.fp8} would not fit" in caplog.text
+    assert f"{FIRST.fp8} to cpu" not in moved["memory.moves"] and not engine.transformers.loaded
     assert np.array_equal(render(engine, megapixels="1"), render(resident, go_fast=True, megapixels="1"))
 
 

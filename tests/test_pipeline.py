@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flux import variants
 from flux.errors import UserError
 from tests.helpers import images
 from tests.test_sizes import TABLE_1MP
@@ -132,12 +133,13 @@ def test_mask_of_another_size_is_resized(predict, tmp_path):
     assert np.array_equal(result[300:, 300:], original[300:, 300:])
 
 
-def test_schnell_loads_on_first_use_and_shares_components(predict, engine):
-    [path] = predict(model="schnell", megapixels="0.25", seed=1)
-    dev, schnell = engine.pipeline("dev", "txt2img"), engine.pipeline("schnell", "txt2img")
-    assert schnell.transformer is not dev.transformer
-    assert schnell.vae is dev.vae and schnell.text_encoder_2 is dev.text_encoder_2
-    assert schnell.scheduler.config.use_dynamic_shifting is False
+@pytest.mark.parametrize("variant", variants.ON_FIRST_USE, ids=lambda v: v.name)
+def test_a_variant_loads_on_first_use_and_shares_components(predict, engine, variant):
+    [path] = predict(model=variant.name, megapixels="0.25", seed=1)
+    dev, pipe = engine.pipeline("dev", "txt2img"), engine.pipeline(variant.name, "txt2img")
+    assert pipe.transformer is not dev.transformer
+    assert pipe.vae is dev.vae and pipe.text_encoder_2 is dev.text_encoder_2
+    assert pipe.scheduler.config.use_dynamic_shifting is variant.scheduler["use_dynamic_shifting"]  # its own
     assert sizes_of([path]) == [(512, 512)]
 
 

@@ -4,6 +4,7 @@ twins): READY, one prediction per model, and no byte of the tars' unread GiB mem
 
 from __future__ import annotations
 
+from flux import variants
 from tests.helpers.http import HubServer
 from tests.helpers.server import CogServer
 from tests.helpers.weights_tar import loaded_bytes, serve_public
@@ -16,7 +17,7 @@ def test_the_server_boots_on_the_public_defaults_and_serves_every_model(tmp_path
         env = {"FLUX_WEIGHTS": "public", "FLUX_WEIGHTS_HOST": hub.base, "FLUX_WEIGHTS_DIR": str(root / "weights")}
         with CogServer(root / "cog.log", env=env) as server:
             server.wait_status()
-            for model in ("dev", "schnell", "krea-dev"):
+            for model in variants.NAMES:
                 status, body = server.predict({"prompt": "a knitted purple prune", "model": model, "seed": 1,
                                                "megapixels": "0.25", "num_inference_steps": 2})
                 assert status == 200 and body["status"] == "succeeded" and len(body["output"]) == 1, (model, body)

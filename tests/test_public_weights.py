@@ -26,11 +26,11 @@ def test_a_gpu_with_no_setting_needs_no_token():
 
 
 def test_the_weights_host_moves_every_default_and_nothing_set():
-    env = {"FLUX_WEIGHTS_HOST": "http://mirror.test/", "FLUX_SAFETY_SECOND": "me/classifier",
-           "FLUX_SCHNELL_WEIGHTS": "/models/schnell"}
+    first = variants.ON_FIRST_USE[0]
+    env = {"FLUX_WEIGHTS_HOST": "http://mirror.test/", "FLUX_SAFETY_SECOND": "me/classifier", first.setting: "/models/x"}
     srcs = weights.sources(has_cuda=True, env=env)
     assert srcs.base == "http://mirror.test/default/black-forest-labs/FLUX.1-dev/files.tar"
-    assert srcs.variants["schnell"] == "/models/schnell"
+    assert srcs.variants[first.name] == "/models/x"
     assert srcs.endpoints == {weights.SAFETY: "http://mirror.test"}  # the second checker's own repo: HF_ENDPOINT's
     assert weights.sources(has_cuda=False, env={"FLUX_WEIGHTS_HOST": "http://mirror.test"}).tiny  # CPU: still tiny
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from flux import variants
 from flux.errors import UserError
 from flux.request import SPEC, Request
 from tests.helpers import images
@@ -53,10 +54,11 @@ def test_img2img_with_no_denoising_step(tmp_path):
     assert Request.build(prompt="p", image=img, prompt_strength=0.25, num_inference_steps=4).task == "img2img"
 
 
-def test_schnell_clamps_steps_and_guidance_with_a_note():
-    r = Request.build(prompt="p", model="schnell", num_inference_steps=28, guidance_scale=3.5)
-    assert r.num_inference_steps == 4 and r.guidance_scale == 0
-    assert any("at most 4 steps" in n for n in r.notes) and any("no guidance" in n for n in r.notes)
+def test_a_step_capped_variant_without_guidance_clamps_steps_and_guidance_with_a_note():
+    capped = next(v for v in variants.VARIANTS.values() if v.max_steps and not v.guidance)
+    r = Request.build(prompt="p", model=capped.name, num_inference_steps=28, guidance_scale=3.5)
+    assert r.num_inference_steps == capped.max_steps < 28 and r.guidance_scale == 0
+    assert any(f"at most {capped.max_steps} steps" in n for n in r.notes) and any("no guidance" in n for n in r.notes)
 
 
 def test_width_without_custom_is_ignored_with_a_note():

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from flux import variants
 from tests.helpers import images, loras
 from tests.helpers.inputs import defaults
 from tests.helpers.runtime_only import ROOT, build_context_filter, canonical, runtime_distributions
@@ -63,7 +64,8 @@ def test_every_path_runs_with_only_the_runtime_packages(engine, weights_dir, tmp
              ("true cfg", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}),
              ("img2img", {"image": str(image), "output_format": "jpg"}),
              ("inpaint", {"image": str(image), "mask": str(mask), "output_format": "png"}),
-             ("schnell", {"model": "schnell"}), ("schnell go_fast", {"model": "schnell", "go_fast": True})]
+             *((f"{v.name}{fast}", {"model": v.name, "go_fast": bool(fast)}) for v in variants.ON_FIRST_USE
+               for fast in ("", " go_fast"))]
     spec = {"allowed": sorted(runtime_distributions()), "files": ["image", "mask"],
             "cases": [[name, {**base, **inputs}] for name, inputs in cases]}
     done = run_child(tmp_path, spec, weights_dir)
@@ -74,7 +76,7 @@ def test_every_path_runs_with_only_the_runtime_packages(engine, weights_dir, tmp
     assert list(ran) == [name for name, _ in cases]
     assert all(c["outputs"] for c in ran.values()), ran
     assert ran["inpaint"]["outputs"] == [".png"] and ran["img2img"]["outputs"] == [".jpg"]
-    assert {c["path"] for c in ran.values()} == {"dev", "dev-fp8", "schnell", "schnell-fp8"}
+    assert {c["path"] for c in ran.values()} == set(variants.transformer_names())
     assert {c["speed_mode"] for c in ran.values()} == set(MODES)
     in_image = build_context_filter((ROOT / ".dockerignore").read_text())
     assert {"predict.py", "flux/engine/run.py", "flux/lora/fuse.py"} <= set(report["project files"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from flux import variants
 from tests.helpers import images
 from tests.helpers.fault_predictor import NSFW_MARK
 from tests.helpers.http import HubServer
@@ -12,6 +13,7 @@ from tests.helpers.server import CogServer, client_progress, decode_image, file_
 pytestmark = pytest.mark.server
 TOKEN = "hf_SECRET_server_0123456789"
 FAULTS = "tests/helpers/fault_predictor.py:FaultPredictor"
+CAPPED = next(v for v in variants.ON_FIRST_USE if v.max_steps)  # a variant with a step cap, from the table
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +149,8 @@ def progress_lines(logs: str) -> list:
     ({"num_outputs": 2}, 3),  # one bar for the whole batch
     ({"num_inference_steps": 8, "prompt_strength": 0.5, "image": "gradient"}, 4),  # img2img runs 8 x 0.5
     ({"num_inference_steps": 6, "speed_mode": "Juiced 🔥 (default)", "go_fast": True}, 6),  # cached steps count too
-    ({"model": "schnell", "num_inference_steps": 28}, 4),  # schnell runs at most 4
-], ids=["batch", "img2img", "speed-mode", "schnell"])
+    ({"model": CAPPED.name, "num_inference_steps": 28}, CAPPED.max_steps),  # it runs at most its cap
+], ids=["batch", "img2img", "speed-mode", "step-cap"])
 def test_progress_is_one_bar_the_replicate_client_parses_over_the_steps_that_run(server, tmp_path, inputs, steps):
     if inputs.get("image") == "gradient":
         inputs = {**inputs, "image": file_uri(images.save(images.gradient(320, 256), tmp_path, "in.png"))}
@@ -177,8 +179,9 @@ def test_metrics_carry_the_facts_of_a_prediction(server):
     m = succeeded(server, {**SMALL, "num_inference_steps": 12, "speed_mode": mode})["metrics"]
     assert (m["path"], m["speed_mode"], m["num_inference_steps"]) == ("dev-fp8", mode, 12)
     assert m["transformer_passes"] == speed.mode(mode).computed_steps(12) < 12
-    m = succeeded(server, {**SMALL, "go_fast": True, "model": "schnell", "disable_safety_checker": True})["metrics"]
-    assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == ("schnell-fp8", 3, 3)
+    first = variants.ON_FIRST_USE[0]
+    m = succeeded(server, {**SMALL, "go_fast": True, "model": first.name, "disable_safety_checker": True})["metrics"]
+    assert (m["path"], m["num_inference_steps"], m["transformer_passes"]) == (first.fp8, 3, 3)
     assert "safety" not in m["timing"]  # the checker did not run
 
 

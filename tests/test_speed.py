@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux import compiler, speed, weights
+from flux import compiler, speed, variants, weights
 from flux.engine import Engine
 from flux.request import Request
 from flux.errors import SettingsError
@@ -20,6 +20,7 @@ from flux.speed import fp8 as fp8_, projections
 from tests.helpers import images, loras
 
 STEPS = 6
+FIRST = variants.ON_FIRST_USE[0]  # a variant loaded on first use, from the table
 
 
 def render(engine, **inputs) -> np.ndarray:
@@ -88,16 +89,17 @@ def test_speed_modes_cache_more_steps_as_they_rise():
     assert steps[0] == 28 and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps), steps
 
 
-def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_but_not_for_schnell():
+def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_and_for_every_variant():
     assert Request.build(prompt="x", go_fast=True).transformer == "dev-fp8"
     assert Request.build(prompt="x").transformer == "dev"
     assert Request.build(prompt="x", speed_mode="Blink of an eye 👁️").transformer == "dev-fp8"
     assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").transformer == "dev"
     assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).transformer == "dev-fp8"
-    schnell = Request.build(prompt="x", go_fast=True, model="schnell")
-    assert schnell.transformer == "schnell-fp8" and any("fp8 schnell transformer" in n for n in schnell.notes)
-    assert Request.build(prompt="x", model="schnell", speed_mode="Extra Juiced 🔥 (more speed)").transformer == "schnell-fp8"
-    assert Request.build(prompt="x", model="schnell").transformer == "schnell"
+    for v in variants.ON_FIRST_USE:
+        fast = Request.build(prompt="x", go_fast=True, model=v.name)
+        assert fast.transformer == v.fp8 and any(f"fp8 {v.name} transformer" in n for n in fast.notes)
+        assert Request.build(prompt="x", model=v.name, speed_mode="Extra Juiced 🔥 (more speed)").transformer == v.fp8
+        assert Request.build(prompt="x", model=v.name).transformer == v.name
 
 
 # ----- settings --------------------------------------------------------------------------------------------------
@@ -248,20 +250,20 @@ def test_speed_mode_applies_to_img2img_and_inpainting(engine, tmp_path):
         assert out.shape[1:3] == (512, 512) and calls[0] == juiced.computed_steps(STEPS)
 
 
-def test_schnell_with_go_fast_runs_an_fp8_schnell_built_on_first_use_and_loras_follow_it(engine):
-    kw = {"model": "schnell", "num_inference_steps": 2}
+def test_a_variant_with_go_fast_runs_its_fp8_copy_built_on_first_use_and_loras_follow_it(engine):
+    kw = {"model": FIRST.name, "num_inference_steps": 2}
     bf16 = render(engine, **kw)
     fast = render(engine, go_fast=True, **kw)
-    schnell, schnell_fp8 = engine.copy("schnell").transformer, engine.copy("schnell-fp8").transformer
-    before = fp8_weights_of(schnell_fp8)
+    bf16_model, fp8_model = engine.copy(FIRST.name).transformer, engine.copy(FIRST.fp8).transformer
+    before = fp8_weights_of(fp8_model)
     assert before  # its linear layers are torchao fp8 tensors (qdata and scale)
-    assert schnell_fp8 is not schnell and 0 < mad(bf16, fast) < 20
-    update = loras.make_update(schnell, "ATTENTION", seed=9)
+    assert fp8_model is not bf16_model and 0 < mad(bf16, fast) < 20
+    update = loras.make_update(bf16_model, "ATTENTION", seed=9)
     with_lora = render(engine, go_fast=True, replicate_weights=loras.lora_uri(update), **kw)
     assert mad(with_lora, fast) > 0
     assert np.array_equal(render(engine, go_fast=True, **kw), fast)  # removed: bit-identical
-    assert all(torch.equal(a, b) for a, b in zip(before, fp8_weights_of(schnell_fp8)))
-    assert np.array_equal(render(engine, **kw), bf16)  # the bf16 schnell is untouched by its fp8 twin
+    assert all(torch.equal(a, b) for a, b in zip(before, fp8_weights_of(fp8_model)))
+    assert np.array_equal(render(engine, **kw), bf16)  # the bf16 transformer is untouched by its fp8 twin
 
 
 def test_lora_on_go_fast_is_requantized_and_removed_exactly(engine):

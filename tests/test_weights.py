@@ -30,7 +30,8 @@ def test_defaults(monkeypatch):
     assert weights.sources(has_cuda=True).base == "/models/flux"
     monkeypatch.setenv("FLUX_WEIGHTS", "me/my-flux")
     assert weights.sources(has_cuda=False).base == "me/my-flux"
-    assert weights.sources(has_cuda=False).variants["schnell"] == weights.public_url(variants.get("schnell"))  # not tiny
+    for v in variants.ON_FIRST_USE:  # not tiny
+        assert weights.sources(has_cuda=False).variants[v.name] == weights.public_url(v)
     monkeypatch.setenv("FLUX_KREA_DEV_WEIGHTS", "/models/krea")
     assert weights.sources(has_cuda=True).variants["krea-dev"] == "/models/krea"
 

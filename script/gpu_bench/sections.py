@@ -17,17 +17,19 @@ def lora_switches(ctx: Ctx) -> None:
     rank 16 on go_fast first; each (rank, path) its own section."""
     import torch
 
-    from tests.helpers import http, loras
+    from fileserver import FileServer
+
+    from flux.fakes import loras
 
     os.environ["FLUX_ALLOW_PRIVATE_URLS"] = "1"  # the LoRA files are served on 127.0.0.1
     urls: dict[tuple[int, int], str] = {}
-    with http.FileServer() as server:
+    with FileServer() as server:
         def make(rank: int) -> None:
             transformer = ctx.shared.transformer  # the architecture; its weights are not read
             for which in (0, 1):
                 update = loras.make_update(transformer, "BLOCKS", seed=100 * rank + which, strength=0.5, rank=rank)
                 urls[rank, which] = server.add(f"/lora-r{rank}-{which}.safetensors",
-                                               loras.lora_bytes(update, "diffusers", dtype=torch.bfloat16))
+                                               loras.diffusers_bytes(update, dtype=torch.bfloat16))
                 del update
             for which in (0, 1):  # each into the disk cache, once
                 ctx.engine.runner.loader.fetch(urls[rank, which], ctx.engine.runner.loader.tokens())

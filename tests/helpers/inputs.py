@@ -1,18 +1,19 @@
-"""Inputs as cog passes them: every declared input, defaults filled in."""
+"""Inputs as cog passes them: every declared input, defaults filled in (read by script/schema.py)."""
 
 from __future__ import annotations
 
-import warnings
+import sys
+from pathlib import Path
 
-from cog import _inspector
+sys.path.append(str(Path(__file__).resolve().parents[2] / "script"))
+
+import schema  # noqa: E402
 
 
 def declared_inputs():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _inspector.create_predictor("predict", "Predictor").inputs
+    return schema.predictor_info().inputs
 
 
 def defaults() -> dict:
-    """The value cog gives each optional input the caller leaves out."""
-    return {name: field.default for name, field in declared_inputs().items() if name != "prompt"} | {"prompt": "a knitted purple prune"}
+    """The value cog gives each optional input the caller leaves out, and a prompt."""
+    return schema.input_defaults() | {"prompt": "a knitted purple prune"}
