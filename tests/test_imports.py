@@ -84,3 +84,24 @@ def test_the_walk_finds_a_circle_through_a_function_level_import(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
     modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     assert circles({n: imports(n, p, modules) for n, p in modules.items()}) == [["a", "b"]]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_the_lora_package_does_not_reach_up_to_the_weights_sources():
+    """LoRAs and model weights are both sources (one layer): flux/lora/ uses what lies below, never flux.weights (which
+    brings the variant table, the tiny-model builders and tarstream with it)."""
+    modules = project_modules()
+    graph = {name: imports(name, path, modules) for name, path in modules.items()}
+    lora = [m for m in modules if m == "flux.lora" or m.startswith("flux.lora.")]
+    assert "flux.lora.sources" in lora
+    reaching = {m: sorted(reachable(graph, m) & {"flux.weights", "flux.engine"}) for m in lora}
+    assert not any(reaching.values()), reaching

@@ -47,7 +47,6 @@ from .. import netguard
 from ..cache import DiskCache
 from ..errors import UserError
 from ..settings import LoraSettings, sendable_token
-from ..weights import shown as shown_reference
 from . import PICKLE_SUFFIXES, SAFETENSORS, WHAT, LoraError, listing, pickle_message
 from .archives import as_safetensors
 from .formats import LoraWeights, normalize
@@ -348,7 +347,7 @@ def parse(text: str) -> Ref:
         return ReplicateRef(m.group("owner"), m.group("model"), m.group("version") or m.group("colon"))
     if re.match(r"^https?://", text, re.IGNORECASE):
         return UrlRef(text)
-    raise LoraError(f"Cannot read the LoRA reference {shown_reference(text)!r}. {ACCEPTED}")
+    raise LoraError(f"Cannot read the LoRA reference {dl.shown(text)!r}. {ACCEPTED}")
 
 
 def _hugging_face(rest: str, text: str) -> HuggingFaceRef:
