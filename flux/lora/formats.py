@@ -1,18 +1,20 @@
-"""LoRA files read as per-layer factors: every layout, one form (`LoraWeights`: a `Delta` per module, flux/lora/delta.py).
+"""A LoRA file read as per-layer factors: every layout, one form (`LoraWeights`: a `Delta` per module, delta.py).
 
 `normalize` reads a .safetensors file. Its factors are read in float32 (fp8, fp16 and bf16 ones too) before any check
 or product; T5 factors (kohya's lora_te3_, OneTrainer's lora_te2_, ComfyUI's t5xxl) are set aside, named in the log
 and counted (`LoraWeights.unapplied`); PEFT's wrapper prefix (`base_model.model.`, SimpleTuner's
-`transformer.base_model.model.`) is removed. diffusers' FluxLoraLoaderMixin converters then turn the key names of the
-layouts in use (diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into
-diffusers/PEFT keys, and each lora_A/lora_B pair becomes a Delta (flux/lora/layouts.py: a class per layout, each detecting
-and reading its keys; flux/lora/keymaps.py: the BFL and LyCORIS key maps; flux/lora/scaling.py: PEFT's scaling). The adapter metadata is read for the scaling
-numbers only, each checked: nothing in a file configures the serving model. What diffusers cannot do for FLUX.1 is
-routed here: BFL names with PEFT's lora_A/lora_B (BFL's own trainer, and fal's under `base_model.model.`) go to the
-ComfyUI form diffusers converts at any size; LyCORIS LoKr/LoHa files and OneTrainer's LoRAs (diffusers names, each
-module apart) become Deltas per diffusers module (a fused BFL qkv/linear1 split by rows). Every tensor must be finite
-and floating-point, every Delta fusable, before the LoRA is cached or used; DoRA is refused.
+`transformer.base_model.model.`) is removed. Then the file's layout (flux/lora/layouts.py: a class each, detecting
+and reading its keys) reads it: diffusers' FluxLoraLoaderMixin converters turn the key names of the layouts in use
+(diffusers/PEFT, ai-toolkit, kohya/sd-scripts, XLabs, BFL-native as ComfyUI writes it) into diffusers/PEFT keys, and
+each lora_A/lora_B pair becomes a Delta, scaled as PEFT would (scaling.py). The adapter metadata is read for the
+scaling numbers only, each checked: nothing in a file configures the serving model. What diffusers cannot do for
+FLUX.1 is routed by the layouts (key maps: keymaps.py): BFL names with PEFT's lora_A/lora_B (BFL's own trainer, and
+fal's under `base_model.model.`) go to the ComfyUI form diffusers converts at any size; LyCORIS LoKr/LoHa files and
+OneTrainer's LoRAs (diffusers names, each module apart) become Deltas per diffusers module (a fused BFL qkv/linear1
+split by rows). Every tensor must be finite and floating-point, every Delta fusable, before the LoRA is cached or
+used; DoRA is refused.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import LoraError, short
-from .delta import TEXT_ENCODER, TRANSFORMER, LoraWeights  # noqa: F401  (flux/engine/ imports the component names from here)
+# TEXT_ENCODER, TRANSFORMER: flux/engine/ imports the component names from here
+from .delta import TEXT_ENCODER, TRANSFORMER, LoraWeights  # noqa: F401
 from .keymaps import TRANSFORMER_ROOTS
 from .layouts import Fal, detect
 

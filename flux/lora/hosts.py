@@ -42,7 +42,9 @@ def limits(settings: LoraSettings) -> dl.Limits:
                      read_timeout=min(dl.Limits.read_timeout, settings.timeout_s))
 
 
-def _bearer(token: str | None) -> dict[str, str]:
+def _headers(tokens: Tokens, name: str | None) -> dict[str, str]:
+    """What authorizes a request to a host: the Tokens field `name` names, if the caller or the container has it."""
+    token = getattr(tokens, name) if name else None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -60,15 +62,15 @@ class Source:
     def fetch(self, folder: Path, tokens: Tokens, settings: LoraSettings) -> Path:
         if self.data is not None:
             return self.data(folder)
-        headers = _bearer(getattr(tokens, self.token)) if self.token else {}
-        return dl.download(self.url, folder / "download", what=WHAT, headers=headers, limits=limits(settings),
-                           auth_hint=self.auth_hint, space_hint=" (or lower FLUX_LORA_CACHE_GB so the cache leaves room)")
+        return dl.download(self.url, folder / "download", what=WHAT, headers=_headers(tokens, self.token),
+                           limits=limits(settings), auth_hint=self.auth_hint,
+                           space_hint=" (or lower FLUX_LORA_CACHE_GB so the cache leaves room)")
 
     def check_access(self, tokens: Tokens, settings: LoraSettings) -> None:
         """Whether the host lets these tokens read the file (one request for its first byte): a DownloadError saying
         which token to pass if not. Hosts that gate a file often answer anyone about it (Hugging Face's metadata is
         public for a gated repo), so only asking for the file itself tells."""
-        dl.probe(self.url, what=WHAT, headers=_bearer(getattr(tokens, self.token)), limits=limits(settings),
+        dl.probe(self.url, what=WHAT, headers=_headers(tokens, self.token), limits=limits(settings),
                  auth_hint=self.auth_hint)
 
 
@@ -94,10 +96,6 @@ class Ref:
 
     def locate(self, tokens: Tokens, settings: LoraSettings) -> Source:
         raise NotImplementedError
-
-    def headers(self, tokens: Tokens) -> dict[str, str]:
-        """What authorizes a request to this host: its token, if the caller or the container has one."""
-        return _bearer(getattr(tokens, self.token)) if self.token else {}
 
 
 HOSTS: list[type[Ref]] = []
@@ -140,7 +138,7 @@ class ReplicateRef(Ref):
             return Source(f"replicate:{self.shown}", url, self.token, hint)
         # Unversioned: where _weights redirects names the latest version's file; the key follows it.
         try:
-            found = dl.probe(url, what=WHAT, headers=self.headers(tokens), limits=limits(settings), auth_hint=hint)
+            found = dl.probe(url, what=WHAT, headers=_headers(tokens, self.token), limits=limits(settings), auth_hint=hint)
         except dl.DownloadError as exc:
             raise _not_found(exc, f"Replicate model {self.shown} was not found or has no trained LoRA weights. "
                              "Check the owner/model[/version] reference.") from None
@@ -266,7 +264,7 @@ class CivitaiRef(Ref):
 
     def locate(self, tokens: Tokens, settings: LoraSettings) -> Source:
         hint = "CivitAI asks for a token to download this model: pass civitai_api_token."
-        version = self.version_id or self._latest_version(self.headers(tokens), hint, settings)
+        version = self.version_id or self._latest_version(_headers(tokens, self.token), hint, settings)
         url = f"{settings.civitai_url}/api/download/models/{version}?type=Model&format=SafeTensor"
         return Source(f"civitai:{version}", url, self.token, hint)
 

@@ -4,7 +4,7 @@ A layout is a subclass of `Layout` with a `name` (the logs', `LoraWeights.layout
 `read(tensors, header, shown)`; defining it registers it. Layouts are tried in the order they are defined here (the
 order follows diffusers' own detection: the first that claims a file reads it), so a layout whose keys another's
 test would also match comes before that one. What is listed for users derives from the registry: `FORMATS` (the
-error messages) from each layout's `title`, predict.py's description (a literal: tests/test_lora.py checks it names
+error messages) from each layout's `title`, predict.py's description (a literal: tests/test_schema.py checks it names
 each layout's `family`). Most layouts are read by diffusers' converters (`LowRank`); LyCORIS and OneTrainer files
 module by module (`PerModule`). Adding a layout: one class here, plus its tests (a zoo entry, tests/test_lora_zoo.py).
 """
@@ -63,7 +63,8 @@ class LowRank(Layout):
     @classmethod
     def read(cls, tensors: dict, header: dict, shown: str) -> dict[str, Delta]:
         from diffusers import FluxPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+        from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                     convert_unet_state_dict_to_peft)
 
         config = adapter_metadata(header, shown)
         source = cls.for_diffusers(dict(tensors))  # diffusers' converters pop what they convert
@@ -84,7 +85,8 @@ class LowRank(Layout):
             log.info("lora: %s: diffusers' converter for the %s layout failed (%s)", shown, cls.name, type(exc).__name__)
             what = f"a {cls.name} LoRA" if cls.name != "unknown" else "a LoRA"
             raise LoraError(
-                f"{shown} looks like {what} but its keys do not fit FLUX.1 (e.g. {', '.join(short(k) for k in list(tensors)[:4])}): "
+                f"{shown} looks like {what} but its keys do not fit FLUX.1 "
+                f"(e.g. {', '.join(short(k) for k in list(tensors)[:4])}): "
                 f"it was made for a different model, or is damaged. This loader reads FLUX LoRAs in these layouts: "
                 f"{FORMATS}."
             ) from None
@@ -135,8 +137,8 @@ class PerModule(Layout):
         for name, value in tensors.items():
             suffix = lycoris_suffix(name)
             if suffix is None:
-                raise unreadable(shown, [name], f"looks like a LyCORIS file but {short(name)!r} is no LoKr, LoHa or LoRA "
-                                  "tensor")
+                raise unreadable(shown, [name], f"looks like a LyCORIS file but {short(name)!r} is no LoKr, LoHa or "
+                                 "LoRA tensor")
             grouped.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
         deltas = {}
         for module, parts in grouped.items():
@@ -149,8 +151,8 @@ class PerModule(Layout):
                 continue  # an alpha alone
             targets = lycoris_targets(module)
             if targets is None:
-                raise unreadable(shown, [module], f"is a {cls.name} file for another model: {short(module)!r} names no layer "
-                                  "FLUX.1 has")
+                raise unreadable(shown, [module], f"is a {cls.name} file for another model: {short(module)!r} names "
+                                 "no layer FLUX.1 has")
             factors = {s.removesuffix(".weight"): v for s, v in parts.items() if s in LYCORIS[what]}
             unit = Delta(what, factors, 1.0, module)
             problem = unit.problem()

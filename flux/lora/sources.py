@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache import DiskCache
+from ..settings import LoraSettings
 from . import SAFETENSORS
 from .archives import as_safetensors
 from .formats import LoraWeights, normalize
