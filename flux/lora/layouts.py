@@ -190,6 +190,8 @@ class Bfl(LowRank):
     """BFL's module names (fused qkv / linear1): diffusers reads them in ComfyUI's form (`diffusion_model.` with
     lora_down/lora_up), which works at any model size; other prefixes and PEFT's lora_A/lora_B are renamed to it."""
 
+    family = "BFL (ComfyUI, fal)"
+
     @classmethod
     def for_diffusers(cls, tensors: dict) -> dict:
         if any(k.startswith("diffusion_model.") and ".lora_down." in k for k in tensors):
@@ -232,7 +234,7 @@ class LyCORIS(LoKr):
 class Fal(Bfl):
     """fal's trainer: BFL names with PEFT's lora_A/lora_B under PEFT's wrapper prefix (`base_model.model.`)."""
 
-    name, family = "fal", "BFL (ComfyUI, fal)"
+    name = "fal"
 
     @classmethod
     def detect(cls, keys, metadata):
@@ -263,7 +265,7 @@ class Kohya(LowRank):
 class ComfyUI(Bfl):
     """BFL names as ComfyUI saves them: `diffusion_model.<BFL module>.lora_down.weight`."""
 
-    name, family = "bfl", "BFL (ComfyUI, fal)"
+    name = "bfl"
 
     @classmethod
     def detect(cls, keys, metadata):
@@ -294,7 +296,7 @@ class BflControl(Layout):
 class BflPeft(Bfl):
     """BFL names with PEFT's lora_A/lora_B (BFL's own trainer), with or without a prefix."""
 
-    name, family = "bfl-peft", "BFL (ComfyUI, fal)"
+    name = "bfl-peft"
 
     @classmethod
     def detect(cls, keys, metadata):
@@ -304,7 +306,7 @@ class BflPeft(Bfl):
 class BflNative(Bfl):
     """BFL names with lora_down/lora_up under any other prefix (or none)."""
 
-    name, title, family = "bfl", "BFL-native (ComfyUI, BFL's and fal's trainers)", "BFL (ComfyUI, fal)"
+    name, title = "bfl", "BFL-native (ComfyUI, BFL's and fal's trainers)"
 
     @classmethod
     def detect(cls, keys, metadata):
