@@ -1,7 +1,7 @@
 """LoRA references located and fetched into the on-disk cache.
 
     reference (str) --parse--> Ref --locate--> Source (cache key + how to fetch) --fetch--> .safetensors in the cache
-                                                                                  --load--> formats.LoraWeights
+                                                                                  --load--> LoraWeights (delta.py)
 
 References (README, "LoRAs"): one class per host in flux/lora/hosts.py; the tokens sent in flux/lora/tokens.py.
 
