@@ -35,7 +35,7 @@ from . import netguard
 # MiB and redact through this module too (dl.Limits, ...).
 from .response import (IDENTITY, Counter, Deadline, DownloadError, Limits, MiB, Probe, encoding_of, headers_for,
                        length_of, problem_of, redact, status_error)
-from .response import same_origin  # noqa: F401  (dl.same_origin: flux/lora/sources.py)
+from .response import same_origin, shown  # noqa: F401  (dl.same_origin, dl.shown: flux/lora, flux/weights)
 from .progress import Meter, human_bytes
 
 log = logging.getLogger(__name__)

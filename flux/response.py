@@ -61,6 +61,11 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def shown(reference: str) -> str:
+    """A reference (a URL, a repo id, a path) as logs and messages may show it: a URL redacted, anything else as is."""
+    return redact(reference) if "://" in reference else reference
+
+
 def status_error(response: httpx.Response, what: str, url: str, auth_hint: str | None = None) -> DownloadError:
     code = response.status_code
     shown = redact(url)

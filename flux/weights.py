@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import download as dl
+from .download import shown
 from . import netguard, progress, tarstream, variants
 from .fakes import tiny
 from .folders import weights_dir
@@ -366,10 +367,6 @@ def _what(kind: str) -> str:
     if kind == SAFETY_SECOND:
         return "second safety checker (FLUX_SAFETY_SECOND) weights"
     return "compile bundle" if kind == COMPILE_CACHE else f"{kind} weights"
-
-
-def shown(source: str) -> str:
-    return dl.redact(source) if "://" in source else source
 
 
 def _tiny(root: Path, kind: str) -> Path:

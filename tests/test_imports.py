@@ -124,3 +124,24 @@ def test_the_script_check_finds_tests_imported_in_code_in_strings_and_in_shell(t
     (tmp_path / "d.py").write_text("import testsuite\nfrom .tests import x\n")
     assert [imports_of_tests(tmp_path / n) for n in ("a.py", "b.py", "c", "d.py")] == [
         ["tests.helpers"], ["tests.helpers.loras"], ["tests.helpers.inputs"], []]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_the_lora_package_does_not_reach_up_to_the_weights_sources():
+    """LoRAs and model weights are both sources (one layer): flux/lora/ uses what lies below, never flux.weights (which
+    brings the variant table, the tiny-model builders and tarstream with it)."""
+    modules = project_modules()
+    graph = {name: imports(name, path, modules) for name, path in modules.items()}
+    lora = [m for m in modules if m == "flux.lora" or m.startswith("flux.lora.")]
+    assert "flux.lora.sources" in lora
+    reaching = {m: sorted(reachable(graph, m) & {"flux.weights", "flux.engine"}) for m in lora}
+    assert not any(reaching.values()), reaching

@@ -16,7 +16,7 @@ from cog import Secret
 
 import lora_loader
 from flux.errors import UserError
-from flux.lora import formats
+from flux.lora import delta, keymaps
 from tests.helpers import loras
 from tests.helpers.images import data_uri
 from tests.helpers.http import HubServer
@@ -291,14 +291,14 @@ def test_failure_while_fusing_restores_every_target(predict, hub, dev, attention
     with_good = image(predict, replicate_weights=good)
     before = snapshot(transformer, clip)
     other = loras.make_update(transformer, "ALL", text_encoder=clip, seed=8)
-    original = formats.Delta.weight
+    original = delta.Delta.weight
 
     def weight(self, device=None):
         if self.source.startswith("text_encoder."):
             raise RuntimeError("simulated: CUDA out of memory")
         return original(self, device)
 
-    monkeypatch.setattr(formats.Delta, "weight", weight)
+    monkeypatch.setattr(delta.Delta, "weight", weight)
     with pytest.raises(RuntimeError, match="simulated"):
         predict(**KW, replicate_weights=serve(hub, other, "diffusers", name="fuse-fail"))
     monkeypatch.undo()
@@ -326,9 +326,9 @@ def peft_fused(transformer, clip, path: Path, scale: float):
     with safe_open(path, "pt") as f:
         keys, header = list(f.keys()), f.metadata()
     kind = lora_loader.layout(keys, header)
-    source = formats._bfl_to_comfy(load_file(path)) if kind in ("bfl-peft", "fal") else str(path)
+    source = keymaps.bfl_to_comfy(load_file(path)) if kind in ("bfl-peft", "fal") else str(path)
     sd, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True, return_lora_metadata=True)
-    sd = {("transformer." + k if k.startswith(formats._TRANSFORMER_ROOTS) else k): v for k, v in sd.items()}
+    sd = {("transformer." + k if k.startswith(keymaps.TRANSFORMER_ROOTS) else k): v for k, v in sd.items()}
     FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas or None, transformer=transformer,
                                             adapter_name="a", metadata=metadata)
     transformer.set_adapters(["a"], [scale])

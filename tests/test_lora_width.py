@@ -19,7 +19,7 @@ import torch
 
 import lora_loader
 from flux.fakes import fullsize
-from flux.lora import formats
+from flux.lora import keymaps
 from flux.lora.fuse import Adapter, Fp8Twin, LoraManager
 from flux.speed import fp8 as fp8_
 from flux.speed.projections import FUSED, fuse_projections
@@ -60,7 +60,7 @@ def diffusers_changes(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
     tensors = load_file(path)
     kind = lora_loader.layout(list(tensors), None)
-    source = formats._bfl_to_comfy(tensors) if kind in ("bfl-peft", "fal") else tensors
+    source = keymaps.bfl_to_comfy(tensors) if kind in ("bfl-peft", "fal") else tensors
     state_dict, alphas = FluxPipeline.lora_state_dict(source, return_alphas=True)
     assert not alphas
     pairs = {}

@@ -1,9 +1,14 @@
 """LoRAs, from a caller's reference to weights fused into the serving model: one module per reason to change.
 
-  sources.py   references (Replicate, Hugging Face, CivitAI, https URLs, data: URIs) located and fetched into the
-               on-disk cache; only a file that reads as a LoRA enters it
+  hosts.py     references (Replicate, Hugging Face, CivitAI, https URLs, data: URIs), one class per host, located
+  tokens.py    the credentials sent to hosts (a request's own, else the container's)
+  sources.py   references fetched into the on-disk cache; only a file that reads as a LoRA enters it
   archives.py  a download unpacked to its one .safetensors (a .tar or a .zip read as a stream, capped while reading)
-  formats.py   every layout read as per-layer factors (`Delta`), each checked before any weight changes
+  formats.py   a LoRA file read as per-layer factors, each checked before any weight changes
+  layouts.py   the layouts read, one class each (detection and reading), in the order they are tried
+  keymaps.py   BFL's and LyCORIS' key names mapped to diffusers' modules
+  scaling.py   a low-rank pair's scale as PEFT gives it (adapter metadata, alpha tensors)
+  delta.py     per-layer factors (`Delta`: ΔW's maths) and a LoRA as them (`LoraWeights`)
   fuse.py      ΔW added to the serving weights in place and restored exactly (`LoraManager`); go_fast's fp8 copy kept
                in step (`Fp8Twin`)
 

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from .formats import KIND_NAMES, TEXT_ENCODER, TRANSFORMER, Delta, LoraWeights
+from .delta import KIND_NAMES, TEXT_ENCODER, TRANSFORMER, Delta, LoraWeights
 
 log = logging.getLogger(__name__)
 
