@@ -126,89 +126,6 @@ def public_url(variant: variants.Variant, host: str | None = None) -> str:
     return (host or variants.PUBLIC_HOST) + variant.public
 
 
-@dataclass(frozen=True)
-class Survey:
-    """What a source holds and what a boot would fetch of it, learned without downloading (script/weights-check)."""
-
-    source: str
-    kind: str
-    form: str  # "tiny", "url", "hub", "folder" or "invalid"
-    files: dict[str, int] = field(default_factory=dict)  # every file, by its path in the layout, and its bytes
-    fetched: dict[str, int] = field(default_factory=dict)  # what a boot fetches of them (a folder: nothing)
-    missing: list[str] = field(default_factory=list)  # what the layout needs and the source lacks
-    problem: str | None = None  # why it cannot be used (or checked), in the words a boot's error would use
-
-    @property
-    def holds(self) -> bool:
-        return self.problem is None and not self.missing
-
-
-def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
-    """What `source` holds for `kind` and what would be fetched: a .tar's member headers by ranged reads, a Hugging
-    Face repo's file list, a folder's files; no data is downloaded. Never raises for a source that does not hold."""
-    form, _ = _form(source, kind)
-    try:
-        if form == "tiny":
-            return Survey(source, kind, form)
-        if form == "url":
-            found, picked = tarstream.list_url(source, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS,
-                                               wanted=PATTERNS[kind])
-            if picked is None:
-                return Survey(source, kind, form, problem=(
-                    f"{shown(source)} does not take byte ranges: its members cannot be listed without downloading "
-                    f"all of it ({progress.human_bytes(found.size or 0)}), which a boot would do"))
-            files = {picked.relative(m): m.size for m in picked.members if m.isfile()}
-            fetched = {picked.relative(m): m.size for m in picked.chosen}
-        elif form == "hub":
-            files, fetched = _hub_files(source, kind, endpoint)
-        elif form == "folder":
-            path = Path(source).expanduser()
-            if not path.is_dir():
-                raise WeightsError(f"{_what(kind)}: the folder {path} does not exist.")
-            files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-            fetched = {}
-        else:
-            raise _unknown_form(source, kind)
-    except UserError as exc:
-        return Survey(source, kind, form, problem=str(exc))
-    present = fetched if form != "folder" else files
-    missing = [n for n in LAYOUT[kind] if n not in present and not any(f.startswith(n + "/") for f in present)]
-    return Survey(source, kind, form, files, fetched, missing)
-
-
-def _hub_files(repo_id: str, kind: str, endpoint: str | None) -> tuple[dict[str, int], dict[str, int]]:
-    """A repo's files and sizes, and those snapshot_download would fetch (PATTERNS); a gated repo with no token is a
-    WeightsError saying so."""
-    import fnmatch
-
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    from huggingface_hub.hf_api import RepoFile
-
-    token = os.environ.get("HF_TOKEN") or None
-    netguard.install_for_huggingface_hub()
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token or False)
-    gated = WeightsError(f"{repo_id} is gated: a boot needs HF_TOKEN, a token of an account that accepted its "
-                         "licence" + (" (HF_TOKEN is not set)." if not token else "."))
-    try:
-        if api.model_info(repo_id).gated and not token:
-            raise gated
-        files = {f.path: f.size for f in api.list_repo_tree(repo_id, recursive=True) if isinstance(f, RepoFile)}
-    except GatedRepoError:
-        raise gated from None
-    except RepositoryNotFoundError:
-        raise WeightsError(f"{repo_id} was not found on Hugging Face (or is private or gated and HF_TOKEN cannot "
-                           "read it).") from None
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", "?")
-        raise WeightsError(f"Hugging Face answered HTTP {status} for {repo_id}.") from None
-    except (OSError, httpx.TransportError) as exc:
-        raise WeightsError(f"Could not reach Hugging Face for {repo_id} ({type(exc).__name__}).") from None
-    patterns = PATTERNS[kind]
-    return files, {f: n for f, n in files.items() if patterns is None or any(fnmatch.fnmatch(f, p) for p in patterns)}
-
-
 def _off_or(source: str) -> str | None:
     return None if source.strip().lower() == OFF else source
 
@@ -220,7 +137,7 @@ def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
     and the files to fetch. endpoint: the Hugging Face endpoint of a repo id (Sources.endpoints; None: HF_ENDPOINT's).
     """
     started = time.monotonic()
-    form, dest = _form(source, kind)
+    form, dest = form_of(source, kind)
     if form == "tiny":
         path = _tiny(weights_dir(), kind)
     elif form == "url":
@@ -230,20 +147,20 @@ def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
     elif form == "folder":
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise WeightsError(f"{_what(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
+            raise WeightsError(f"{what_of(kind)}: the folder {path} does not exist. Fix the setting or download them first.")
     else:
-        raise _unknown_form(source, kind)
+        raise unknown_form(source, kind)
     _check_layout(path, kind, source)
     log.info("weights %s: %s ready in %.2fs", kind, shown(source), time.monotonic() - started)
     return path
 
 
-def _unknown_form(source: str, kind: str) -> WeightsError:
-    return WeightsError(f"{_what(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL "
+def unknown_form(source: str, kind: str) -> WeightsError:
+    return WeightsError(f"{what_of(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL "
                         "of a .tar, 'public' or 'tiny'.")
 
 
-def _form(source: str, kind: str) -> tuple[str, Path | None]:
+def form_of(source: str, kind: str) -> tuple[str, Path | None]:
     """What a source is ("tiny", "url": an https .tar, "hub": a Hugging Face repo id that is not a local folder,
     "folder", or "invalid"), and for the two that are fetched the folder under weights/ they land in."""
     if source == TINY and kind != COMPILE_CACHE:
@@ -260,7 +177,7 @@ def _form(source: str, kind: str) -> tuple[str, Path | None]:
 def download_folder(source: str, kind: str) -> Path | None:
     """Where a source that is fetched (an https .tar, a Hugging Face repo id that is not a local folder) lands under
     weights/; None for the others (tiny, a local folder)."""
-    return _form(source, kind)[1]
+    return form_of(source, kind)[1]
 
 
 def needs_download(source: str, kind: str) -> bool:
@@ -275,7 +192,7 @@ def check_disk(kind: str, need: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if free < need + 2**30:
-        raise WeightsError(f"{_what(kind)}: not enough disk to fetch them: {progress.human_bytes(free)} free under "
+        raise WeightsError(f"{what_of(kind)}: not enough disk to fetch them: {progress.human_bytes(free)} free under "
                            f"{root}, about {progress.human_bytes(need)} needed. Free disk space, or point "
                            "FLUX_WEIGHTS_DIR at a larger disk.")
 
@@ -357,13 +274,13 @@ def loading(kind: str, path: Path):
     except Exception as exc:  # safetensors, diffusers and transformers raise many types for a bad file
         detail = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise WeightsError(
-            f"{_what(kind)} in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
+            f"{what_of(kind)} in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
             f"corrupt or not FLUX in diffusers format: download them again (delete the folder if it is a download "
             f"under {weights_dir()}) or fix the setting."
         ) from exc
 
 
-def _what(kind: str) -> str:
+def what_of(kind: str) -> str:
     if kind == SAFETY_SECOND:
         return "second safety checker (FLUX_SAFETY_SECOND) weights"
     return "compile bundle" if kind == COMPILE_CACHE else f"{kind} weights"
@@ -382,7 +299,7 @@ def _check_layout(path: Path, kind: str, source: str) -> None:
     missing = [n for n in LAYOUT[kind] if not (path / n).exists()]
     if missing:
         raise WeightsError(
-            f"{_what(kind)} at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
+            f"{what_of(kind)} at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
         )
 
 
@@ -406,7 +323,7 @@ def _from_hub(repo_id: str, dest: Path, kind: str, endpoint: str | None = None) 
     try:
         snapshot_download(
             repo_id, local_dir=dest, allow_patterns=patterns, token=token, max_workers=16,
-            tqdm_class=progress.HubBytes.named(_what(kind)),  # bytes, percent and rate in the setup log
+            tqdm_class=progress.HubBytes.named(what_of(kind)),  # bytes, percent and rate in the setup log
             endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,  # read per call: a mirror set at run time
         )
     except GatedRepoError:
@@ -441,7 +358,7 @@ def _from_tar_url(url: str, dest: Path, kind: str) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=_what(kind), limits=TAR_LIMITS,
+        tarstream.extract_url(url, unpacked, max_bytes=MAX_TAR_BYTES, what=what_of(kind), limits=TAR_LIMITS,
                               wanted=PATTERNS[kind])
         root = _single_root(unpacked)
         (root / ".complete").write_text(dl.redact(url))

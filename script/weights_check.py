@@ -1,6 +1,6 @@
 """What each weights source holds, what a boot would fetch of it and its size, and whether the layout the engine
 loads holds, without downloading the data: a .tar's member headers by ranged reads, a Hugging Face repo's file
-list, a folder's files (flux/weights.py: survey). This is how a first GPU host checks the defaults in seconds.
+list, a folder's files (flux/survey.py). This is how a first GPU host checks the defaults in seconds.
 
   script/weights-check                        the sources a GPU would use: the public defaults, or the settings
   script/weights-check --host URL             the same with every default on URL (FLUX_WEIGHTS_HOST): a mirror
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import flux  # noqa: F401  (library environment first)
-    from flux import progress, variants, weights
+    from flux import progress, survey, variants, weights
 
     kinds = (*variants.NAMES, weights.SAFETY, weights.SAFETY_SECOND)
     env = {**os.environ, **({"FLUX_WEIGHTS_HOST": args.host} if args.host else {})}
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     size = progress.human_bytes
     failed = 0
     for kind, source, endpoint in checks:
-        found = weights.survey(source, kind, endpoint)
+        found = survey.survey(source, kind, endpoint)
         print(f"{kind}: {weights.shown(source)} ({found.form})")
         if found.files:
             print(f"  holds {len(found.files)} files, {size(sum(found.files.values()))}")
