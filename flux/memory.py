@@ -48,6 +48,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -390,7 +391,8 @@ class Residency:
     """Keeps the transformer a request needs on the GPU, with the room the request needs free, within a byte budget:
     "on demand" transformers out first, then resident ones, least recently used first in each. Where a module is
     is this object's record (`resident`); on a CPU with a simulated budget the moves are made (on one device) and
-    counted the same way. Every move is appended to `moves`."""
+    counted the same way. Every move is appended to `moves`, or to a prediction's own list while it runs
+    (`recording`)."""
 
     def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=(),
                  dropper: Callable[[str], bool] | None = None):
@@ -410,6 +412,19 @@ class Residency:
         if plan_ is None:
             return cls(device, None, mover)
         return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident, dropper=dropper)
+
+    @contextmanager
+    def recording(self, into: list[Move]):
+        """Within the block, every move is appended to `into` (a prediction's trace) instead of `moves`."""
+        before, self.moves = self.moves, into
+        try:
+            yield
+        finally:
+            self.moves = before
+
+    def record(self, move: Move) -> None:
+        """A move made outside this object (a transformer quantized onto the GPU from CPU memory)."""
+        self.moves.append(move)
 
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
         """A transformer to place; resident: it is on the GPU already."""

@@ -25,7 +25,8 @@ from ..request import SPEC
 from ..safety import NsfwClassifier, SafetyChecker
 from ..settings import LoraSettings, Settings
 from ..speed import fp8 as fp8_
-from .run import Generated, Runner, StepHook
+from ..prediction import Generated
+from .run import Runner, StepHook
 from .transformers import Copy, Transformers
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Engine:
 
     def generate(self, req, step_hook: StepHook | None = None) -> Generated:
         """The pipeline run alone (no safety check), with a step hook (the benchmark's)."""
-        return self.runner.generate(req, step_hook)
+        return self.runner.run(req, step_hook, checked=False)
 
     def use_loras(self, req):
         """Make the LoRA state match a request without running it (the benchmark's LoRA switch)."""

@@ -193,8 +193,8 @@ class Transformers:
         with self.stages("fp8 quantize", f"{variant.name}, {self.settings.fp8}"):
             fp8 = fp8_.fp8_transformer(source, self.settings.fp8, self.device, self.settings.fp8_forced)
         if not on_gpu and residency.budget is not None:  # its bf16 blocks crossed to the GPU to be quantized there
-            residency.moves.append(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
-                                               time.monotonic() - started))
+            residency.record(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
+                                            time.monotonic() - started))
         copy = self._add_copy(variant.fp8, variant, with_transformer(pipe, fp8), on_gpu=True)
         self.twins[variant.name] = Fp8Twin(fp8_.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
         return copy
