@@ -88,7 +88,7 @@ class Engine:
         return self.runner.run(req)
 
     def generate(self, req, step_hook: StepHook | None = None) -> Generated:
-        """The pipeline run alone (no safety check), with a step hook (the benchmark's)."""
+        """A request run as `run` runs it but without the safety check, with a step hook (the benchmark's)."""
         return self.runner.run(req, step_hook, checked=False)
 
     def use_loras(self, req):
