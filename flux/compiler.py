@@ -49,10 +49,19 @@ _UNTUNED = {name: getattr(torch._inductor.config, name) for name in TUNING_FLAGS
 def configure(inductor_tuning: bool) -> None:
     """dynamo's limits and inductor's tuning flags, as this project wants them (after pruna and torchao, which
     change both when imported or used)."""
+    limit_recompiles()
+    tune_inductor(inductor_tuning)
+
+
+def limit_recompiles() -> None:
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.accumulated_recompile_limit = ACCUMULATED_RECOMPILE_LIMIT
+
+
+def tune_inductor(on: bool) -> None:
+    """inductor's tuning flags of the published recipes, or inductor's own defaults."""
     for name, tuned in TUNING_FLAGS.items():
-        setattr(torch._inductor.config, name, tuned if inductor_tuning else _UNTUNED[name])
+        setattr(torch._inductor.config, name, tuned if on else _UNTUNED[name])
 
 
 # ----- one compiled region ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ the shared small models (CLIP, the VAE, the safety checkers) and go_fast's fp8 c
 the path every GPU runs), then its bf16 transformer, then T5, then each variant loaded on first use and its fp8 copy
 (flux/variants.py, in table order), which are resident only where they fit beside everything with the room of the
 largest request (4 outputs at 1440x1440 in a speed mode with true CFG: activations plus the step cache's copy of
-every block's output for both passes, flux/speed/step_cache.py: holds_bytes). A request that needs more room than the plan
+every block's output for both passes: block_outputs_bytes). A request that needs more room than the plan
 kept moves the least recently used "on demand" transformers out first, then resident ones (`Residency`); a batch that
 still does not fit runs one output at a time (flux/engine).
 
@@ -48,20 +48,19 @@ import gc
 import logging
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import variants
-from .speed import step_cache
+from .limits import GiB
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
 BASE_RESERVE_BYTES = 2 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, compile scratch, allocator slack
-HOST_RESERVE_BYTES = 8 * GiB  # of the machine's RAM, for everything but weights: the process, pinned buffers, files
 # Activations of the transformer and the VAE decode per output pixel (bf16): 8 GiB in all at 1440x1440 x4 outputs.
 # To be calibrated by `script/benchmark gpu` (peak memory).
 ACTIVATION_BYTES_PER_PIXEL = 780
@@ -115,6 +114,18 @@ def activation_bytes(width: int, height: int, batch: int) -> int:
     return BASE_RESERVE_BYTES + batch * width * height * ACTIVATION_BYTES_PER_PIXEL
 
 
+def block_outputs_bytes(config, width: int, height: int, batch: int, text_tokens: int, element_size: int = 2) -> int:
+    """Every transformer block's output for one pass, as a step cache keeps them until the call returns (FORA:
+    flux/speed/step_cache.py): per block, the text and image tokens at the inner width (the single-stream blocks
+    return slices of one such tensor, which keep all of it alive). What the plan keeps room for per cached pass: a
+    step cache that holds more says so in its `holds_bytes`, and the plan must count that instead."""
+    config = dict(config)
+    blocks = config["num_layers"] + config["num_single_layers"]
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    image_tokens = (width // 16) * (height // 16)
+    return blocks * batch * (text_tokens + image_tokens) * inner * element_size
+
+
 def free() -> None:
     """Give back what dropped references held, cached GPU memory too (after an out-of-memory error, a dropped
     variant)."""
@@ -148,7 +159,7 @@ class Sizes:
         t5_blocks = [module_bytes(b) for b in text_encoder_2.encoder.block]
         element = next(transformer.parameters()).element_size()
         big = LARGEST
-        largest = activation_bytes(big["width"], big["height"], big["outputs"]) + big["passes"] * step_cache.holds_bytes(
+        largest = activation_bytes(big["width"], big["height"], big["outputs"]) + big["passes"] * block_outputs_bytes(
             transformer.config, big["width"], big["height"], big["outputs"], big["text_tokens"], element)
         transformers = {}
         for variant in variants.VARIANTS.values():
@@ -390,7 +401,8 @@ class Residency:
     """Keeps the transformer a request needs on the GPU, with the room the request needs free, within a byte budget:
     "on demand" transformers out first, then resident ones, least recently used first in each. Where a module is
     is this object's record (`resident`); on a CPU with a simulated budget the moves are made (on one device) and
-    counted the same way. Every move is appended to `moves`."""
+    counted the same way. Every move is appended to `moves`, or to a prediction's own list while it runs
+    (`recording`)."""
 
     def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=(),
                  dropper: Callable[[str], bool] | None = None):
@@ -410,6 +422,19 @@ class Residency:
         if plan_ is None:
             return cls(device, None, mover)
         return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident, dropper=dropper)
+
+    @contextmanager
+    def recording(self, into: list[Move]):
+        """Within the block, every move is appended to `into` (a prediction's trace) instead of `moves`."""
+        before, self.moves = self.moves, into
+        try:
+            yield
+        finally:
+            self.moves = before
+
+    def record(self, move: Move) -> None:
+        """A move made outside this object (a transformer quantized onto the GPU from CPU memory)."""
+        self.moves.append(move)
 
     def add(self, name: str, module: torch.nn.Module, resident: bool) -> None:
         """A transformer to place; resident: it is on the GPU already."""

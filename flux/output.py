@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import images, memory
-from .engine.run import Generated
+from .prediction import Generated, Prediction
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prediction:
-    """What a prediction returns: its files, and its facts."""
-
-    files: list[Path]
-    metrics: dict[str, object]
 
 
 def write(generated: Generated, out_dir: Path) -> Prediction:

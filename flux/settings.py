@@ -1,6 +1,6 @@
 """Every setting of the engine, read once from the environment into one object.
 
-The optimization switches are declared in flux/speed (`SWITCHES`: FLUX_COMPILE, FLUX_FP8, FLUX_ATTENTION,
+The optimization switches are declared in flux/switches.py (`SETTINGS`: FLUX_COMPILE, FLUX_FP8, FLUX_ATTENTION,
 FLUX_FUSED_PROJECTIONS, FLUX_COMPILE_VAE, FLUX_CHANNELS_LAST, FLUX_INDUCTOR_TUNING_FLAGS, FLUX_WARMUP): `Settings`
 has a field for each, made from those entries. Beside them:
 
@@ -51,15 +51,14 @@ from typing import Any
 
 import torch
 
-from . import budget, speed, variants
+from . import budget, switches, variants
 from .errors import SettingsError
 from .folders import compile_cache_dir, weights_dir
-from .memory import HOST_RESERVE_BYTES, GiB
-from .speed import fp8 as fp8_
+from .limits import HOST_RESERVE_BYTES, GiB
 
 # Every environment variable the project reads (tests/conftest.py clears them all before a test run).
 VARIABLES = (
-    *(s.env for s in speed.SWITCHES), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_HOST_MEMORY_GB",
+    *(s.env for s in switches.SETTINGS), "FLUX_COMPILE_CACHE", "FLUX_GPU_MEMORY_GB", "FLUX_HOST_MEMORY_GB",
     "FLUX_PREFETCH", "FLUX_SETUP_BUDGET_S",
     # weights (flux/weights.py)
     *(v.setting for v in variants.VARIANTS.values()), "COG_WEIGHTS", "FLUX_SAFETY_CHECKER", "FLUX_SAFETY_SECOND",
@@ -109,26 +108,31 @@ def _gpu_memory(env: dict, device: torch.device) -> int | None:
 
 
 class _Settings:
-    """The engine's settings: a field per switch of flux/speed's SWITCHES (the value it is read as), and the
+    """The engine's settings: a field per switch of flux/switches.py's SETTINGS (the value it is read as), and the
     settings beside them. Build it with `Settings.from_env(device, weights_dir)`."""
 
     @classmethod
     def from_env(cls, device: torch.device, weights_dir: Path, env: dict | None = None) -> "Settings":
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for switch in speed.SWITCHES:  # in order: a default may follow a switch read before it
-            values[switch.name] = switch.read(switch.env, (env.get(switch.env) or "").strip(), device, values)
+        for switch in switches.SETTINGS:  # in order: a default or a requirement may follow a switch read before it
+            values[switch.name] = switch.value((env.get(switch.env) or "").strip(), device, values)
         compiling = values["compile"] is not None
         return cls(
             **values,
-            fp8_forced=values["fp8"] == "fp8dqrow" and not fp8_.fp8_supported(device),
+            fp8_forced=values["fp8"] == "fp8dqrow" and not switches.fp8_supported(device),
             compile_cache=((env.get("FLUX_COMPILE_CACHE") or "").strip() or None) if compiling else None,
             cache_dir=compile_cache_dir(weights_dir) if compiling else None,
             gpu_memory=_gpu_memory(env, device),
             host_memory=_host_memory(env),
-            prefetch=speed.flag(True)("FLUX_PREFETCH", (env.get("FLUX_PREFETCH") or "").strip(), device, values),
+            prefetch=switches.flag(True)("FLUX_PREFETCH", (env.get("FLUX_PREFETCH") or "").strip(), device, values),
             setup_budget_s=_number(env, "FLUX_SETUP_BUDGET_S", budget.DEFAULT_S),
         )
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "Settings":
+        """What a Settings made in code has (tests, tools): every setting unset, go_fast's fp8 the device's."""
+        return cls(fp8=switches.fp8_kind(device))
 
     @property
     def dtype_on_cpu(self) -> torch.dtype:
@@ -137,7 +141,7 @@ class _Settings:
 
     def graph_settings(self) -> dict[str, Any]:
         """The switches that change compiled graphs, as the compile-cache key holds them."""
-        return {s.name: getattr(self, s.name) for s in speed.SWITCHES if s.graphs}
+        return {s.name: getattr(self, s.name) for s in switches.SETTINGS if s.graphs}
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "cache_dir")
@@ -145,7 +149,7 @@ class _Settings:
 
 Settings = dataclasses.make_dataclass(
     "Settings",
-    [(s.name, Any, field(default=s.unset)) for s in speed.SWITCHES] + [
+    [(s.name, Any, field(default=s.unset)) for s in switches.SETTINGS] + [
         # fp8dqrow asked for on a machine torchao's hardware check refuses (a CPU): the check is skipped
         ("fp8_forced", bool, field(default=False)),
         ("compile_cache", Any, field(default=None)),  # the bundle to boot from; None: the working folder only

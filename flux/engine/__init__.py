@@ -12,6 +12,6 @@ writes what a request made.
 """
 
 from .build import Engine, default_device, load, serving_dtype
-from .run import Generated
+from ..prediction import Generated
 
 __all__ = ["Engine", "Generated", "default_device", "load", "serving_dtype"]

@@ -24,9 +24,9 @@ from ..lora.sources import LoraLoader
 from ..request import SPEC
 from ..safety import NsfwClassifier, SafetyChecker
 from ..settings import LoraSettings, Settings
-from ..speed import fp8 as fp8_
-from .run import Generated, Runner, StepHook
-from .transformers import Copy, Transformers
+from ..prediction import Generated
+from .run import Runner, StepHook
+from .transformers import Copy, Transformers, prepare
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +56,24 @@ class Engine:
         here. lora_settings: the LoRA loader's (read from the environment when not given). budget: setup's time
         budget (`load` gives the server's; None: unbounded, for an engine a tool or a test builds)."""
         self.device, self.dtype = device, dtype
-        self.settings = settings = settings or Settings(fp8=fp8_.fp8_kind(device))
+        self.settings = settings = settings or Settings.for_device(device)
         self.budget = budget or SetupBudget()
         self.stages = stages or logs.Stages()
         self.base = pipe
         pipe.set_progress_bar_config(disable=True)
-        speed.attention_backend(settings.attention, device)  # refuses what cannot run here, before any work
+        speed.check(settings, device)  # refuses what cannot run here, before any work
         self._cache_key = None
-        if settings.compile:
-            compiler.configure(settings.inductor_tuning)
+        if settings.cache_dir is not None:  # compiling: the compile bundle's graphs, made for this key
             self._cache_key = compile_cache.key(settings, pipe.transformer, dtype, device)
             with self.stages("compile cache"):
                 folder = compile_cache.fetch(settings) if compile_bundle is True else compile_bundle
                 compile_cache.load(folder, self._cache_key,
                                    weights.shown(settings.compile_cache or str(settings.cache_dir)), settings.cache_dir)
-        speed.apply("transformer", pipe.transformer, settings)
+        prepare(pipe.transformer, settings)
         self.plan = self._plan(pipe, safety, second_safety)
         t5_streamed = self.plan is not None and self.plan.where(memory.T5) == memory.STREAMED
         self._place_shared(pipe, t5_streamed)
-        speed.apply("vae", pipe.vae, settings)
-        vae_compiled = (compiler.compile_vae_decoder(pipe.vae, settings.compile)
-                        if settings.compile and settings.compile_vae else None)
+        vae_compiled = next(iter(speed.optimize("vae", pipe.vae, settings)), None)
         self.loras = LoraManager()  # LoRA targets: each variant's bf16 transformer (by name), the shared CLIP
         self.loras.register(TEXT_ENCODER, pipe.text_encoder, TEXT_ENCODER)
         self.transformers = Transformers(pipe, settings, device, dtype, self.plan, self.loras, sources, self.stages,
@@ -91,8 +88,8 @@ class Engine:
         return self.runner.run(req)
 
     def generate(self, req, step_hook: StepHook | None = None) -> Generated:
-        """The pipeline run alone (no safety check), with a step hook (the benchmark's)."""
-        return self.runner.generate(req, step_hook)
+        """A request run as `run` runs it but without the safety check, with a step hook (the benchmark's)."""
+        return self.runner.run(req, step_hook, checked=False)
 
     def use_loras(self, req):
         """Make the LoRA state match a request without running it (the benchmark's LoRA switch)."""
@@ -219,7 +216,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
     # stages add up: "fetch" and "load" are each logged twice and totalled once.
     with stages("fetch", f"{base.title} and the compile bundle"):
         base_folder = weights.locate(srcs.base, base.name)
-        bundle = compile_cache.fetch(settings) if settings.compile else None
+        bundle = compile_cache.fetch(settings) if settings.cache_dir is not None else None
     with stages("load", f"{base.title}, {dtype}"), weights.loading(base.name, base_folder):
         pipe = FluxPipeline.from_pretrained(base_folder, dtype=dtype, use_safetensors=True)  # placed by the plan
 
@@ -237,8 +234,7 @@ def load(srcs: weights.Sources, device: torch.device | None = None, dtype: torch
         log.info("setup: second safety checker off (FLUX_SAFETY_SECOND=off): CompVis' flags stand alone")
     engine = Engine(pipe, safety, srcs.variants, device, dtype, settings, stages, compile_bundle=bundle,
                     second_safety=second, lora_settings=lora_settings, budget=SetupBudget(settings.setup_budget_s))
-    if settings.warmup:
-        engine.warm_up()
+    speed.optimize("setup", engine, settings)  # the warm-up
     stages.total()
     if settings.prefetch and engine.budget.allows("the background prefetch",
                                                   instead="each variant's first request fetches its weights"):

@@ -1,13 +1,23 @@
-"""One request: routed once, its LoRAs made current, its variant's pipeline called with a step hook, the safety
-checkers, the facts. Images come back as PIL images with what the response's metrics need; writing the files is the
-output stage's (flux/output.py)."""
+"""One request, read top to bottom in numbered stages (`Runner.run`), like diffusers' `__call__`:
+
+  1. route          the request as this GPU runs it (the fp8 copy where the plan keeps the bf16 one off the GPU)
+  2. prompt         within the variant's token limit
+  3. place          its transformer on the GPU, with the room the request needs beside it
+  4. LoRAs          fetched and fused (the same again costs nothing)
+  5. generate       text encoding, denoising and decoding, every output in one batch (one at a time if that runs out
+                    of memory), with the progress bar and the caller's step hook
+  6. overlay        inpainting's unmasked pixels exactly as they were
+  7. safety         the safety checkers
+
+A `Trace` (flux/prediction.py), made for the prediction and passed down, collects what each stage took, the
+transformer passes and the moves between CPU and GPU memory; it becomes the `Generated` the output stage writes
+(flux/output.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -18,6 +28,7 @@ from ..errors import UserError
 from ..lora.formats import TEXT_ENCODER
 from ..lora.fuse import Adapter, LoraManager
 from ..lora.sources import Fetched, LoraLoader
+from ..prediction import Generated, Trace
 from ..request import Request
 from ..safety import NsfwClassifier, SafetyChecker
 from .transformers import Transformers
@@ -32,26 +43,17 @@ class NonFiniteOutput(UserError):
     """The latents of a request came out NaN or infinite (its LoRAs, at their scales, broke the model)."""
 
 
-@dataclass
-class Generated:
-    """What a request made, before the output stage writes it: the images that passed the safety checkers, in seed
-    order, and the facts of the prediction."""
-
-    req: Request  # as it ran (routed)
-    images: list[Image.Image]
-    seeds: list[int]
-    flagged: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    steps: int = 0  # denoising steps each output ran
-    passes: int = 0  # transformer passes that computed (a step cache's cached steps do not), over every pipeline call
-    loras: list[Fetched] = field(default_factory=list)
-    lora_unapplied: int = 0  # tensors of the LoRAs in use for text encoders not changed (T5), named in the log
-    moves: list[memory.Move] = field(default_factory=list)  # transfers between CPU and GPU memory
-    started: float = field(default_factory=time.monotonic)  # when the prediction started running
-
-    @property
-    def moved_bytes(self) -> int:
-        return sum(m.bytes for m in self.moves)
+def pipeline_inputs(req: Request) -> dict:
+    """The diffusers pipeline's inputs for a request, beside the prompt embeddings and the generators."""
+    kwargs = dict(width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
+                  guidance_scale=req.guidance_scale, output_type="pil")
+    if req.image is not None:
+        kwargs.update(image=req.image, strength=req.prompt_strength)
+    if req.mask is not None:
+        kwargs.update(mask_image=req.mask)
+    if req.true_cfg:  # otherwise the call is exactly the one without these inputs
+        kwargs.update(true_cfg_scale=req.true_cfg_scale)
+    return kwargs
 
 
 def passes_per_step(req: Request) -> int:
@@ -75,18 +77,23 @@ class Runner:
         self.second_safety = second_safety  # re-checks what `safety` flags; None: its flags stand
         self.t5_streamed = t5_streamed
 
-    def run(self, req: Request) -> Generated:
-        """The whole prediction after validation but the files: route, generate, check."""
-        started = time.monotonic()
+    def run(self, req: Request, step_hook: StepHook | None = None, checked: bool = True) -> Generated:
+        """The whole prediction after validation but the files, in stages. step_hook: called at every denoising step
+        of every call, after the progress bar, with the latents (the benchmark's); checked False: the images
+        as generated (the benchmark's and the tests' `generate`)."""
+        trace = Trace()
+        # 1. Route: the request as this GPU runs it (the fp8 copy where the plan keeps the bf16 one off the GPU).
         req = self.transformers.route(req)
-        self.transformers.residency.moves.clear()  # from here on: this prediction's moves between CPU and GPU
-        graphs = self.transformers.graphs()
         log.info("Using seed: %d", req.seed)
         for note in req.notes:
             log.info("note: %s", note)
+        graphs = self.transformers.graphs()
         try:
-            generated = self.check_safety(self.generate(req))
-            generated.moves, generated.started = list(self.transformers.residency.moves), started
+            with self.transformers.residency.recording(trace.moves):
+                generated = self._generate(req, trace, step_hook)
+                # 7. The safety checkers.
+                if checked:
+                    generated = self.check_safety(generated)
         finally:
             _release_host_memory()
             if self.transformers.graphs() != graphs:  # setup's warm-up should have compiled everything a request needs
@@ -97,12 +104,25 @@ class Runner:
                      ", ".join(f"{m} ({memory.gb(m.bytes):.2f} GB, {m.seconds:.2f}s)" for m in generated.moves))
         return generated
 
-    def generate(self, req: Request, step_hook: StepHook | None = None) -> Generated:
-        """The pipeline run for a request (routed here if it was not): images in output order, before the safety
-        check. step_hook: called at every denoising step of every call, after the progress bar, with the latents."""
-        req = self.transformers.route(req)
+    def _generate(self, req: Request, trace: Trace, step_hook: StepHook | None) -> Generated:
+        """Stages 2 to 6: the images in output order, before the safety check. A request whose LoRAs broke its output
+        leaves none fused; one that ran out of GPU memory leaves it free."""
         try:
-            return self._generate(req, step_hook)
+            # 2. The prompt within the variant's token limit.
+            self.check_prompt(req)
+            # 3. Its transformer on the GPU, with the room it needs beside it.
+            copy = self.transformers.get(req.transformer)
+            self.transformers.residency.use(req.transformer, self.working_bytes(req))
+            # 4. Its LoRAs fused (the same again costs nothing).
+            with trace.timed("lora"):
+                fetched = self.use_loras(req)
+            # 5. Text encoding, denoising and decoding: every output in one batch, or one at a time.
+            generated = self._calls(copy, req, trace, step_hook)
+            # 6. Inpainting: the unmasked pixels exactly as they were.
+            if req.mask is not None:
+                with trace.timed("decode"):
+                    processor = self.base.image_processor
+                    generated.images = [processor.apply_overlay(req.mask, req.image, img) for img in generated.images]
         except NonFiniteOutput:  # the request's LoRAs broke the output: the next request starts without them
             self._drop_loras(req)
             raise
@@ -112,39 +132,16 @@ class Runner:
                 f"Out of GPU memory generating {req.width}x{req.height}: try a smaller size (megapixels 0.25) or "
                 "fewer outputs, or run again."
             ) from None
-
-    def _generate(self, req: Request, step_hook: StepHook | None) -> Generated:
-        self.check_prompt(req)
-        copy = self.transformers.get(req.transformer)
-        self.transformers.residency.use(req.transformer, self.working_bytes(req))
-        started = time.monotonic()
-        fetched = self.use_loras(req)
-        timings = {"lora": time.monotonic() - started}
-        kwargs = dict(width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-                      guidance_scale=req.guidance_scale, output_type="pil")
-        if req.image is not None:
-            kwargs.update(image=req.image, strength=req.prompt_strength)
-        if req.mask is not None:
-            kwargs.update(mask_image=req.mask)
-        if req.true_cfg:  # otherwise the call is exactly the one without these inputs
-            kwargs.update(true_cfg_scale=req.true_cfg_scale)
-        generated = self._calls(copy, req, kwargs, timings, step_hook)
-        if req.mask is not None:  # unmasked pixels come back exactly as they were
-            started = time.monotonic()
-            processor = self.base.image_processor
-            generated.images = [processor.apply_overlay(req.mask, req.image, img) for img in generated.images]
-            timings["decode"] += time.monotonic() - started
         generated.loras = fetched
         generated.lora_unapplied = sum(a.weights.unapplied for a in self.loras.adapters(req.model))
         return generated
 
-    def _calls(self, copy, req: Request, kwargs: dict, timings: dict[str, float],
-               step_hook: StepHook | None) -> Generated:
+    def _calls(self, copy, req: Request, trace: Trace, step_hook: StepHook | None) -> Generated:
         """All outputs in one batch through the transformer; one at a time if that runs out of memory. One
-        progress bar over every call; the time of each stage and the transformer passes added up over them."""
+        progress bar over every call; the time of each stage and the transformer passes added up in the trace."""
         steps = progress.Steps(calls=1)
-        timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
-        passes = [0]
+        trace.timings.update(text_encode=0.0, denoise=0.0, decode=0.0)
+        kwargs = pipeline_inputs(req)
 
         def hook(pipe, step, timestep, tensors):
             tensors = steps(pipe, step, timestep, tensors)
@@ -156,17 +153,16 @@ class Runner:
             # CPU generators: the same seed gives the same noise on any device.
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             with torch.inference_mode():
-                started = time.monotonic()
-                embeds = self.encode_prompt(req, len(batch_seeds))
+                with trace.timed("text_encode"):
+                    embeds = self.encode_prompt(req, len(batch_seeds), trace)
                 denoising = time.monotonic()
-                timings["text_encode"] += denoising - started
                 output, cached = copy.run(req.task, req.mode, passes_per_step(req), generator=generators,
                                           callback_on_step_end=hook, callback_on_step_end_tensor_inputs=["latents"],
                                           **embeds, **kwargs)
             ended = time.monotonic()
-            timings["denoise"] += (steps.last_step_at or ended) - denoising
-            timings["decode"] += ended - (steps.last_step_at or ended)
-            passes[0] += (steps.steps_per_call - cached) * passes_per_step(req)
+            trace.add("denoise", (steps.last_step_at or ended) - denoising)
+            trace.add("decode", ended - (steps.last_step_at or ended))
+            trace.passes += (steps.steps_per_call - cached) * passes_per_step(req)
             return output.images
 
         seeds = req.seeds
@@ -179,8 +175,7 @@ class Runner:
             log.warning("out of GPU memory for %d outputs in one batch; generating them one at a time", len(seeds))
             steps.expect(len(seeds))
             images = [img for s in seeds for img in call([s])]
-        return Generated(req=req, images=images, seeds=seeds, timings=timings, steps=steps.steps_per_call,
-                         passes=passes[0])
+        return Generated(req=req, images=images, seeds=seeds, trace=trace, steps=steps.steps_per_call)
 
     # ----- the parts of a request ----------------------------------------------------------------------------------
 
@@ -253,7 +248,7 @@ class Runner:
             "the model beyond what it can compute. Lower lora_scale (or extra_lora_scale), or use another LoRA."
         )
 
-    def encode_prompt(self, req: Request, outputs: int) -> dict[str, torch.Tensor]:
+    def encode_prompt(self, req: Request, outputs: int, trace: Trace) -> dict[str, torch.Tensor]:
         """The prompt through CLIP and T5 (diffusers' encode_prompt, shared by every pipeline), repeated per output:
         the embeddings the pipeline is then given, so that text encoding is timed apart."""
         embeds = {}
@@ -266,7 +261,7 @@ class Runner:
                 max_sequence_length=variants.get(req.model).max_sequence_length)
             embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
             if self.t5_streamed:  # every T5 block crossed to the GPU once for this prompt
-                self.transformers.residency.moves.append(memory.Move(
+                trace.moves.append(memory.Move(
                     memory.T5, "streamed", self.transformers.plan.sizes.bytes[memory.T5], time.monotonic() - started))
         return embeds
 

@@ -29,7 +29,6 @@ from ..lora.formats import TRANSFORMER
 from ..lora.fuse import Fp8Twin, LoraManager
 from ..request import Request
 from ..settings import Settings
-from ..speed import fp8 as fp8_
 from ..speed import projections, step_cache
 from ..variants import Variant
 
@@ -143,7 +142,7 @@ class Transformers:
 
     def graphs(self) -> dict[str, int]:
         """The compiled graphs dynamo holds, by region kind (empty when not compiling)."""
-        if not self.settings.compile:
+        if not any(copy.compiled for copy in self.copies.values()):
             return {}
         return compiler.graph_counts(self.base.transformer, self.base.vae if self.vae_compiled else None)
 
@@ -155,11 +154,6 @@ class Transformers:
             log.info("lora: %d fp8 layers of %s-fp8 re-quantized in %.2fs", count, variant, time.monotonic() - started)
 
     # ----- building ------------------------------------------------------------------------------------------------
-
-    def prepare(self, transformer) -> None:
-        """What every bf16 transformer gets before it is copied, smashed or compiled: the switches that apply to
-        transformers (the attention backend, the fused projections)."""
-        speed.apply("transformer", transformer, self.settings)
 
     def _add_base(self, pipe, budget: SetupBudget) -> None:
         """The base variant's copies, at setup: its bf16 transformer placed first (on the GPU where the plan keeps it,
@@ -190,35 +184,30 @@ class Transformers:
         on_gpu = variant.name in residency.resident and residency.modules.get(variant.name) is source
         residency.make_room(memory.fp8_bytes(source) + memory.block_bytes(source))
         started = time.monotonic()
-        with self.stages("fp8 quantize", f"{variant.name}, {self.settings.fp8}"):
-            fp8 = fp8_.fp8_transformer(source, self.settings.fp8, self.device, self.settings.fp8_forced)
+        with self.stages("fp8 quantize", f"{variant.name}, {speed.describe('fp8', self.settings)}"):
+            (fp8, sync), = speed.optimize("fp8", source, self.settings, device=self.device, bf16=bf16)
         if not on_gpu and residency.budget is not None:  # its bf16 blocks crossed to the GPU to be quantized there
-            residency.moves.append(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
-                                               time.monotonic() - started))
+            residency.record(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
+                                            time.monotonic() - started))
         copy = self._add_copy(variant.fp8, variant, with_transformer(pipe, fp8), on_gpu=True)
-        self.twins[variant.name] = Fp8Twin(fp8_.Fp8Sync(bf16, fp8, self.settings.fp8, self.settings.fp8_forced))
+        self.twins[variant.name] = Fp8Twin(sync)
         return copy
 
     def _add_copy(self, name: str, variant: Variant, pipe, on_gpu: bool = False) -> Copy:
         """A copy: on the GPU (moved there unless on_gpu), smashed by pruna, compiled."""
         started = time.monotonic()
-        settings = self.settings
         fp8 = name == variant.fp8
         if self.residency.modules.get(name) is not pipe.transformer:
             self.residency.add(name, pipe.transformer, resident=on_gpu)
         self.residency.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
         smashed, caches = step_cache.smash(pipe, self.device)
         copy = Copy(name, smashed, caches, task_pipelines(pipe, variant))
-        if settings.compile:  # beneath the step caches' wrappers, which are off between calls
-            compiler.configure(settings.inductor_tuning)  # torchao's quantization sets inductor flags of its own
-            # torchao's dynamic float8 asks whether the batch is 1 (flux/compiler.py): that copy keeps batch 1 apart
-            batch = "backed" if fp8 and settings.fp8 == "fp8dqrow" else "unbacked"
-            copy.compiled.append(compiler.compile_blocks(pipe.transformer, settings.compile, batch))
-            if self.vae_compiled is not None:
-                copy.compiled.append(self.vae_compiled)
+        copy.compiled += speed.optimize("copy", pipe.transformer, self.settings, fp8=fp8)  # beneath the step caches
+        if copy.compiled and self.vae_compiled is not None:
+            copy.compiled.append(self.vae_compiled)
         self.copies[name] = copy
-        log.info("setup: %s ready (%s%s) in %.2fs", name, f"fp8 {settings.fp8}, " if fp8 else "",
-                 f"compiled with {settings.compile}" if settings.compile else "eager", time.monotonic() - started)
+        log.info("setup: %s ready (%s%s) in %.2fs", name, f"{speed.describe('fp8', self.settings)}, " if fp8 else "",
+                 speed.describe("copy", self.settings) or "eager", time.monotonic() - started)
         return copy
 
     # ----- variants loaded on first use ----------------------------------------------------------------------------
@@ -294,7 +283,7 @@ class Transformers:
         with weights.loading(variant.name, folder):
             transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype,
                                                                  use_safetensors=True)
-        self.prepare(transformer)
+        prepare(transformer, self.settings)
         return transformer, folder
 
     def _load(self, variant: Variant):
@@ -331,6 +320,12 @@ class Transformers:
                 self._host_room(memory.module_bytes(pipe.transformer), keep=variant.name)  # the second copy read
             self._add_fp8(variant, pipe, None if untouched else self._read_transformer(variant)[0])
         log.info("%s: built on first use in %.2fs", variant.fp8 if fp8 else variant.name, time.monotonic() - started)
+
+
+def prepare(transformer, settings: Settings) -> None:
+    """What every bf16 transformer gets before it is copied, smashed or compiled (and before the memory plan counts
+    it): the switches of the "transformer" stage (the attention backend, the fused projections)."""
+    speed.optimize("transformer", transformer, settings)
 
 
 def with_transformer(pipe, transformer, **changes):

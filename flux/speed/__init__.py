@@ -1,19 +1,18 @@
-"""The optimizations, declared once, and the speed modes.
+"""The optimizations and the speed modes.
 
-`SWITCHES` has one entry per optimization: its setting (environment variable), how the value is read and
-defaulted, whether it changes the compiled graphs, and the function that applies it. Settings (flux/settings.py),
-the compile-cache key (flux/compile_cache.py), the test environment reset (tests/conftest.py) and the benchmark's
-list of switches (script/benchmark_gpu.py) are made from these entries: a new optimization is one entry here plus
-the function it names. The names follow huggingface/flux-fast's benchmark flags.
+`SWITCHES` has one entry per optimization: its setting (flux/switches.py: the environment variable, how the value is
+read and defaulted, what it requires of the other switches, whether it changes the compiled graphs), the stage it
+applies at and the function that applies it. The engine runs each stage through `optimize(stage, target, settings)`
+and reads no switch by name; a new optimization is one setting in flux/switches.py and one entry here. The order is
+SWITCHES' order, stage by stage, as the engine builds:
 
-The engine applies them in this order (flux/engine/transformers.py):
-  attention, fused_projections   to every bf16 transformer before it is copied, smashed or compiled
-  channels_last                  to the shared VAE
-  fp8                            go_fast's copy of each bf16 transformer (flux/speed/fp8.py), built a block at a time
-  step caches                    pruna's smash installs them on every copy (flux/speed/step_cache.py)
-  compile, inductor_tuning       each block compiled beneath the step caches (flux/compiler.py)
-  compile_vae                    the VAE decoder compiled
-  warmup                         setup compiles every schema size before the first request
+  transformer   attention, fused_projections   every bf16 transformer before it is copied, smashed or compiled
+  vae           channels_last, compile_vae      the shared VAE: its memory format, its decoder compiled
+  fp8           fp8                             go_fast's copy of each bf16 transformer (flux/speed/fp8.py), a block
+                                                at a time
+                (step caches)                   pruna's smash installs them on every copy (flux/speed/step_cache.py)
+  copy          inductor_tuning, compile        each copy's blocks compiled beneath the step caches (flux/compiler.py)
+  setup         warmup                          setup compiles every schema size before the first request
 
 `SPEED_MODES` are Pruna's levels: each names a step cache and its parameters, and whether it runs the fp8 copy.
 """
@@ -22,10 +21,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from .. import compiler, switches
 from ..errors import SettingsError
 from . import fp8 as fp8_
 from .projections import fuse_projections
@@ -75,7 +75,6 @@ def mode(name: str) -> Mode:
 
 # ----- attention, VAE layout -------------------------------------------------------------------------------------
 
-ATTENTION_BACKENDS = ("sdpa", "cudnn", "fa3")
 ATTENTION = {"sdpa": "native", "cudnn": "_native_cudnn"}  # FLUX_ATTENTION -> diffusers' backend name (fa3 below)
 
 
@@ -127,108 +126,112 @@ def vae_channels_last(vae, on: bool = True) -> None:
 
 # ----- the switches ----------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
-_OFF = ("off", "0", "false", "none", "no")
+
+def _fused_projections(transformer, on: bool, settings, **context) -> None:
+    fuse_projections(transformer, on)
 
 
-def flag(default: Callable[[torch.device, dict], bool] | bool, needs: Callable[[dict], bool] = lambda v: True):
-    """A 0/1 switch: its default (a value, or one made from the device and the switches read before it), and when
-    it applies at all (`needs`: False leaves it off whatever is set)."""
-
-    def read(env: str, raw: str, device: torch.device, values: dict) -> bool:
-        if not needs(values):
-            return False
-        if not raw:
-            return default(device, values) if callable(default) else default
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise SettingsError(f"{env}={raw!r} is not a switch: set it to 1 or 0.")
-
-    return read
+def _attention(transformer, name: str, settings, **context) -> None:
+    set_attention(transformer, name)
 
 
-def choice(choices: tuple[str, ...], default: str):
-    def read(env: str, raw: str, device: torch.device, values: dict) -> str:
-        value = raw.lower() or default
-        if value not in choices:
-            raise SettingsError(f"{env}={raw!r} is not one of {', '.join(choices)}.")
-        return value
-
-    return read
+def _channels_last(vae, on: bool, settings, **context) -> None:
+    vae_channels_last(vae, on)
 
 
-def _compile_backend(env: str, raw: str, device: torch.device, values: dict) -> str | None:
-    if not raw:
-        return "inductor" if device.type == "cuda" else None
-    if raw.lower() in _OFF:
+def _compile_vae(vae, on: bool, settings, **context):
+    return compiler.compile_vae_decoder(vae, settings.compile) if on else None
+
+
+def _fp8(source, kind: str, settings, device: torch.device, bf16, **context):
+    fp8 = fp8_.fp8_transformer(source, kind, device, settings.fp8_forced)
+    return fp8, fp8_.Fp8Sync(bf16, fp8, kind, settings.fp8_forced)
+
+
+def _inductor_tuning(transformer, on: bool, settings, **context) -> None:
+    compiler.tune_inductor(on)  # after torchao's quantization, which sets inductor flags of its own
+
+
+def _compile(transformer, backend: str | None, settings, fp8: bool, **context):
+    if backend is None:
         return None
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if raw not in known:
-        raise SettingsError(f"{env}={raw!r} is not a torch.compile backend: use off, {', '.join(sorted(known))}.")
-    return raw
+    compiler.limit_recompiles()
+    # torchao's dynamic float8 asks whether the batch is 1 (flux/compiler.py): that copy keeps batch 1 apart
+    batch = "backed" if fp8 and settings.fp8 == "fp8dqrow" else "unbacked"
+    return compiler.compile_blocks(transformer, backend, batch)
 
 
-def _fp8_kind(env: str, raw: str, device: torch.device, values: dict) -> str:
-    kind = fp8_.fp8_kind(device, choice(("auto", *fp8_.KINDS), "auto")(env, raw, device, values))
-    if kind == "fp8dqrow" and device.type == "cuda" and not fp8_.fp8_supported(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise SettingsError(f"{env}=fp8dqrow needs fp8 tensor cores (compute capability 8.9 or newer); this GPU "
-                            f"is {major}.{minor}. Use {env}=auto or fp8wo.")
-    return kind
-
-
-def _compiling(values: dict) -> bool:
-    return values["compile"] is not None
+def _warmup(engine, on: bool, settings, **context) -> None:
+    if on:
+        engine.warm_up()
 
 
 @dataclass(frozen=True)
 class Switch:
-    name: str  # the Settings field
-    env: str  # the environment variable
-    read: Callable[[str, str, torch.device, dict], Any]  # (env, raw text or "", device, switches read so far) -> value
-    unset: Any  # its value in a Settings made in code without it (tests, the benchmark's engines)
-    graphs: bool  # changes the compiled graphs: part of the compile-cache key
-    applies: str  # what it does, where (the function that applies it, or the module that reads the value)
-    apply: Callable | None = None  # (module, value): applied to each bf16 transformer (target "transformer") or the VAE
-    target: str | None = None  # "transformer" or "vae"; None: the engine reads the value where it builds
-    compare: tuple[str, ...] = ()  # values `script/benchmark gpu` measures against the default, one engine each
-    # it changes compiler settings that dynamo does not guard on: a benchmark engine with it compiles afresh (dynamo
-    # reset, its own inductor cache) or it would reuse the graphs compiled without it
-    unguarded: bool = False
+    """An optimization: its setting (flux/switches.py: the name, the environment variable, how it is read, what it
+    requires of the others), the stage it applies at and the function that applies it there: (target, value,
+    settings, **the stage's context) -> what it made, or None. Its setting's fields read as its own
+    (`switch.env`, `switch.compare`, ...)."""
+
+    setting: switches.Setting
+    stage: str  # a key of STAGES
+    apply: Callable
+    check: Callable[[object, torch.device], object] | None = None  # (value, device): refuses what cannot run here
+
+    def __getattr__(self, name: str):
+        return getattr(self.setting, name)
 
 
+# What each stage's target is, and what `optimize` gives back for it.
+STAGES = {
+    "transformer": "each bf16 transformer before it is copied, smashed or compiled",
+    "vae": "the shared VAE (gives back its compiled decoder, when compiling)",
+    "fp8": "go_fast's copy of a bf16 transformer, built a block at a time (gives back the copy and its Fp8Sync)",
+    "copy": "each copy after pruna's smash installed the step caches, its blocks compiled beneath them (gives back "
+            "the compiled blocks, when compiling)",
+    "setup": "the engine once built",
+}
+_SETTING = {s.name: s for s in switches.SETTINGS}
+# In the order they apply: a stage after the one before it, and within a stage one after the other.
 SWITCHES: tuple[Switch, ...] = (
-    Switch("compile", "FLUX_COMPILE", _compile_backend, None, True,
-           "torch.compile backend for each transformer block (and the VAE decoder): flux/compiler.py; "
-           "inductor on a GPU, off on a CPU", compare=("off",)),
-    Switch("fp8", "FLUX_FP8", _fp8_kind, "fp8wo", True,
-           "go_fast's fp8: auto (dynamic per-row float8 on compute capability 8.9+, weight-only fp8 elsewhere), "
-           "fp8dqrow or fp8wo: flux/speed/fp8.py"),
-    Switch("attention", "FLUX_ATTENTION", choice(ATTENTION_BACKENDS, "sdpa"), "sdpa", True,
-           "diffusers' attention backend: sdpa, cudnn or fa3 (Hopper, where flash_attn_interface or the `kernels` "
-           "package is installed; the image has neither): set_attention", set_attention, "transformer",
-           compare=("cudnn", "fa3")),
-    Switch("fused_projections", "FLUX_FUSED_PROJECTIONS", flag(True), True, True,
-           "q, k, v in one matmul: flux/speed/projections.py", fuse_projections, "transformer", compare=("0",)),
-    Switch("compile_vae", "FLUX_COMPILE_VAE", flag(True, _compiling), False, True,
-           "the VAE decoder compiled too (when compiling): flux/compiler.py", compare=("0",)),
-    Switch("channels_last", "FLUX_CHANNELS_LAST", flag(True), True, True,
-           "the VAE in channels_last memory format: vae_channels_last", vae_channels_last, "vae", compare=("0",)),
-    Switch("inductor_tuning", "FLUX_INDUCTOR_TUNING_FLAGS",
-           flag(lambda device, v: device.type == "cuda", lambda v: v["compile"] == "inductor"), False, True,
-           "inductor's tuning flags of the published recipes (on a GPU, with inductor): flux/compiler.py",
-           compare=("0",), unguarded=True),
-    Switch("warmup", "FLUX_WARMUP", flag(True, _compiling), False, False,
-           "setup compiles every schema size on each compiled copy (when compiling): flux/engine/build.py"),
+    Switch(_SETTING["attention"], "transformer", _attention, check=lambda name, device: attention_backend(name, device)),
+    Switch(_SETTING["fused_projections"], "transformer", _fused_projections),
+    Switch(_SETTING["channels_last"], "vae", _channels_last),
+    Switch(_SETTING["compile_vae"], "vae", _compile_vae),
+    Switch(_SETTING["fp8"], "fp8", _fp8),
+    Switch(_SETTING["inductor_tuning"], "copy", _inductor_tuning),
+    Switch(_SETTING["compile"], "copy", _compile),
+    Switch(_SETTING["warmup"], "setup", _warmup),
 )
+assert {s.name for s in SWITCHES} == set(_SETTING) and {s.stage for s in SWITCHES} == set(STAGES)
 
 
-def apply(target: str, module, settings) -> None:
-    """Every switch that applies to `target` ("transformer": each bf16 transformer before it is copied, smashed or
-    compiled; "vae": the shared VAE), in declaration order, where its setting is on."""
+def check(settings, device: torch.device) -> None:
+    """Refuse, before any work, a setting this machine cannot run (a SettingsError saying what to set instead)."""
     for switch in SWITCHES:
-        value = getattr(settings, switch.name)
-        if switch.target == target and value:
-            switch.apply(module, value)
+        if switch.check is not None and switch.requirements_met(_values(settings)):
+            switch.check(getattr(settings, switch.name), device)
+
+
+def optimize(stage: str, target, settings, **context) -> list:
+    """Every switch of `stage` applied to `target`, in SWITCHES' order, where what it requires of the other switches
+    holds (each apply does nothing where its own value is off); what they made, in that order."""
+    values = _values(settings)
+    made = []
+    for switch in SWITCHES:
+        if switch.stage == stage and switch.requirements_met(values):
+            result = switch.apply(target, values[switch.name], settings, **context)
+            if result is not None:
+                made.append(result)
+    return made
+
+
+def describe(stage: str, settings) -> str:
+    """The switches of a stage that are on, with their values (for the log)."""
+    values = _values(settings)
+    return ", ".join(f"{s.name} {values[s.name]}" for s in SWITCHES
+                     if s.stage == stage and values[s.name] and s.requirements_met(values))
+
+
+def _values(settings) -> dict:
+    return {s.name: getattr(settings, s.name) for s in switches.SETTINGS}

@@ -16,22 +16,6 @@ import torch
 from .. import variants
 from .projections import drop_unfused, fused_name
 
-KINDS = ("fp8dqrow", "fp8wo")
-
-
-def fp8_kind(device: torch.device, asked: str = "auto") -> str:
-    """The quant type for go_fast: dynamic per-row float8 where the GPU has fp8 tensor cores, else weight-only;
-    an explicit choice is kept."""
-    if asked != "auto":
-        return asked
-    return "fp8dqrow" if fp8_supported(device) else "fp8wo"
-
-
-def fp8_supported(device: torch.device) -> bool:
-    """Whether torchao's own hardware check accepts dynamic float8 here (CUDA 8.9+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 @contextmanager
 def hardware_check_skipped(skip: bool):
     """torchao refuses dynamic float8 below compute capability 8.9, a CPU included (`_check_hardware_support`,

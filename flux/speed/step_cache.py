@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from .. import memory
+
 log = logging.getLogger(__name__)
 
 
@@ -88,14 +90,8 @@ class Fora(StepCache):
 
     @staticmethod
     def holds_bytes(config, width, height, batch, text_tokens, element_size=2):
-        """Every block's output, kept until the call returns (pruna's CacheHelper): per block, the text and image
-        tokens at the inner width (the single-stream blocks return slices of one such tensor, which keep all of it
-        alive)."""
-        config = dict(config)
-        blocks = config["num_layers"] + config["num_single_layers"]
-        inner = config["num_attention_heads"] * config["attention_head_dim"]
-        image_tokens = (width // 16) * (height // 16)
-        return blocks * batch * (text_tokens + image_tokens) * inner * element_size
+        """Every block's output, kept until the call returns (pruna's CacheHelper)."""
+        return memory.block_outputs_bytes(config, width, height, batch, text_tokens, element_size)
 
 
 STEP_CACHES: dict[str, type[StepCache]] = {cache.name: cache for cache in (Fora,)}

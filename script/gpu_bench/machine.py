@@ -37,7 +37,7 @@ def rowwise_fp8_runs(device) -> bool:
     import torch
 
     if device.type == "cuda":
-        from flux.speed.fp8 import fp8_supported
+        from flux.switches import fp8_supported
 
         return fp8_supported(device)
     a = torch.ones(16, 16).to(torch.float8_e4m3fn)

@@ -161,17 +161,17 @@ def switch_blocker(ctx: Ctx, changes: dict, settings, default) -> str | None:
 
 
 def switch_rows() -> list[tuple[str, dict, bool]]:
-    """(row name, the setting changed, whether it compiles afresh) for each value flux/speed's SWITCHES name to
+    """(row name, the setting changed, whether it compiles afresh) for each value flux/switches.py's SETTINGS name to
     compare against the default; the switches dynamo does not guard on last (they reset dynamo)."""
-    from flux import speed
+    from flux import switches
 
-    rows = [(f"{s.env}={value}", {s.env: value}, s.unguarded) for s in speed.SWITCHES for value in s.compare]
+    rows = [(f"{s.env}={value}", {s.env: value}, s.unguarded) for s in switches.SETTINGS for value in s.compare]
     return sorted(rows, key=lambda row: row[2])
 
 
 def switches(ctx: Ctx) -> None:
-    """Each optimization off (or changed) on go_fast, one engine each (flux/speed's SWITCHES, each value it names to
-    compare). A switch dynamo does not guard on (the inductor flags) resets dynamo and compiles into its own inductor
+    """Each optimization off (or changed) on go_fast, one engine each (flux/switches.py's SETTINGS, each value it names
+    to compare). A switch dynamo does not guard on (the inductor flags) resets dynamo and compiles into its own inductor
     cache folder, so its graphs are compiled with its setting (not reused); it runs last."""
     from flux.settings import Settings
 
