@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from .lora.sources import Fetched
-from .memory import Move
+from .residency import Move
 from .request import Request
 
 

@@ -1,6 +1,7 @@
 """The layers point down and the engine reads as stages (DESIGN.md, "What the third review taught"): settings imports
-nothing above the small services, memory no optimization, the output stage nothing of the engine; the engine reads
-no optimization switch by name (flux/speed's `optimize` runs them) and holds no function over 60 lines."""
+nothing above the small services, memory no optimization, the output stage nothing of the engine (LAYERS, written once
+here); the engine reads no optimization switch by name (flux/speed's `optimize` runs them) and holds no function over
+60 lines; no product module is over 400 lines, no script over 500."""
 
 from __future__ import annotations
 
@@ -11,16 +12,37 @@ from tests.conftest import ROOT
 from tests.test_imports import imports, project_modules
 
 
-def test_settings_memory_and_output_import_only_what_lies_below_them():
+# The layers, bottom up (DESIGN.md, "What the third review taught"): a module imports only from its own layer or
+# below, anywhere in it (function-level imports included). A module is in the layer of its longest listed prefix.
+LAYERS = (
+    ("facts", ("flux", "flux.errors", "flux.logs", "flux.folders", "flux.variants", "flux.switches", "flux.limits")),
+    ("services", ("flux.settings", "flux.netguard", "flux.cache", "flux.sizes", "flux.images", "flux.progress",
+                  "flux.gpu", "flux.budget", "flux.response")),
+    ("mechanisms", ("flux.download", "flux.tarstream", "flux.memory", "flux.speed", "flux.compiler", "flux.safety",
+                    "flux.fakes", "flux.residency")),
+    ("sources", ("flux.weights", "flux.survey", "flux.lora", "lora_loader", "flux.compile_cache")),
+    ("request", ("flux.request", "flux.prediction")),
+    ("engine", ("flux.engine",)),
+    ("output", ("flux.output",)),
+    ("predict", ("predict",)),
+)
+
+
+def layer_of(module: str) -> int | None:
+    found = [(len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+             if module == prefix or module.startswith(prefix + ".")]
+    return max(found)[1] if found else None
+
+
+def test_every_module_has_a_layer_and_none_imports_a_higher_one():
     modules = project_modules()
-    above = {
-        "flux.settings": ("flux.memory", "flux.speed", "flux.compiler", "flux.engine", "flux.weights", "flux.lora"),
-        "flux.memory": ("flux.speed", "flux.engine", "flux.compiler"),
-        "flux.output": ("flux.engine",),
-    }
-    for name, forbidden in above.items():
-        found = sorted(m for m in imports(name, modules[name], modules) if m.startswith(forbidden))
-        assert not found, f"{name} imports {found}, above it"
+    unplaced = sorted(m for m in modules if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS): {unplaced}"
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+              for m, path in sorted(modules.items()) for t in sorted(imports(m, path, modules))
+              if layer_of(t) > layer_of(m)]
+    assert not upward, "imports that point up: " + "; ".join(upward)
+    assert layer_of("flux.lora.sources") == 3 and layer_of("flux") == 0  # the longest prefix decides
 
 
 def test_the_engine_reads_no_switch_by_name():
@@ -41,3 +63,12 @@ def test_no_function_in_the_engine_is_over_60_lines():
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
     assert not long, long
+
+
+
+def test_no_module_of_the_product_is_over_400_lines_and_no_script_over_500():
+    big = [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted((ROOT / "flux").rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > 400]
+    big += [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted((ROOT / "script").rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts and (n := len(p.read_text().splitlines())) > 500]
+    assert not big, big

@@ -27,7 +27,7 @@ from tests.helpers import loras
 from tests.test_speed import quantized, raw
 
 SCALE = 0.7
-KIND = "fp8wo"  # the fp8 quantization go_fast uses on a CPU (flux/speed/fp8.py: fp8_kind)
+KIND = "fp8wo"  # the fp8 quantization go_fast uses on a CPU (flux/switches.py: fp8_kind)
 SCHEMES = ["kohya", "bfl", "bfl-peft", "fal"]  # the low-rank layouts whose fused modules diffusers splits
 
 pytestmark = pytest.mark.fullwidth

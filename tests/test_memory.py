@@ -10,7 +10,8 @@ import torch
 from flux import memory, variants
 from flux.fakes import fullsize
 from flux.errors import UserError
-from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, Residency, activation_bytes, fp8_bytes, module_bytes
+from flux.memory import CPU, GPU, ON_DEMAND, STREAMED, GiB, activation_bytes, fp8_bytes, module_bytes
+from flux.residency import Residency
 from flux.speed import step_cache
 
 MiB = 1024**2
@@ -228,3 +229,19 @@ def test_an_80gb_gpu_makes_room_for_a_4_output_1440_speed_mode_request_when_a_va
     assert residency.evictions("dev", plain) == []  # without a speed mode everything stays
     assert sum(sizes.bytes[n] for n in ("dev", "dev-fp8", FIRST.name)) + plain + fora > residency.budget
     assert residency.evictions("dev", plain + fora) == [FIRST.name]
+
+
+def test_moves_outside_a_prediction_are_bounded_and_a_predictions_own_are_all_kept():
+    """A container runs for days: moves made outside a prediction (setup's, a tool's) keep only the last MOVES_KEPT;
+    a prediction's trace receives every move it made."""
+    from flux import residency as residency_
+
+    free = Residency(torch.device("cpu"), None)
+    for i in range(residency_.MOVES_KEPT + 10):
+        free.record(residency_.Move(f"m{i}", "gpu", 1))
+    assert len(free.moves) == residency_.MOVES_KEPT and free.moves[-1].name == f"m{residency_.MOVES_KEPT + 9}"
+    trace: list = []
+    with free.recording(trace):
+        for i in range(residency_.MOVES_KEPT + 10):
+            free.record(residency_.Move("p", "gpu", 1))
+    assert len(trace) == residency_.MOVES_KEPT + 10 and len(free.moves) == residency_.MOVES_KEPT

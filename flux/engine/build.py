@@ -25,6 +25,7 @@ from ..request import SPEC
 from ..safety import NsfwClassifier, SafetyChecker
 from ..settings import LoraSettings, Settings
 from ..prediction import Generated
+from ..residency import Residency
 from .run import Runner, StepHook
 from .transformers import Copy, Transformers, prepare
 
@@ -107,7 +108,7 @@ class Engine:
         return self.transformers.graphs()
 
     @property
-    def residency(self) -> memory.Residency:
+    def residency(self) -> Residency:
         return self.transformers.residency
 
     @property

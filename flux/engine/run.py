@@ -31,6 +31,7 @@ from ..lora.sources import Fetched, LoraLoader
 from ..prediction import Generated, Trace
 from ..request import Request
 from ..safety import NsfwClassifier, SafetyChecker
+from ..residency import Move
 from .transformers import Transformers
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class Runner:
                 max_sequence_length=variants.get(req.model).max_sequence_length)
             embeds.update({f"{prefix}prompt_embeds": prompt_embeds, f"{prefix}pooled_prompt_embeds": pooled})
             if self.t5_streamed:  # every T5 block crossed to the GPU once for this prompt
-                trace.moves.append(memory.Move(
+                trace.moves.append(Move(
                     memory.T5, "streamed", self.transformers.plan.sizes.bytes[memory.T5], time.monotonic() - started))
         return embeds
 

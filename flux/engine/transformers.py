@@ -31,6 +31,7 @@ from ..request import Request
 from ..settings import Settings
 from ..speed import projections, step_cache
 from ..variants import Variant
+from ..residency import Move, Residency
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Transformers:
         self.vae_compiled = vae_compiled
         self.copies: dict[str, Copy] = {}
         self.prefetch: weights.Prefetch | None = None  # the background fetch of the variants loaded on first use
-        self.residency = memory.Residency.for_plan(device, plan, mover=projections.move, dropper=self._drop_moved_out)
+        self.residency = Residency.for_plan(device, plan, mover=projections.move, dropper=self._drop_moved_out)
         self.loaded: OrderedDict[str, None] = OrderedDict()  # variants loaded on first use, least recently used first
         self.current = variants.BASE.name  # the variant of the copy asked for last: the running request's, never dropped
         self._lock = threading.Lock()
@@ -187,7 +188,7 @@ class Transformers:
         with self.stages("fp8 quantize", f"{variant.name}, {speed.describe('fp8', self.settings)}"):
             (fp8, sync), = speed.optimize("fp8", source, self.settings, device=self.device, bf16=bf16)
         if not on_gpu and residency.budget is not None:  # its bf16 blocks crossed to the GPU to be quantized there
-            residency.record(memory.Move(variant.fp8, "gpu", memory.module_bytes(source),
+            residency.record(Move(variant.fp8, "gpu", memory.module_bytes(source),
                                             time.monotonic() - started))
         copy = self._add_copy(variant.fp8, variant, with_transformer(pipe, fp8), on_gpu=True)
         self.twins[variant.name] = Fp8Twin(sync)
