@@ -145,6 +145,11 @@ def client(deadline: float | None = None, **kwargs) -> httpx.Client:
     return httpx.Client(transport=transport(deadline), trust_env=False, **kwargs)
 
 
+# huggingface_hub's own client waits forever by default (timeout=None): a hub that stops answering would hang a
+# request. 60 s of silence, 10 s to connect; its calls that pass a timeout of their own keep it.
+HUB_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
 @functools.cache
 def install_for_huggingface_hub() -> None:
     """Make huggingface_hub's own HTTP calls (API, file downloads, redirects) go through the guard too. Once per
@@ -156,7 +161,7 @@ def install_for_huggingface_hub() -> None:
     def factory() -> httpx.Client:
         return httpx.Client(
             transport=transport(), event_hooks={"request": [hf_request_event_hook]},
-            follow_redirects=True, timeout=None,
+            follow_redirects=True, timeout=HUB_TIMEOUT,
         )
 
     huggingface_hub.set_client_factory(factory)
