@@ -71,7 +71,8 @@ class Predictor(BasePredictor):
         ),
         prompt_strength: float = Input(
             description="Prompt strength when using img2img or inpainting. 1.0 corresponds to full destruction of "
-            "information in image",
+            "information in image. Left at 0.8, kontext-dev's and fill-dev's inpainting use 1; kontext-dev's edits "
+            "do not read it",
             ge=0,
             le=1,
             default=0.8,
@@ -79,8 +80,12 @@ class Predictor(BasePredictor):
         model: str = Input(
             description="Which model to run inference with. The dev model performs best with around 28 inference "
             "steps but the schnell model only needs 4 steps (it runs at most 4, without guidance). krea-dev is "
-            "FLUX.1-Krea-dev, a dev fine-tune for natural, photographic images (the same inputs as dev).",
-            choices=["dev", "schnell", "krea-dev"],
+            "FLUX.1-Krea-dev, a dev fine-tune for natural, photographic images (the same inputs as dev). kontext-dev "
+            "is FLUX.1-Kontext-dev: with image it edits the image as the prompt says (\"make it night\"), at the Kontext "
+            "resolution nearest the image's aspect unless aspect_ratio says otherwise; with mask, only the white part; "
+            "without image, text-to-image (its default guidance_scale is 2.5). fill-dev is FLUX.1-Fill-dev: "
+            "inpainting only, with image and mask (its default guidance_scale is 30, prompt_strength 1).",
+            choices=["dev", "schnell", "krea-dev", "kontext-dev", "fill-dev"],
             default="dev",
         ),
         num_outputs: int = Input(description="Number of outputs to generate", ge=1, le=4, default=1),
@@ -92,9 +97,10 @@ class Predictor(BasePredictor):
         ),
         guidance_scale: float = Input(
             description="Guidance scale for the diffusion process. Lower values can give more realistic images. "
-            "Good values to try are 2, 2.5, 3 and 3.5",
+            "Good values to try are 2, 2.5, 3 and 3.5. Up to 10, and up to 100 for fill-dev. Left at 3, kontext-dev "
+            "and fill-dev use their own defaults (2.5 and 30)",
             ge=0,
-            le=10,
+            le=100,
             default=3,
         ),
         true_cfg_scale: float = Input(

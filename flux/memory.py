@@ -180,12 +180,14 @@ def block_bytes(transformer) -> int:
 
 
 def like(transformer, variant: variants.Variant) -> torch.nn.Module:
-    """A variant's transformer for sizing: the base's architecture with the variant's guidance embedder (or none), on
-    the meta device, in the base's dtype."""
+    """A variant's transformer for sizing: the base's architecture with the variant's guidance embedder (or none) and
+    input channels, on the meta device, in the base's dtype."""
     from diffusers import FluxTransformer2DModel
 
+    packed = transformer.config.out_channels or transformer.config.in_channels
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": variant.guidance})
+        model = FluxTransformer2DModel.from_config({**transformer.config, "guidance_embeds": variant.guidance,
+                                                    "in_channels": variant.in_channels(packed), "out_channels": packed})
     return model.to(next(transformer.parameters()).dtype)
 
 

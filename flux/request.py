@@ -50,7 +50,7 @@ SPEC: dict[str, InputSpec] = {
     "model": InputSpec(default=variants.BASE.name, choices=variants.NAMES),
     "num_outputs": InputSpec(default=1, ge=1, le=4),
     "num_inference_steps": InputSpec(default=28, ge=1, le=50),
-    "guidance_scale": InputSpec(default=3, ge=0, le=10),
+    "guidance_scale": InputSpec(default=3, ge=0, le=100),  # up to 10 but for fill-dev (variants)
     "true_cfg_scale": InputSpec(default=1, ge=1, le=10),
     "seed": InputSpec(),
     "output_format": InputSpec(default="webp", choices=OUTPUT_FORMATS),
@@ -83,6 +83,23 @@ class _Request:
         if self.image is not None:
             return "img2img"
         return "txt2img"
+
+    @property
+    def reads(self) -> "variants.Reads":
+        """How its pipeline reads it (flux/variants.py)."""
+        return variants.PIPELINE_READS[variants.get(self.model).pipelines[self.task]]
+
+    @property
+    def pixels(self) -> int:
+        """The pixels the transformer reads per output: the output's, plus the image's where its latents ride beside
+        the noise (Kontext: an edit's image as the pipeline resizes it, an inpainting's at the output size)."""
+        pixels = self.width * self.height
+        if self.image is None or not self.reads.image_tokens:
+            return pixels
+        if self.reads.keep_size:
+            return 2 * pixels
+        width, height = sizes.kontext_size(*self.image.size, SPEC["megapixels"].default)
+        return pixels + width * height
 
     @property
     def transformer(self) -> str:
@@ -130,35 +147,23 @@ class _Request:
         elif not -MAX_SEED <= int(v["seed"]) <= MAX_SEED:
             raise UserError(f"seed must be between {-MAX_SEED} and {MAX_SEED}.")
 
-        aspect_ratio, megapixels, width, height = v["aspect_ratio"], v["megapixels"], v["width"], v["height"]
-        if image is not None:
-            v["image"] = images.load_image(image, "image")
-            out_w, out_h = sizes.size_for_image(*v["image"].size)
-            if (out_w, out_h) != v["image"].size:
-                notes.append(f"image {v['image'].width}x{v['image'].height} resized to {out_w}x{out_h}")
-                v["image"] = v["image"].resize((out_w, out_h), Image.Resampling.LANCZOS)
-            if mask is not None:
-                v["mask"] = images.load_mask(mask, (out_w, out_h))
-            ignored = [n for n, value in (("width", width), ("height", height)) if value is not None]
-            if aspect_ratio != SPEC["aspect_ratio"].default:
-                ignored.append("aspect_ratio")
-            if megapixels != SPEC["megapixels"].default:
-                ignored.append("megapixels")
-            if ignored:
-                notes.append(f"{', '.join(ignored)} ignored: the output follows the input image's size")
-        elif aspect_ratio == sizes.CUSTOM:
-            if width is None or height is None:
-                raise UserError("aspect_ratio is custom: give both width and height (256 to 1440 pixels).")
-            out_w, out_h = sizes.custom_size(width, height)
-            if (out_w, out_h) != (width, height):
-                notes.append(f"custom size {width}x{height} rounded to {out_w}x{out_h} (multiples of 16)")
-        else:
-            if width is not None or height is not None:
-                notes.append(f"width/height ignored: they apply only when aspect_ratio is custom (it is {aspect_ratio})")
-            out_w, out_h = sizes.table_size(aspect_ratio, megapixels)
-        v["width"], v["height"] = out_w, out_h
-
         variant = variants.get(v["model"])
+        task = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
+        if task not in variant.pipelines:
+            runs = " or ".join(variants.NEEDS[t] for t in variant.pipelines)
+            raise UserError(f"{variant.title} runs with {runs} only (a mask is white where it paints); this request "
+                            f"gives {variants.NEEDS[task]}. Give {runs}, or use model {variants.BASE.name}.")
+        reads = variants.PIPELINE_READS[variant.pipelines[task]]
+        for name, value in variant.defaults.items():  # the schema's default stands for the variant's own
+            if v[name] == SPEC[name].default and (name != "prompt_strength" or (image is not None and reads.strength)):
+                notes.append(f"{name} {value:g}: {variant.name}'s default (the schema's {SPEC[name].default:g} "
+                             f"stands for it)")
+                v[name] = value
+        if not SPEC["guidance_scale"].ge <= v["guidance_scale"] <= variant.max_guidance:
+            raise UserError(f"guidance_scale must be between 0 and {variant.max_guidance:g} for {variant.title}; "
+                            f"got {v['guidance_scale']}.")
+        v["width"], v["height"] = _size(v, reads, notes)
+
         if variant.max_steps is not None and v["num_inference_steps"] > variant.max_steps:
             notes.append(f"{variant.name} runs at most {variant.max_steps} steps: num_inference_steps "
                          f"{v['num_inference_steps']} -> {variant.max_steps}")
@@ -167,12 +172,19 @@ class _Request:
             notes.append(f"{variant.name} has no guidance: guidance_scale ignored")
             v["guidance_scale"] = 0.0
 
-        if image is not None and int(v["num_inference_steps"] * v["prompt_strength"]) < 1:
+        if image is not None and not reads.strength:
+            notes.append(f"prompt_strength means nothing to {variant.title} with an image and no mask (the image "
+                         "conditions the whole generation): ignored")
+        elif image is not None and int(v["num_inference_steps"] * v["prompt_strength"]) < 1:
             raise UserError(
                 f"prompt_strength {v['prompt_strength']} x num_inference_steps {v['num_inference_steps']} leaves no "
                 "denoising step for the image: raise prompt_strength or num_inference_steps so that their product is "
                 "at least 1."
             )
+        if not reads.true_cfg and v["negative_prompt"] and v["true_cfg_scale"] > 1:
+            notes.append(f"{variant.title} has no true classifier-free guidance (diffusers' {variant.pipelines[task]} "
+                         "reads no negative prompt): negative_prompt and true_cfg_scale ignored")
+            v["negative_prompt"], v["true_cfg_scale"] = None, SPEC["true_cfg_scale"].default
         v["negative_prompt"] = _negative_prompt(v["negative_prompt"], v["true_cfg_scale"], notes)
 
         v.update(
@@ -197,6 +209,47 @@ Request = dataclasses.make_dataclass(
     bases=(_Request,), frozen=True,
 )
 Request.__module__ = __name__
+
+
+def _size(v: dict, reads: "variants.Reads", notes: list[str]) -> tuple[int, int]:
+    """The output size (and v's image and mask decoded, resized where the output follows the image): the image's
+    size within bounds where the pipeline's output follows it; a Kontext edit's own size unless aspect_ratio or a
+    custom size says otherwise; else the aspect-ratio table or the custom size."""
+    aspect_ratio, megapixels, width, height = v["aspect_ratio"], v["megapixels"], v["width"], v["height"]
+    image, mask = v["image"], v["mask"]
+    if image is not None:
+        v["image"] = images.load_image(image, "image")
+    chosen = aspect_ratio != SPEC["aspect_ratio"].default
+    if image is not None and reads.size == "kontext" and not chosen:
+        out = sizes.kontext_size(*v["image"].size, megapixels)
+        notes.append(f"output {out[0]}x{out[1]}: the Kontext resolution nearest the image's aspect ratio"
+                     f"{' (set aspect_ratio for another size)' if width is None and height is None else ''}")
+        return out
+    if image is not None and reads.size == "image":
+        out = sizes.size_for_image(*v["image"].size)
+        if out != v["image"].size:
+            notes.append(f"image {v['image'].width}x{v['image'].height} resized to {out[0]}x{out[1]}")
+            v["image"] = v["image"].resize(out, Image.Resampling.LANCZOS)
+        if mask is not None:
+            v["mask"] = images.load_mask(mask, out)
+        ignored = [n for n, value in (("width", width), ("height", height)) if value is not None]
+        if chosen:
+            ignored.append("aspect_ratio")
+        if megapixels != SPEC["megapixels"].default:
+            ignored.append("megapixels")
+        if ignored:
+            notes.append(f"{', '.join(ignored)} ignored: the output follows the input image's size")
+        return out
+    if aspect_ratio == sizes.CUSTOM:
+        if width is None or height is None:
+            raise UserError("aspect_ratio is custom: give both width and height (256 to 1440 pixels).")
+        out = sizes.custom_size(width, height)
+        if out != (width, height):
+            notes.append(f"custom size {width}x{height} rounded to {out[0]}x{out[1]} (multiples of 16)")
+        return out
+    if width is not None or height is not None:
+        notes.append(f"width/height ignored: they apply only when aspect_ratio is custom (it is {aspect_ratio})")
+    return sizes.table_size(aspect_ratio, megapixels)
 
 
 def _plain(value: Any) -> Any:

@@ -72,3 +72,16 @@ def size_for_image(width: int, height: int) -> tuple[int, int]:
     out_w = min(MAX_SIDE, max(MIN_SIDE, round_to_multiple(width * scale)))
     out_h = min(MAX_SIDE, max(MIN_SIDE, round_to_multiple(height * scale)))
     return out_w, out_h
+
+
+def kontext_size(image_width: int, image_height: int, megapixels: str) -> tuple[int, int]:
+    """The output size of a Kontext edit that keeps the input's aspect: the Kontext training resolution (diffusers'
+    list, about 1 MP) nearest the image's aspect ratio, as the pipeline resizes the image itself; 0.25 MP halves each
+    side (multiples of 16)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    aspect = image_width / image_height
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    if megapixels == "0.25":
+        width, height = round_to_multiple(width / 2), round_to_multiple(height / 2)
+    return width, height

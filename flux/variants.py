@@ -21,9 +21,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TASKS = ("txt2img", "img2img", "inpaint")
+TASKS = ("txt2img", "img2img", "inpaint")  # a request's task: from whether it gives image, and mask
+NEEDS = {"txt2img": "a prompt alone", "img2img": "an image", "inpaint": "an image and a mask"}
 # diffusers' Flux pipelines, by task: every variant built on FluxTransformer2DModel runs in them.
 FLUX_PIPELINES = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+
+
+@dataclass(frozen=True)
+class Reads:
+    """How a diffusers pipeline class reads a request: what the engine passes it and what validation makes of the
+    image. size: "image": the output has the input image's size (resized within bounds first), so that inpainting
+    can put the unmasked pixels back exactly; "kontext": the image only conditions the generation (the pipeline
+    resizes it to a Kontext training resolution itself) and the output size is chosen apart (flux/sizes.py)."""
+
+    strength: bool = False  # reads prompt_strength (how much of the image is re-generated)
+    true_cfg: bool = True  # has true classifier-free guidance (negative_prompt, true_cfg_scale)
+    size: str = "image"
+    max_area: bool = False  # rescales the output to `max_area` pixels (Kontext's): given the output's own area
+    keep_size: bool = False  # resizes the image to a Kontext resolution unless told not to (`_auto_resize`): told
+    image_tokens: bool = False  # the image's latents ride beside the noise as tokens (Kontext): twice the sequence
+
+
+# What each pipeline class a variant names reads (diffusers 0.42's signatures).
+PIPELINE_READS = {
+    "FluxPipeline": Reads(),
+    "FluxImg2ImgPipeline": Reads(strength=True),
+    "FluxInpaintPipeline": Reads(strength=True),
+    "FluxKontextPipeline": Reads(size="kontext", max_area=True, image_tokens=True),
+    "FluxKontextInpaintPipeline": Reads(strength=True, max_area=True, keep_size=True, image_tokens=True),
+    "FluxFillPipeline": Reads(strength=True, true_cfg=False),
+}
 
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler). Real weights bring
 # their own scheduler folder; this column is what the fakes (tiny twins, the full-size random model) are built with.
@@ -40,6 +67,8 @@ BASE_LAYOUT = ("model_index.json", "transformer", "vae", "text_encoder", "text_e
 TRANSFORMER_FILES = ("model_index.json", "scheduler/*", "transformer/*")
 TRANSFORMER_LAYOUT = ("transformer",)
 
+
+VAE_SCALE_FACTOR = 8  # FLUX.1's VAE (and every tiny twin's): a latent pixel per 8x8 image pixels
 
 # Replicate's weights delivery: public .tars in diffusers layout, the sources Replicate's own FLUX containers boot
 # from (replicate/cog-flux), readable with no token. FLUX_WEIGHTS_HOST replaces this host (a mirror, a test server).
@@ -63,11 +92,22 @@ class Variant:
     files: tuple[str, ...] = TRANSFORMER_FILES
     layout: tuple[str, ...] = TRANSFORMER_LAYOUT  # what a local folder must hold
     pipelines: dict[str, str] = field(default_factory=lambda: dict(FLUX_PIPELINES))  # task -> diffusers class name
+    # its published defaults where they differ from the schema's: an input left at the schema's default (which dev's
+    # are) takes the variant's value instead (flux/request.py; README "Models")
+    defaults: dict[str, float] = field(default_factory=dict)
+    fill_channels: bool = False  # its transformer also reads the masked image's latents and the mask (FLUX.1-Fill)
+    max_guidance: float = 10  # guidance_scale above this is refused (the schema allows FLUX.1-Fill's 100)
 
     @property
     def fp8(self) -> str:
         """The name of its go_fast copy."""
         return f"{self.name}-fp8"
+
+    def in_channels(self, packed: int) -> int:
+        """Its transformer's input channels, given the packed (2x2) latents' (`out_channels`: 64 for FLUX.1): with
+        fill channels also the masked image's packed latents and the mask, one channel per pixel of a packed latent's
+        16x16 patch (the 8x VAE of FLUX.1 and of the tiny twins): FLUX.1-Fill's 384."""
+        return packed + (packed + 4 * VAE_SCALE_FACTOR**2 if self.fill_channels else 0)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -79,11 +119,23 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             max_steps=4),
     Variant("krea-dev", "FLUX.1-Krea-dev", "/default/black-forest-labs/FLUX.1-krea-dev/files.tar",
             "black-forest-labs/FLUX.1-Krea-dev", "FLUX_KREA_DEV_WEIGHTS", 512, True, DEV_SCHEDULER, tiny_seed=11),
+    # instruction editing; without image, text-to-image (README "Models": sizes, defaults)
+    Variant("kontext-dev", "FLUX.1-Kontext-dev", "/default/black-forest-labs/kontext/release-candidate/kontext-dev.sft",
+            "black-forest-labs/FLUX.1-Kontext-dev", "FLUX_KONTEXT_DEV_WEIGHTS", 512, True, DEV_SCHEDULER, tiny_seed=12,
+            pipelines={"txt2img": "FluxKontextPipeline", "img2img": "FluxKontextPipeline",
+                       "inpaint": "FluxKontextInpaintPipeline"},
+            defaults={"guidance_scale": 2.5, "prompt_strength": 1.0}),
+    # inpainting only: image and mask
+    Variant("fill-dev", "FLUX.1-Fill-dev", "/default/black-forest-labs/ctrl-n-fill/flux1-fill-dev.safetensors",
+            "black-forest-labs/FLUX.1-Fill-dev", "FLUX_FILL_DEV_WEIGHTS", 512, True, DEV_SCHEDULER, tiny_seed=13,
+            pipelines={"inpaint": "FluxFillPipeline"}, defaults={"guidance_scale": 30, "prompt_strength": 1.0},
+            fill_channels=True, max_guidance=100),
 )}
 NAMES = tuple(VARIANTS)
 BASE = next(v for v in VARIANTS.values() if v.at_setup)
 ON_FIRST_USE = tuple(v for v in VARIANTS.values() if not v.at_setup)
 assert sum(v.at_setup for v in VARIANTS.values()) == 1, "exactly one variant (the base) loads at setup"
+assert all(set(v.pipelines) <= set(TASKS) and set(v.pipelines.values()) <= set(PIPELINE_READS) for v in VARIANTS.values())
 
 
 def get(name: str) -> Variant:

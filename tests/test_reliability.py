@@ -82,7 +82,7 @@ BAD_422 = [
     ("steps 0", {"num_inference_steps": 0}, "num_inference_steps"),
     ("steps 51", {"num_inference_steps": 51}, "num_inference_steps"),
     ("guidance -1", {"guidance_scale": -1}, "guidance_scale"),
-    ("guidance 11", {"guidance_scale": 11}, "guidance_scale"),
+    ("guidance 101", {"guidance_scale": 101}, "guidance_scale"),
     ("strength -0.1", {"prompt_strength": -0.1}, "prompt_strength"),
     ("strength 1.1", {"prompt_strength": 1.1}, "prompt_strength"),
     ("quality -1", {"output_quality": -1}, "output_quality"),
@@ -102,6 +102,7 @@ BAD_422 = [
 
 IMAGE_REFUSED = "image could not be read: send an uploaded file, a data: URI or an http(s) URL."
 BAD_FAILED = [
+    ("guidance 11 on dev", lambda: {"guidance_scale": 11}, "between 0 and 10 for FLUX.1-dev"),
     ("not an image", lambda: {"image": uri(b"hello, I am text")}, "not an image file"),
     ("empty file", lambda: {"image": uri(b"")}, "not an image file"),
     ("truncated image", lambda: {"image": uri(png(512, 512)[:3000])}, "truncated or corrupt"),

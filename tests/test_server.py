@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flux import variants
-from tests.helpers import images
+from tests.helpers import images, loras
 from tests.helpers.fault_predictor import NSFW_MARK
 from tests.helpers.http import HubServer
 from tests.helpers.server import CogServer, client_progress, decode_image, file_uri
@@ -65,7 +65,7 @@ def test_same_seed_same_output_over_http(server):
     ({"num_outputs": 5}, "num_outputs"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_inference_steps": 51}, "num_inference_steps"),
-    ({"guidance_scale": 10.5}, "guidance_scale"),
+    ({"guidance_scale": 100.5}, "guidance_scale"),
     ({"prompt_strength": 1.5}, "prompt_strength"),
     ({"output_quality": 101}, "output_quality"),
     ({"width": 100, "aspect_ratio": "custom"}, "width"),
@@ -231,3 +231,53 @@ def test_a_failure_reads_as_coglets_prefix_then_our_message(server):
     assert status == 200 and body["status"] == "failed"
     assert body["error"] == ("Prediction failed: Prediction failed: UserError: aspect_ratio is custom: give both width "
                              "and height (256 to 1440 pixels).")
+
+
+def test_kontext_dev_takes_every_input_over_http_and_differs_from_dev(server, tmp_path):
+    from flux import speed
+    from flux.fakes import tiny
+
+    src = file_uri(images.save(images.gradient(480, 320), tmp_path, "in.png"))
+    mask = file_uri(images.save(images.box_mask(480, 320, (96, 64, 288, 224)), tmp_path, "mask.png"))
+    lora = loras.lora_uri(loras.make_update(tiny.build_pipeline(variants.get("kontext-dev")).transformer, "ATTENTION",
+                                            seed=8, strength=0.5))
+    base = {**SMALL, "output_format": "png", "disable_safety_checker": True}
+    cases = {"text": {}, "image": {"image": src}, "mask": {"image": src, "mask": mask},
+             "lora": {"image": src, "replicate_weights": lora},
+             "true cfg": {"image": src, "negative_prompt": "blurry", "true_cfg_scale": 2.5},
+             "4 outputs": {"image": src, "num_outputs": 4}, "go_fast": {"image": src, "go_fast": True},
+             **{m.name: {"image": src, "speed_mode": m.name, "num_inference_steps": 8}
+                for m in speed.SPEED_MODES if m.name != speed.OFF}}
+    seen = set()
+    for name, inputs in cases.items():
+        kontext = succeeded(server, {**base, **inputs, "model": "kontext-dev"})
+        dev = succeeded(server, {**base, **inputs})
+        assert kontext["output"] != dev["output"], name
+        assert kontext["metrics"]["path"].startswith("kontext-dev"), name
+        assert len(kontext["output"]) == inputs.get("num_outputs", 1), name
+        seen.update(kontext["output"])
+    assert len(seen) == len(cases) + 3  # every request its own images
+    edit = succeeded(server, {**base, "image": src, "model": "kontext-dev"})
+    assert decode_image(edit["output"][0]).size == (624, 416) and "Kontext resolution nearest" in edit["logs"]
+
+
+def test_fill_dev_over_http_keeps_every_unmasked_pixel(server, tmp_path):
+    import numpy as np
+
+    from flux.fakes import tiny
+
+    source = images.gradient(480, 320)
+    box = images.box_mask(480, 320, (96, 64, 288, 224))
+    keep = np.asarray(box) == 0
+    src, mask = (file_uri(images.save(img, tmp_path, name)) for img, name in ((source, "in.png"), (box, "m.png")))
+    lora = loras.lora_uri(loras.make_update(tiny.build_pipeline(variants.get("fill-dev")).transformer, "ALL", seed=8,
+                                            strength=0.5))
+    base = {**SMALL, "output_format": "png", "model": "fill-dev", "image": src, "mask": mask}
+    outputs = [succeeded(server, {**base, **more}) for more in ({}, {"go_fast": True}, {"replicate_weights": lora})]
+    for body in outputs:
+        pixels = np.asarray(decode_image(body["output"][0]).convert("RGB"))
+        assert np.array_equal(pixels[keep], np.asarray(source)[keep])
+    assert len({b["output"][0] for b in outputs}) == 3
+    assert "guidance_scale 30: fill-dev's default" in outputs[0]["logs"]
+    status, body = server.predict({**SMALL, "model": "fill-dev", "image": src})
+    assert body["status"] == "failed" and "Give an image and a mask" in body["error"]

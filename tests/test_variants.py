@@ -20,13 +20,14 @@ def image(predict, **inputs) -> bytes:
 
 
 def test_the_table_is_the_one_place_a_variant_is_described():
-    assert [v.name for v in variants.VARIANTS.values()] == ["dev", "schnell", "krea-dev"]
-    assert variants.BASE.name == "dev" and variants.ON_FIRST_USE == (variants.get("schnell"), variants.get("krea-dev"))
+    assert [v.name for v in variants.VARIANTS.values()] == ["dev", "schnell", "krea-dev", "kontext-dev", "fill-dev"]
+    assert variants.BASE.name == "dev" and variants.ON_FIRST_USE == tuple(variants.VARIANTS.values())[1:]
     assert SPEC["model"].choices == variants.NAMES and SPEC["model"].default == variants.BASE.name
     rows = variants.VARIANTS.values()
     assert len({v.setting for v in rows}) == len({v.tiny_seed for v in rows}) == len(rows)  # each its own
     for v in rows:
-        assert set(v.pipelines) == set(variants.TASKS) and all(hasattr(diffusers, c) for c in v.pipelines.values())
+        assert set(v.pipelines) <= set(variants.TASKS) and all(hasattr(diffusers, c) for c in v.pipelines.values())
+        assert set(v.pipelines) == set(variants.TASKS) or v.name == "fill-dev"  # fill-dev: inpainting only
         assert weights.PATTERNS[v.name] == list(v.files) and weights.LAYOUT[v.name] == list(v.layout)
     assert memory.COMPONENTS[:6] == ("dev", "dev-fp8", "schnell", "schnell-fp8", "krea-dev", "krea-dev-fp8")
 

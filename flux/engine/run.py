@@ -46,12 +46,19 @@ class NonFiniteOutput(UserError):
 
 def pipeline_inputs(req: Request) -> dict:
     """The diffusers pipeline's inputs for a request, beside the prompt embeddings and the generators."""
+    reads = req.reads
     kwargs = dict(width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
                   guidance_scale=req.guidance_scale, output_type="pil")
     if req.image is not None:
-        kwargs.update(image=req.image, strength=req.prompt_strength)
+        kwargs.update(image=req.image)
+        if reads.strength:
+            kwargs.update(strength=req.prompt_strength)
     if req.mask is not None:
         kwargs.update(mask_image=req.mask)
+    if reads.max_area:  # Kontext rescales the output to this area: the output's own keeps its size
+        kwargs.update(max_area=req.width * req.height)
+    if reads.keep_size and req.image is not None:  # the image at the output size, for the exact overlay
+        kwargs.update(_auto_resize=False)  # diffusers' name for it (a call argument, not an attribute)
     if req.true_cfg:  # otherwise the call is exactly the one without these inputs
         kwargs.update(true_cfg_scale=req.true_cfg_scale)
     return kwargs
@@ -183,12 +190,13 @@ class Runner:
     def working_bytes(self, req: Request) -> int:
         """The GPU memory a request needs beside its transformer: activations and the VAE decode, plus what its
         speed mode's step cache holds."""
-        working = memory.activation_bytes(req.width, req.height, req.num_outputs)
+        height = -(-req.pixels // req.width)  # the image's tokens beside the output's (Kontext), as more rows
+        working = memory.activation_bytes(req.width, height, req.num_outputs)
         if req.mode.caches:
             copy = self.transformers.copies.get(req.transformer)
             config = (copy.transformer if copy is not None else self.base.transformer).config
             working += passes_per_step(req) * req.mode.step_cache.holds_bytes(  # each pass of a step cached apart
-                config, req.width, req.height, req.num_outputs, variants.get(req.model).max_sequence_length,
+                config, req.width, height, req.num_outputs, variants.get(req.model).max_sequence_length,
                 torch.finfo(self.dtype).bits // 8)
         return working
 

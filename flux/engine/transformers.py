@@ -337,11 +337,18 @@ def with_transformer(pipe, transformer, **changes):
 
 
 def task_pipelines(pipe, variant: Variant) -> dict[str, object]:
-    """The variant's pipeline of each task, on the same module objects (from_pipe would .to() them)."""
+    """The variant's pipeline of each task, on the same module objects (from_pipe would .to() them), given the
+    components its class takes (FluxFillPipeline takes no image encoder)."""
+    import inspect
+
     import diffusers
 
-    pipes = {task: pipe if type(pipe).__name__ == name else getattr(diffusers, name)(**pipe.components)
-             for task, name in variant.pipelines.items()}
+    def build(name: str):
+        cls = getattr(diffusers, name)
+        takes = inspect.signature(cls.__init__).parameters
+        return cls(**{k: module for k, module in pipe.components.items() if k in takes})
+
+    pipes = {task: pipe if type(pipe).__name__ == name else build(name) for task, name in variant.pipelines.items()}
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
     return pipes

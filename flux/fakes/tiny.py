@@ -95,13 +95,14 @@ def _scheduler(variant: Variant):
 
 def _transformer(variant: Variant, latent_channels: int):
     """The variant's tiny twin: one architecture for every variant, its own seed, a guidance embedder where the
-    variant is guidance-distilled."""
+    variant is guidance-distilled, the masked image's and the mask's input channels where it fills."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(variant.tiny_seed)
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=latent_channels * 4,
+        in_channels=variant.in_channels(latent_channels * 4),
+        out_channels=latent_channels * 4,
         num_layers=1,
         num_single_layers=2,
         attention_head_dim=16,

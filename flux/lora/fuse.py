@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Modules a guidance-distilled variant has and the others lack (flux/variants.py: guidance): a LoRA's weights for
 # them are skipped on a variant without them.
 OPTIONAL_MODULES = ("time_text_embed.guidance_embedder.",)
+WIDER_INPUTS = ("x_embedder",)  # modules whose input is wider on some variants (flux/variants.py: fill_channels)
 # The largest entry a fused change may reach, as a share of the weight dtype's largest number: far beyond any
 # trained LoRA, and far enough inside the dtype that W + ΔW stays finite.
 HEADROOM = 2.0**-8
@@ -243,8 +244,18 @@ def _fuse(plan: _Plan) -> None:
                 else:
                     part = delta.weight(weight.device)
                 part = part * scale if scale != 1 else part
+                if part.shape[1] < weight.shape[1]:  # a wider input (`_widens`): its first columns change
+                    part = torch.nn.functional.pad(part, (0, weight.shape[1] - part.shape[1]))
                 change = part if change is None else change + part
             weight.copy_((weight.float() + change).to(weight.dtype))
+
+
+def _widens(name: str, delta, layer: torch.nn.Linear) -> bool:
+    """A LoRA made for dev's input embedder on a variant whose transformer reads more input channels (FLUX.1-Fill:
+    the masked image's latents and the mask after the noise's): it changes the noise's columns, the first ones, and
+    leaves the others (as diffusers pads lora_A with zeros for such a module, `_maybe_expand_lora_state_dict`)."""
+    out, inner = delta.shape
+    return name in WIDER_INPUTS and out == layer.out_features and inner < layer.in_features
 
 
 def _plan(target: _Target, adapters: Sequence[Adapter]) -> _Plan:
@@ -263,7 +274,7 @@ def _plan(target: _Target, adapters: Sequence[Adapter]) -> _Plan:
             if not isinstance(layer, torch.nn.Linear):
                 missing.append(name)
                 continue
-            if delta.shape != (layer.out_features, layer.in_features):
+            if delta.shape != (layer.out_features, layer.in_features) and not _widens(name, delta, layer):
                 (out, inner), kind = delta.shape, KIND_NAMES[delta.kind]
                 wrong.append(f"{name} is {layer.in_features}->{layer.out_features} here, the {kind}'s "
                              f"({delta.source}) is {inner}->{out}")
