@@ -72,6 +72,9 @@ ON_FIRST_USE = tuple(n for v in variants.ON_FIRST_USE for n in (v.name, v.fp8)) 
 SHARED = ("text_encoder", "vae", "safety")  # small, used by every request: always resident
 T5 = "text_encoder_2"
 # The largest request: 4 outputs at 1440x1440 (custom size), a speed mode that caches, true CFG (two passes cached).
+# Kontext reads its image's tokens beside the output's, up to twice the pixels: the plan does not keep room for that
+# rare request (it would leave the other variants off an H200); its room is made when it comes (the engine's
+# `working_bytes` counts its pixels), moving transformers out, or it runs one output at a time.
 LARGEST = dict(width=1440, height=1440, outputs=4, passes=2, text_tokens=512)
 
 
