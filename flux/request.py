@@ -181,10 +181,6 @@ class _Request:
                 "denoising step for the image: raise prompt_strength or num_inference_steps so that their product is "
                 "at least 1."
             )
-        if not reads.true_cfg and v["negative_prompt"] and v["true_cfg_scale"] > 1:
-            notes.append(f"{variant.title} has no true classifier-free guidance (diffusers' {variant.pipelines[task]} "
-                         "reads no negative prompt): negative_prompt and true_cfg_scale ignored")
-            v["negative_prompt"], v["true_cfg_scale"] = None, SPEC["true_cfg_scale"].default
         v["negative_prompt"] = _negative_prompt(v["negative_prompt"], v["true_cfg_scale"], notes)
 
         v.update(

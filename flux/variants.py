@@ -35,7 +35,7 @@ class Reads:
     resizes it to a Kontext training resolution itself) and the output size is chosen apart (flux/sizes.py)."""
 
     strength: bool = False  # reads prompt_strength (how much of the image is re-generated)
-    true_cfg: bool = True  # has true classifier-free guidance (negative_prompt, true_cfg_scale)
+    true_cfg: bool = True  # has true classifier-free guidance of its own; False: the engine's (flux/engine/guidance.py)
     size: str = "image"
     max_area: bool = False  # rescales the output to `max_area` pixels (Kontext's): given the output's own area
     keep_size: bool = False  # resizes the image to a Kontext resolution unless told not to (`_auto_resize`): told

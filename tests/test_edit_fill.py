@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux import memory, sizes, variants
+import torch
+
+from flux import memory, sizes, speed, variants
+from flux.engine import guidance
+from flux.engine.run import pipeline_inputs
 from flux.errors import UserError
+from flux.prediction import Trace
 from flux.fakes import fullsize
 from flux.request import SPEC, Request
 from tests.helpers import images, loras
@@ -59,10 +64,38 @@ def test_a_kontext_edit_keeps_the_images_aspect_at_a_kontext_resolution_unless_t
     assert (inpaint.width, inpaint.height, inpaint.prompt_strength) == (480, 320, 1.0)  # for the exact overlay
 
 
-def test_fill_dev_reads_no_negative_prompt_and_says_so(pictures):
+@pytest.mark.parametrize("mode", [speed.OFF, "Juiced 🔥 (default)"])
+def test_the_engines_true_cfg_is_diffusers_own_bit_for_bit(engine, pictures, mode):
+    """FluxFillPipeline has no true CFG: the engine's hook (flux/engine/guidance.py) gives it. On a pipeline that has
+    its own (dev's inpainting), the hook's output is diffusers' exactly, with and without a step cache."""
     source, mask = pictures
-    req = Request.build(prompt="x", model="fill-dev", image=source, mask=mask, negative_prompt="blur", true_cfg_scale=3)
-    assert not req.true_cfg and any("no true classifier-free guidance" in n for n in req.notes)
+    req = Request.build(prompt="a prune", negative_prompt="blurry", true_cfg_scale=3, image=source, mask=mask,
+                        num_inference_steps=6, seed=5, speed_mode=mode)
+    copy = engine.copy("dev")
+
+    def generate(ours: bool):
+        embeds = engine.runner.encode_prompt(req, 1, Trace())
+        kwargs = {**pipeline_inputs(req), "output_type": "latent", "generator": torch.Generator().manual_seed(5)}
+        around = None
+        if ours:
+            kwargs.pop("true_cfg_scale")
+            around = guidance.true_cfg(req.true_cfg_scale, guidance.negative_embeds(embeds))
+        output, cached = copy.run("inpaint", req.mode, 2, around, **embeds, **kwargs)
+        return output.images, cached
+
+    native, native_cached = generate(False)
+    attributes = dict(vars(copy.transformer))  # diffusers' own call has made its hook registry (its cache_context)
+    ours, ours_cached = generate(True)
+    assert torch.equal(native, ours) and native_cached == ours_cached and (native_cached > 0) == (mode != speed.OFF)
+    assert vars(copy.transformer) == attributes and not copy.transformer._diffusers_hook.hooks  # the hook is gone
+
+
+def test_fill_dev_takes_a_negative_prompt_with_two_passes_a_step(predict, engine, pictures):
+    source, mask = pictures
+    plain = run(predict, model="fill-dev", image=source, mask=mask)
+    guided = run(predict, model="fill-dev", image=source, mask=mask, negative_prompt="blur", true_cfg_scale=3)
+    assert np.asarray(plain).tobytes() != np.asarray(guided).tobytes()
+    assert run(predict, model="fill-dev", image=source, mask=mask) == plain  # nothing stays hooked
 
 
 def test_the_memory_plan_sizes_fill_devs_wider_input():

@@ -273,11 +273,13 @@ def test_fill_dev_over_http_keeps_every_unmasked_pixel(server, tmp_path):
     lora = loras.lora_uri(loras.make_update(tiny.build_pipeline(variants.get("fill-dev")).transformer, "ALL", seed=8,
                                             strength=0.5))
     base = {**SMALL, "output_format": "png", "model": "fill-dev", "image": src, "mask": mask}
-    outputs = [succeeded(server, {**base, **more}) for more in ({}, {"go_fast": True}, {"replicate_weights": lora})]
+    outputs = [succeeded(server, {**base, **more}) for more in ({}, {"go_fast": True}, {"replicate_weights": lora},
+                                                                {"negative_prompt": "blurry", "true_cfg_scale": 2.5})]
     for body in outputs:
         pixels = np.asarray(decode_image(body["output"][0]).convert("RGB"))
         assert np.array_equal(pixels[keep], np.asarray(source)[keep])
-    assert len({b["output"][0] for b in outputs}) == 3
+    assert len({b["output"][0] for b in outputs}) == 4
+    assert [b["metrics"]["transformer_passes"] for b in outputs] == [3, 3, 3, 6]  # true CFG: two passes a step
     assert "guidance_scale 30: fill-dev's default" in outputs[0]["logs"]
     status, body = server.predict({**SMALL, "model": "fill-dev", "image": src})
     assert body["status"] == "failed" and "Give an image and a mask" in body["error"]

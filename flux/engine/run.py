@@ -32,6 +32,7 @@ from ..prediction import Generated, Trace
 from ..request import Request
 from ..safety import NsfwClassifier, SafetyChecker
 from ..residency import Move
+from . import guidance
 from .transformers import Transformers
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def pipeline_inputs(req: Request) -> dict:
         kwargs.update(max_area=req.width * req.height)
     if reads.keep_size and req.image is not None:  # the image at the output size, for the exact overlay
         kwargs.update(_auto_resize=False)  # diffusers' name for it (a call argument, not an attribute)
-    if req.true_cfg:  # otherwise the call is exactly the one without these inputs
+    if req.true_cfg and reads.true_cfg:  # otherwise the call is exactly the one without these inputs
         kwargs.update(true_cfg_scale=req.true_cfg_scale)
     return kwargs
 
@@ -163,8 +164,11 @@ class Runner:
             with torch.inference_mode():
                 with trace.timed("text_encode"):
                     embeds = self.encode_prompt(req, len(batch_seeds), trace)
+                around = None
+                if req.true_cfg and not req.reads.true_cfg:  # a pipeline without true CFG of its own gets ours
+                    around = guidance.true_cfg(req.true_cfg_scale, guidance.negative_embeds(embeds))
                 denoising = time.monotonic()
-                output, cached = copy.run(req.task, req.mode, passes_per_step(req), generator=generators,
+                output, cached = copy.run(req.task, req.mode, passes_per_step(req), around, generator=generators,
                                           callback_on_step_end=hook, callback_on_step_end_tensor_inputs=["latents"],
                                           **embeds, **kwargs)
             ended = time.monotonic()

@@ -55,15 +55,16 @@ class Copy:
         """The plain diffusers pipeline of a task (every task's shares this copy's transformer)."""
         return self.models[task].model
 
-    def run(self, task: str, mode: speed.Mode, passes_per_step: int = 1, **kwargs) -> tuple[object, int]:
+    def run(self, task: str, mode: speed.Mode, passes_per_step: int = 1, around=None, **kwargs) -> tuple[object, int]:
         """The pipeline's output, and how many denoising steps the mode's step cache served (0 with mode Off).
-        passes_per_step: transformer calls per denoising step (2 with true classifier-free guidance), cached apart."""
+        passes_per_step: transformer calls per denoising step (2 with true classifier-free guidance), cached apart;
+        around: (transformer, call) -> the call's output, run inside the step cache (flux/engine/guidance.py)."""
         try:
-            return self._run(task, mode, passes_per_step, **kwargs)
+            return self._run(task, mode, passes_per_step, around, **kwargs)
         except Exception as exc:
             if not self.fall_back(exc):
                 raise
-            return self._run(task, mode, passes_per_step, **kwargs)
+            return self._run(task, mode, passes_per_step, around, **kwargs)
 
     def fall_back(self, exc: BaseException) -> bool:
         """After a compile error: make the failing compiled region eager again, loudly. False: not a compile error."""
@@ -79,11 +80,12 @@ class Copy:
                   "results.\n" + "=" * 78, self.name, region or "compiled regions", type(cause).__name__, detail)
         return True
 
-    def _run(self, task: str, mode: speed.Mode, passes_per_step: int, **kwargs):
+    def _run(self, task: str, mode: speed.Mode, passes_per_step: int, around, **kwargs):
         model = self.models[task]
+        call = (lambda: model(**kwargs)) if around is None else (lambda: around(self.transformer, lambda: model(**kwargs)))
         if not mode.caches:
-            return model(**kwargs), 0
-        return self.caches[mode.cache].run(lambda: model(**kwargs), model.model, mode.params, passes_per_step)
+            return call(), 0
+        return self.caches[mode.cache].run(call, model.model, mode.params, passes_per_step)
 
 
 class Transformers:
