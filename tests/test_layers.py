@@ -19,7 +19,7 @@ LAYERS = (
     ("services", ("flux.settings", "flux.netguard", "flux.cache", "flux.sizes", "flux.images", "flux.progress",
                   "flux.gpu", "flux.budget", "flux.response")),
     ("mechanisms", ("flux.download", "flux.tarstream", "flux.memory", "flux.speed", "flux.compiler", "flux.safety",
-                    "flux.fakes", "flux.residency")),
+                    "flux.fakes", "flux.residency", "flux.hostmemory")),
     ("sources", ("flux.weights", "flux.survey", "flux.lora", "lora_loader", "flux.compile_cache")),
     ("request", ("flux.request", "flux.prediction")),
     ("engine", ("flux.engine",)),
@@ -72,3 +72,25 @@ def test_no_module_of_the_product_is_over_400_lines_and_no_script_over_500():
     big += [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted((ROOT / "script").rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts and (n := len(p.read_text().splitlines())) > 500]
     assert not big, big
+
+
+def _bound_methods_passed(path) -> list[str]:
+    """Each call in a module that hands on a bound method of the class it is in (`f(self.method)`, `f(x=self.method)`):
+    a callback into that object for whoever receives it."""
+    found = []
+    for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+        methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+            for arg in [*call.args, *(k.value for k in call.keywords)]:
+                if (isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) and arg.value.id == "self"
+                        and arg.attr in methods):
+                    found.append(f"{path.name}:{call.lineno} {cls.name}.{arg.attr} handed to {ast.unparse(call.func)}")
+    return found
+
+
+def test_the_engine_hands_no_bound_method_of_its_own_down():
+    """A callback from a lower layer into the engine is an upward import in disguise (DESIGN.md): the memory layer
+    is asked (flux/hostmemory.py), and the engine does what it answers."""
+    found = [f for path in sorted((ROOT / "flux" / "engine").glob("*.py")) for f in _bound_methods_passed(path)]
+    assert not found, found
+

@@ -167,7 +167,7 @@ class Engine:
         shapes = shapes or warm_sizes()
         base = variants.BASE
         for name in (n for n in (base.name, base.fp8) if n in self.transformers.copies):
-            self.residency.use(name)
+            self.transformers.use(name)
             copy = self.transformers.copies[name]
             with compiler.CompileTimes() as times, self.stages(f"warm-up {name}", f"{len(shapes)} sizes"):
                 warm(copy, base.max_sequence_length, shapes, self.budget)

@@ -113,7 +113,7 @@ class Runner:
             self.check_prompt(req)
             # 3. Its transformer on the GPU, with the room it needs beside it.
             copy = self.transformers.get(req.transformer)
-            self.transformers.residency.use(req.transformer, self.working_bytes(req))
+            self.transformers.use(req.transformer, self.working_bytes(req))
             # 4. Its LoRAs fused (the same again costs nothing).
             with trace.timed("lora"):
                 fetched = self.use_loras(req)
