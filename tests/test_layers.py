@@ -94,3 +94,14 @@ def test_the_engine_hands_no_bound_method_of_its_own_down():
     found = [f for path in sorted((ROOT / "flux" / "engine").glob("*.py")) for f in _bound_methods_passed(path)]
     assert not found, found
 
+
+def test_only_the_runner_routes_a_request():
+    """Routing (the fp8 copy where the plan keeps the bf16 one off the GPU) happens in the runner's two entry points,
+    a run's stage 1 and the benchmark's LoRA switch, and nowhere else in the product."""
+    calls = []
+    for path in sorted((ROOT / "flux").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            calls += [f"{path.relative_to(ROOT)}:{fn.name}" for n in ast.walk(fn)
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "route"]
+    assert sorted(calls) == ["flux/engine/run.py:prepare_loras", "flux/engine/run.py:run"], calls

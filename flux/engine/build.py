@@ -94,7 +94,7 @@ class Engine:
 
     def use_loras(self, req):
         """Make the LoRA state match a request without running it (the benchmark's LoRA switch)."""
-        return self.runner.use_loras(self.transformers.route(req))
+        return self.runner.prepare_loras(req)
 
     def copy(self, name: str) -> Copy:
         """A transformer copy by name ("dev", "dev-fp8", ...), built if its variant loads on first use."""
