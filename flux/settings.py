@@ -114,9 +114,7 @@ class _Settings:
     @classmethod
     def from_env(cls, device: torch.device, weights_dir: Path, env: dict | None = None) -> "Settings":
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for switch in switches.SETTINGS:  # in order: a default or a requirement may follow a switch read before it
-            values[switch.name] = switch.value((env.get(switch.env) or "").strip(), device, values)
+        values = switches.read(env, device)  # in order, the conflicts settled
         compiling = values["compile"] is not None
         return cls(
             **values,
