@@ -45,8 +45,7 @@ class Residency:
     counted the same way. Every move is appended to `moves`, or to a prediction's own list while it runs
     (`recording`)."""
 
-    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=(),
-                 dropper: Callable[[str], bool] | None = None):
+    def __init__(self, device: torch.device, budget: int | None, mover: Callable = _move, pinned=()):
         self.device = device
         self.offload_device = torch.device("cpu")
         self.budget = budget  # bytes for transformers and requests; None: no limit (a CPU)
@@ -56,14 +55,12 @@ class Residency:
         self.mover = mover  # (module, device): moves a transformer (flux/speed/projections.py re-ties fused projections)
         self.moves: list[Move] = []  # outside a prediction: the last MOVES_KEPT (record)
         self._recording = False  # a prediction's trace receives the moves (recording)
-        self.dropper = dropper  # (name) -> True where a transformer being moved out was dropped instead
 
     @classmethod
-    def for_plan(cls, device: torch.device, plan_: Plan | None, mover: Callable = _move,
-                 dropper: Callable[[str], bool] | None = None) -> "Residency":
+    def for_plan(cls, device: torch.device, plan_: Plan | None, mover: Callable = _move) -> "Residency":
         if plan_ is None:
             return cls(device, None, mover)
-        return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident, dropper=dropper)
+        return cls(device, plan_.budget - plan_.shared_gpu, mover, pinned=plan_.resident)
 
     @contextmanager
     def recording(self, into: list[Move]):
@@ -114,11 +111,16 @@ class Residency:
         """Move transformers out until `nbytes` more fit (before a new one is built on the GPU)."""
         self._evict(self.evictions(None, nbytes))
 
-    def use(self, name: str, working: int = BASE_RESERVE_BYTES) -> None:
-        """Make `name` resident and most recently used, with `working` bytes free beside it."""
+    def check_fits(self, name: str) -> None:
+        """Refuse a transformer bigger than the whole budget, before anything moves."""
         if self.budget is not None and self.size(name) > self.budget:
             raise UserError(f"The {name} transformer ({gb(self.size(name)):.1f} GB) does not fit in this GPU "
                             f"beside the text encoders ({gb(self.budget):.1f} GB left): use model=dev.")
+
+    def use(self, name: str, working: int = BASE_RESERVE_BYTES) -> None:
+        """Make `name` resident and most recently used, with `working` bytes free beside it (what must go moved out
+        first; a caller that drops some instead asks `evictions` and moves the rest out itself: `move_out`)."""
+        self.check_fits(name)
         self._evict(self.evictions(name, working))
         if name not in self.resident:
             self._move(name, gpu=True)
@@ -127,10 +129,11 @@ class Residency:
 
     def _evict(self, names: list[str]) -> None:
         for name in names:
-            if name not in self.resident:
-                continue  # dropped with another of its variant's transformers
-            if self.dropper is not None and self.dropper(name):
-                continue  # dropped instead of moved (forgotten here)
+            self.move_out(name)
+
+    def move_out(self, name: str) -> None:
+        """A resident transformer moved to CPU memory (nothing for one no longer resident: dropped meanwhile)."""
+        if name in self.resident:
             self.resident.pop(name)
             self._move(name, gpu=False)
 

@@ -20,7 +20,7 @@ has a field for each, made from those entries. Beside them:
   FLUX_HOST_MEMORY_GB        the CPU memory (RAM) this container may fill with weights, in GB of 2**30 bytes: what the
                              plan keeps off the GPU, and the variants loaded on first use, dropped least recently used
                              first (and read again from disk when asked for) where they would not fit beside it
-                             (flux/engine/transformers.py). Default: the machine's RAM less 8 GB for everything else.
+                             (flux/hostmemory.py). Default: the machine's RAM less 8 GB for everything else.
 
 The LoRA loader's settings (`LoraSettings`, flux/lora/sources.py) are read here too, once, when the engine is built:
 
@@ -114,9 +114,7 @@ class _Settings:
     @classmethod
     def from_env(cls, device: torch.device, weights_dir: Path, env: dict | None = None) -> "Settings":
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for switch in switches.SETTINGS:  # in order: a default or a requirement may follow a switch read before it
-            values[switch.name] = switch.value((env.get(switch.env) or "").strip(), device, values)
+        values = switches.read(env, device)  # in order, the conflicts settled
         compiling = values["compile"] is not None
         return cls(
             **values,

@@ -19,7 +19,7 @@ LAYERS = (
     ("services", ("flux.settings", "flux.netguard", "flux.cache", "flux.sizes", "flux.images", "flux.progress",
                   "flux.gpu", "flux.budget", "flux.response")),
     ("mechanisms", ("flux.download", "flux.tarstream", "flux.memory", "flux.speed", "flux.compiler", "flux.safety",
-                    "flux.fakes", "flux.residency")),
+                    "flux.fakes", "flux.residency", "flux.hostmemory")),
     ("sources", ("flux.weights", "flux.survey", "flux.lora", "lora_loader", "flux.compile_cache")),
     ("request", ("flux.request", "flux.prediction")),
     ("engine", ("flux.engine",)),
@@ -72,3 +72,36 @@ def test_no_module_of_the_product_is_over_400_lines_and_no_script_over_500():
     big += [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted((ROOT / "script").rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts and (n := len(p.read_text().splitlines())) > 500]
     assert not big, big
+
+
+def _bound_methods_passed(path) -> list[str]:
+    """Each call in a module that hands on a bound method of the class it is in (`f(self.method)`, `f(x=self.method)`):
+    a callback into that object for whoever receives it."""
+    found = []
+    for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+        methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+            for arg in [*call.args, *(k.value for k in call.keywords)]:
+                if (isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) and arg.value.id == "self"
+                        and arg.attr in methods):
+                    found.append(f"{path.name}:{call.lineno} {cls.name}.{arg.attr} handed to {ast.unparse(call.func)}")
+    return found
+
+
+def test_the_engine_hands_no_bound_method_of_its_own_down():
+    """A callback from a lower layer into the engine is an upward import in disguise (DESIGN.md): the memory layer
+    is asked (flux/hostmemory.py), and the engine does what it answers."""
+    found = [f for path in sorted((ROOT / "flux" / "engine").glob("*.py")) for f in _bound_methods_passed(path)]
+    assert not found, found
+
+
+def test_only_the_runner_routes_a_request():
+    """Routing (the fp8 copy where the plan keeps the bf16 one off the GPU) happens in the runner's two entry points,
+    a run's stage 1 and the benchmark's LoRA switch, and nowhere else in the product."""
+    calls = []
+    for path in sorted((ROOT / "flux").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            calls += [f"{path.relative_to(ROOT)}:{fn.name}" for n in ast.walk(fn)
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "route"]
+    assert sorted(calls) == ["flux/engine/run.py:prepare_loras", "flux/engine/run.py:run"], calls

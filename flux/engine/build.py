@@ -94,7 +94,7 @@ class Engine:
 
     def use_loras(self, req):
         """Make the LoRA state match a request without running it (the benchmark's LoRA switch)."""
-        return self.runner.use_loras(self.transformers.route(req))
+        return self.runner.prepare_loras(req)
 
     def copy(self, name: str) -> Copy:
         """A transformer copy by name ("dev", "dev-fp8", ...), built if its variant loads on first use."""
@@ -167,7 +167,7 @@ class Engine:
         shapes = shapes or warm_sizes()
         base = variants.BASE
         for name in (n for n in (base.name, base.fp8) if n in self.transformers.copies):
-            self.residency.use(name)
+            self.transformers.use(name)
             copy = self.transformers.copies[name]
             with compiler.CompileTimes() as times, self.stages(f"warm-up {name}", f"{len(shapes)} sizes"):
                 warm(copy, base.max_sequence_length, shapes, self.budget)

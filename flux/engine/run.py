@@ -121,7 +121,7 @@ class Runner:
             self.check_prompt(req)
             # 3. Its transformer on the GPU, with the room it needs beside it.
             copy = self.transformers.get(req.transformer)
-            self.transformers.residency.use(req.transformer, self.working_bytes(req))
+            self.transformers.use(req.transformer, self.working_bytes(req))
             # 4. Its LoRAs fused (the same again costs nothing).
             with trace.timed("lora"):
                 fetched = self.use_loras(req)
@@ -216,9 +216,14 @@ class Runner:
                     f"{name} is {tokens} tokens long; {variant.title} reads at most {limit}. Shorten the {name}."
                 )
 
+    def prepare_loras(self, req: Request) -> list[Fetched]:
+        """Stages 1 and 4 alone: the LoRA state made to match a request as this GPU runs it, without running it (the
+        benchmark's LoRA switch). Routing happens here and in `run`, nowhere else."""
+        return self.use_loras(self.transformers.route(req))
+
     def use_loras(self, req: Request) -> list[Fetched]:
-        """Fetch the request's LoRAs (cached) and fuse them into the modules it uses; the same again costs nothing.
-        Returns what was fetched, for the metrics."""
+        """Stage 4 of a routed request: fetch its LoRAs (cached) and fuse them into the modules it uses; the same
+        again costs nothing. Returns what was fetched, for the metrics."""
         tokens = self.loader.tokens(req.hf_api_token, req.civitai_api_token)
         targets = [req.model, TEXT_ENCODER]
         fetched: dict[str, tuple[Fetched, float]] = {}

@@ -8,10 +8,12 @@ Where the plan keeps a variant's bf16 transformer off the GPU, its requests run 
 fused into the bf16 weights (flux/lora); each fp8 copy is re-quantized from the bf16 layers a LoRA change touched
 (`sync_fp8`), in place, so compiled graphs stay valid.
 
-CPU memory: the variants loaded on first use share what the base leaves of the settings' `host_memory`. Before one
-is read from disk, and when one would be moved out of the GPU, the least recently used of the others (or that one)
-is dropped where it would not fit: its copies, its pipelines and its LoRA state are forgotten, and its next request
-reads it again (from the disk: its weights stay there) with the LoRAs that request asks for, as on its first.
+CPU memory: the variants loaded on first use share what the base leaves of the settings' `host_memory`, as
+flux/hostmemory.py accounts for it (`host`). Before one is read from disk, and before one of its transformers is
+moved out of the GPU (`use`, `make_room`), the engine asks it what must go: the least recently used of the others
+(or that one) where it would not fit. What goes is dropped here (`drop`): its copies, its pipelines and its LoRA
+state are forgotten, and its next request reads it again (from the disk: its weights stay there) with the LoRAs
+that request asks for, as on its first.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 
 import torch
 
 from .. import compiler, memory, speed, variants, weights
 from ..budget import SetupBudget
+from ..hostmemory import HostMemory
 from ..lora.formats import TRANSFORMER
 from ..lora.fuse import Fp8Twin, LoraManager
 from ..request import Request
@@ -105,9 +107,8 @@ class Transformers:
         self.vae_compiled = vae_compiled
         self.copies: dict[str, Copy] = {}
         self.prefetch: weights.Prefetch | None = None  # the background fetch of the variants loaded on first use
-        self.residency = Residency.for_plan(device, plan, mover=projections.move, dropper=self._drop_moved_out)
-        self.loaded: OrderedDict[str, None] = OrderedDict()  # variants loaded on first use, least recently used first
-        self.current = variants.BASE.name  # the variant of the copy asked for last: the running request's, never dropped
+        self.residency = Residency.for_plan(device, plan, mover=projections.move)
+        self.host = HostMemory.for_plan(plan, settings.host_memory, current=variants.BASE.name)  # loaded on first use
         self._lock = threading.Lock()
         self._pipes: dict[str, object] = {variants.BASE.name: base}  # each variant's bf16 pipeline, once loaded
         self.twins: dict[str, Fp8Twin] = {}  # each fp8 copy follows its variant's bf16 LoRA state: variant -> twin
@@ -133,9 +134,7 @@ class Transformers:
         """A copy by name, a variant loaded on first use built now (a failure caches nothing)."""
         with self._lock:
             variant, fp8 = variants.of_transformer(name)
-            self.current = variant.name
-            if variant.name in self.loaded:
-                self.loaded.move_to_end(variant.name)
+            self.host.asked(variant.name)  # the running one, never dropped; the most recently used
             if name not in self.copies:
                 if (variant.at_setup and name not in self.deferred) or not (fp8 or self.placed(variant.name)):
                     raise ValueError(f"{name} does not run on this GPU (memory plan): route the request")
@@ -167,7 +166,7 @@ class Transformers:
         self.loras.register(base.name, pipe.transformer, TRANSFORMER)  # a LoRA target from now on
         if self.placed(base.name):
             self.residency.add(base.name, pipe.transformer, resident=False)
-            self.residency.use(base.name)
+            self.use(base.name)
         else:  # in CPU memory, where the plan keeps it (a pipeline given on the GPU is moved there)
             projections.move(pipe.transformer, torch.device("cpu"))
         if self.placed(base.name) and not budget.allows(f"{base.fp8}, the fp8 copy",
@@ -185,7 +184,7 @@ class Transformers:
         source = bf16 if source is None else source
         residency = self.residency
         on_gpu = variant.name in residency.resident and residency.modules.get(variant.name) is source
-        residency.make_room(memory.fp8_bytes(source) + memory.block_bytes(source))
+        self.make_room(memory.fp8_bytes(source) + memory.block_bytes(source))
         started = time.monotonic()
         with self.stages("fp8 quantize", f"{variant.name}, {speed.describe('fp8', self.settings)}"):
             (fp8, sync), = speed.optimize("fp8", source, self.settings, device=self.device, bf16=bf16)
@@ -202,7 +201,7 @@ class Transformers:
         fp8 = name == variant.fp8
         if self.residency.modules.get(name) is not pipe.transformer:
             self.residency.add(name, pipe.transformer, resident=on_gpu)
-        self.residency.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
+        self.use(name)  # on the GPU before pruna smashes it (least recently used transformers out if needed)
         smashed, caches = step_cache.smash(pipe, self.device)
         copy = Copy(name, smashed, caches, task_pipelines(pipe, variant))
         copy.compiled += speed.optimize("copy", pipe.transformer, self.settings, fp8=fp8)  # beneath the step caches
@@ -223,41 +222,46 @@ class Transformers:
             found[v.fp8] = self.copies[v.fp8].transformer
         return found
 
-    def _held(self) -> int:
-        """What the variants loaded on first use hold in CPU memory now."""
-        return sum(memory.module_bytes(m) for v in self.loaded for n, m in self._modules(v).items()
-                   if n not in self.residency.resident)
+    @property
+    def loaded(self):
+        """The variants loaded on first use, least recently used first (`host`'s accounts)."""
+        return self.host.loaded
 
-    def _room(self) -> int | None:
-        """The CPU memory the variants loaded on first use share; None: no limit (no GPU: nothing moves)."""
-        if self.plan is None or self.settings.host_memory is None:
-            return None
-        return self.settings.host_memory - self.plan.host_floor
+    def _held(self) -> dict[str, int]:
+        """What each variant loaded on first use holds in CPU memory now."""
+        return {v: sum(memory.module_bytes(m) for n, m in self._modules(v).items() if n not in self.residency.resident)
+                for v in self.host.loaded}
 
     def _host_room(self, nbytes: int, keep: str) -> None:
         """Drop the least recently used variants loaded on first use (never `keep`) until `nbytes` more fit in CPU
         memory beside what they hold there."""
-        room = self._room()
-        for other in [v for v in self.loaded if v not in (keep, self.current)]:
-            if room is None or self._held() + nbytes <= room:
-                return
-            self.drop(other, f"{memory.gb(nbytes):.2f} GB more would not fit in the {memory.gb(room):.1f} GB of "
-                             "CPU memory the variants share")
+        for variant, why in self.host.to_drop(nbytes, self._held(), keep):
+            self.drop(variant, why)
+
+    def use(self, name: str, working: int = memory.BASE_RESERVE_BYTES) -> None:
+        """Make a transformer resident with `working` bytes free beside it (`Residency.use`), each transformer that
+        must leave the GPU for it moved out, or dropped with its variant where CPU memory cannot hold it."""
+        self.residency.check_fits(name)
+        self._move_out(self.residency.evictions(name, working))
+        self.residency.use(name, working)
+
+    def make_room(self, nbytes: int) -> None:
+        """`nbytes` more free on the GPU (before a copy is built there), as `use` makes it."""
+        self._move_out(self.residency.evictions(None, nbytes))
+
+    def _move_out(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.residency.resident and not self._drop_moved_out(name):
+                self.residency.move_out(name)
 
     def _drop_moved_out(self, name: str) -> bool:
-        """The residency's question before it moves `name` to CPU memory: dropped instead where, after the least
-        recently used others, it still would not fit there."""
+        """Before `name` is moved to CPU memory: the least recently used others dropped where it would not fit, and
+        its variant dropped instead (True) where it still would not."""
         variant, _ = variants.of_transformer(name)
-        room = self._room()
-        if variant.name not in self.loaded or variant.name == self.current or room is None:
-            return False
-        nbytes = self.residency.size(name)
-        self._host_room(nbytes, keep=variant.name)
-        if self._held() + nbytes <= room:
-            return False
-        self.drop(variant.name, f"moved out of the GPU, {name} would not fit in the {memory.gb(room):.1f} GB of CPU "
-                                "memory the variants share")
-        return True
+        drops = self.host.to_drop_moving_out(name, variant.name, self.residency.size(name), self._held())
+        for other, why in drops:
+            self.drop(other, why)
+        return variant.name in {v for v, _ in drops}
 
     def drop(self, variant: str, why: str) -> None:
         """Forget a variant loaded on first use: its copies, pipelines, fp8 twin and LoRA state; its weights stay on
@@ -271,7 +275,7 @@ class Transformers:
         self.twins.pop(variant, None)
         self._pipes.pop(variant, None)
         self.loras.unregister(variant)
-        self.loaded.pop(variant, None)
+        self.host.forget(variant)
         memory.free()  # the modules go now, not at the next collection
         log.info("memory: %s dropped (%.2f GB): %s; its next request reads it again from the disk", variant,
                  memory.gb(held), why)
@@ -313,7 +317,7 @@ class Transformers:
         if variant.name not in self._pipes:
             self._pipes[variant.name] = self._load(variant)
         if not variant.at_setup:  # the base (its fp8 copy setup deferred) is never dropped
-            self.loaded[variant.name] = None  # get() moved a known one to the end; a new one is added there
+            self.host.add(variant.name)  # the most recently used
         pipe = self._pipes[variant.name]
         if not fp8:
             self._add_copy(variant.name, variant, pipe)

@@ -1,10 +1,10 @@
 """The optimizations and the speed modes.
 
 `SWITCHES` has one entry per optimization: its setting (flux/switches.py: the environment variable, how the value is
-read and defaulted, what it requires of the other switches, whether it changes the compiled graphs), the stage it
-applies at and the function that applies it. The engine runs each stage through `optimize(stage, target, settings)`
-and reads no switch by name; a new optimization is one setting in flux/switches.py and one entry here. The order is
-SWITCHES' order, stage by stage, as the engine builds:
+read and defaulted, what it requires of the other switches and what it cannot run with, whether it changes the
+compiled graphs), the stage it applies at and the function that applies it. The engine runs each stage through
+`optimize(stage, target, settings)` and reads no switch by name; a new optimization is one setting in
+flux/switches.py and one entry here. The order is SWITCHES' order, stage by stage, as the engine builds:
 
   transformer   attention, fused_projections   every bf16 transformer before it is copied, smashed or compiled
   vae           channels_last, compile_vae      the shared VAE: its memory format, its decoder compiled
@@ -207,19 +207,26 @@ assert {s.name for s in SWITCHES} == set(_SETTING) and {s.stage for s in SWITCHE
 
 
 def check(settings, device: torch.device) -> None:
-    """Refuse, before any work, a setting this machine cannot run (a SettingsError saying what to set instead)."""
+    """Refuse, before any work, settings whose switches conflict (made in code: `switches.read` settles those of the
+    environment) and a setting this machine cannot run (a SettingsError saying what to set instead)."""
+    values = _values(settings)
     for switch in SWITCHES:
-        if switch.check is not None and switch.requirements_met(_values(settings)):
-            switch.check(getattr(settings, switch.name), device)
+        if (conflict := switch.conflict(values)) is not None:
+            other = next(s.setting for s in SWITCHES if s.name == conflict.other)
+            raise SettingsError(switches.conflict_message(switch.setting, other, conflict, values))
+    for switch in SWITCHES:
+        if switch.check is not None and switch.active(values):
+            switch.check(values[switch.name], device)
 
 
 def optimize(stage: str, target, settings, **context) -> list:
     """Every switch of `stage` applied to `target`, in SWITCHES' order, where what it requires of the other switches
-    holds (each apply does nothing where its own value is off); what they made, in that order."""
+    holds and nothing it conflicts with is on (each apply does nothing where its own value is off); what they made,
+    in that order."""
     values = _values(settings)
     made = []
     for switch in SWITCHES:
-        if switch.stage == stage and switch.requirements_met(values):
+        if switch.stage == stage and switch.active(values):
             result = switch.apply(target, values[switch.name], settings, **context)
             if result is not None:
                 made.append(result)
@@ -230,7 +237,7 @@ def describe(stage: str, settings) -> str:
     """The switches of a stage that are on, with their values (for the log)."""
     values = _values(settings)
     return ", ".join(f"{s.name} {values[s.name]}" for s in SWITCHES
-                     if s.stage == stage and values[s.name] and s.requirements_met(values))
+                     if s.stage == stage and values[s.name] and s.active(values))
 
 
 def _values(settings) -> dict:
