@@ -183,3 +183,25 @@ def test_the_cog_server_boots_from_the_bundle_and_serves_the_h100_path(bundle, t
     log = (tmp_path / "cog.log").read_text()
     assert "compile cache: loaded" in log and "COMPILE FAILED" not in log
     assert f"graphs now held: {compiler.DOUBLE} 3, {compiler.SINGLE} 3" in log
+
+
+def test_kontext_and_fill_go_fast_compile_once_for_every_size_they_produce(fast, tmp_path):
+    """kontext-dev's edits read twice the tokens (the image's beside the output's) at Kontext's own sizes; fill-dev's
+    transformer reads 288 input channels here (384 full-size): each fp8 copy compiles on its first requests (batch 1
+    apart from larger batches, as fp8dqrow does), then serves every size, batch and task with dynamo's graph counts
+    flat."""
+    wide, tall = (images.save(images.gradient(w, h), tmp_path, f"{w}.png") for w, h in ((480, 320), (320, 480)))
+    mask = images.save(images.box_mask(480, 320, (96, 64, 288, 224)), tmp_path, "mask.png")
+    first = render(fast, model="kontext-dev", go_fast=True, image=wide)
+    for outputs in (1, 2):
+        render(fast, model="fill-dev", go_fast=True, image=wide, mask=mask, num_outputs=outputs)
+    graphs = fast.graphs()
+    for inputs in [dict(model="kontext-dev", image=tall), dict(model="kontext-dev", image=wide, num_outputs=3),
+                   dict(model="kontext-dev"), dict(model="kontext-dev", image=wide, mask=mask),
+                   dict(model="kontext-dev", image=wide, speed_mode="Juiced 🔥 (default)"),
+                   dict(model="fill-dev", image=tall, mask=images.save(images.box_mask(320, 480, (0, 0, 99, 99)),
+                                                                       tmp_path, "m2.png"), num_outputs=2)]:
+        out = render(fast, go_fast=True, **inputs)
+        assert out.shape[0] == inputs.get("num_outputs", 1) and np.isfinite(out).all(), inputs
+        assert fast.graphs() == graphs, f"recompiled for {inputs}"
+    assert first.shape[1:3] == (416, 624) and all(c.regions for c in fast.copy("kontext-dev-fp8").compiled)
