@@ -155,15 +155,17 @@ def config_for(shapes: dict[str, list[int]], variant: variants.Variant, what: st
         raise WeightsError(f"{what}: {name} is not a FLUX.1 transformer checkpoint: its embedders are not matrices. "
                            f"Point {variant.setting} at {variant.title}'s single-file transformer.") from None
     published = CONFIGS / variant.name
-    expected = _of_config(published)
-    if found == expected:
+    if found == _of_config(published):
         return published
     twin = tiny.ensure_config(weights_dir() / "tiny" / f"{variant.title} config", variant)
     if found == _of_config(twin):
         return twin
-    differ = "; ".join(f"{k} {found[k]}, not {v}" for k, v in expected.items() if found[k] != v)
-    raise WeightsError(f"{what}: {name} is not {variant.title}'s transformer: {differ} (its config: "
-                       f"flux/configs/{variant.name}). Point {variant.setting} at {variant.title}'s checkpoint.")
+    differs = {folder: [f"{k} {found[k]}, not {v}" for k, v in _of_config(folder).items() if found[k] != v]
+               for folder in (published, twin)}
+    nearest = min(differs, key=lambda folder: len(differs[folder]))  # a tiny twin is told what its twin differs in
+    config = f"flux/configs/{variant.name}" if nearest == published else "its tiny twin's"
+    raise WeightsError(f"{what}: {name} is not {variant.title}'s transformer: {'; '.join(differs[nearest])} (the "
+                       f"config: {config}). Point {variant.setting} at {variant.title}'s checkpoint.")
 
 
 def read(located: Path, variant: variants.Variant, dtype):

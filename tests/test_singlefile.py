@@ -86,7 +86,7 @@ def test_a_full_size_checkpoint_is_read_with_its_variants_published_config_and_a
     assert singlefile.config_for(header("dev"), KREA, "krea-dev weights", "f.sft") == singlefile.CONFIGS / "krea-dev"
     assert not (weights_root / "tiny").exists()  # the tiny twin's config is not even written
     with pytest.raises(WeightsError, match=r"flux1-fill-dev.safetensors is not FLUX.1-Krea-dev's transformer: input "
-                                           r"channels 384, not 64 \(its config: flux/configs/krea-dev\)\. Point "
+                                           r"channels 384, not 64 \(the config: flux/configs/krea-dev\)\. Point "
                                            "FLUX_KREA_DEV_WEIGHTS at"):
         singlefile.config_for(header("fill-dev"), KREA, "krea-dev weights", "flux1-fill-dev.safetensors")
 
@@ -135,7 +135,8 @@ def test_what_is_not_the_variants_bfl_checkpoint_is_refused_in_our_words(tmp_pat
     with pytest.raises(WeightsError, match="junk.safetensors is not a complete safetensors file"):
         weights.locate(str(junk), KREA.name)
     schnell = tiny.ensure_single_file(tmp_path / "schnell.safetensors", variants.get("schnell"))
-    with pytest.raises(WeightsError, match="is not FLUX.1-Krea-dev's transformer: .*guidance embedder False, not True"):
+    with pytest.raises(WeightsError, match=r"is not FLUX.1-Krea-dev's transformer: guidance embedder False, not True "
+                                           r"\(the config: its tiny twin's\)"):
         weights.locate(str(schnell), KREA.name)  # FLUX.1-schnell's twin has no guidance embedder
     other = tmp_path / "unet.safetensors"
     save_file({"down_blocks.0.weight": torch.zeros(2)}, other)
@@ -149,6 +150,18 @@ def test_what_is_not_the_variants_bfl_checkpoint_is_refused_in_our_words(tmp_pat
             weights.locate(url, KREA.name)
         dest = weights.download_folder(url, KREA.name)
         assert weights.needs_download(url, KREA.name) and not (dest / "junk.safetensors").exists()
+
+
+def test_the_disk_is_checked_for_the_files_size_before_it_is_fetched(krea_file, weights_root, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))  # 1 MiB free
+    with FileServer() as server:
+        url = server.add("/w/flux1-krea-dev.safetensors", krea_file.read_bytes())
+        with pytest.raises(UserError, match="krea-dev weights: not enough disk to fetch them: 1.0 MiB free"):
+            weights.locate(url, KREA.name)
+        assert [r.headers.get("Range") for r in server.requests] == ["bytes=0-0"]  # the probe only
 
 
 def test_weights_check_reads_a_single_files_header_only(krea_file, weights_root):
