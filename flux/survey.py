@@ -1,7 +1,6 @@
 """What a weights source holds and what a boot would fetch of it, learned without downloading the data: a .tar's
 member headers by ranged reads, a Hugging Face repo's file list, a folder's files, a single-file checkpoint's header
-(script/weights-check). The same
-forms and layouts as flux/weights.py, which loads them."""
+(script/weights-check). The same forms and layouts as flux/weights.py, which loads them."""
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ class Survey:
 
 def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
     """What `source` holds for `kind` and what would be fetched: a .tar's member headers by ranged reads, a Hugging
-    Face repo's file list, a folder's files; no data is downloaded. Never raises for a source that does not hold."""
+    Face repo's file list, a folder's files, a single file's header; no data is downloaded. Never raises for a source that does not hold."""
     form, _ = weights.form_of(source, kind)
     try:
         if form == "tiny":
