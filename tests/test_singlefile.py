@@ -104,7 +104,10 @@ def test_every_variant_has_its_published_config_and_it_agrees_with_its_row():
 
 
 def test_a_tiny_twin_as_a_bfl_single_file_gives_the_diffusers_twins_image_from_a_path_and_over_http(
-        base, krea_file, weights_root, caplog):
+        base, krea_file, weights_root, caplog, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(weights, "TAR_LIMITS", dataclasses.replace(weights.TAR_LIMITS, part_size=64 * 1024))
     expected = image(base, weights.TINY)
     assert image(base, str(krea_file)) == expected
     caplog.set_level(logging.INFO, logger="flux")
@@ -112,6 +115,7 @@ def test_a_tiny_twin_as_a_bfl_single_file_gives_the_diffusers_twins_image_from_a
         url = server.add("/black-forest-labs/krea/flux1-krea-dev.sft", krea_file.read_bytes()) + "?sig=SECRET"
         assert weights.form_of(url, KREA.name)[0] == singlefile.URL
         assert image(base, url, prefetch=True) == expected  # fetched in the background, then read
+        assert len(server.ranged_gets()) > 1  # in parallel ranged parts
         fetched = weights.locate(url, KREA.name)
         assert fetched.name == "flux1-krea-dev.sft" and (fetched.parent / ".complete").is_file()
         assert fetched.read_bytes() == krea_file.read_bytes() and not weights.needs_download(url, KREA.name)
