@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,16 @@ def disk_full(what: str, url: str, doing: str, hint: str = ""):
             raise
         raise DownloadError(f"{what}: the disk is full ({os.strerror(exc.errno)}) while {doing} {redact(url)}; "
                             f"nothing was kept. Free disk space{hint} and try again.") from None
+
+
+def check_room(folder: Path, need: int, what: str) -> None:
+    """A DownloadError when the disk under folder has less room than a download of `need` bytes takes (with 1 GiB to
+    spare): checked before anything is fetched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need + 2**30:
+        raise DownloadError(f"{what}: not enough disk to fetch them: {human_bytes(free)} free under {folder}, about "
+                            f"{human_bytes(need)} needed. Free disk space, or point FLUX_WEIGHTS_DIR at a larger disk.")
 
 
 def probe(url: str, *, what: str = "download", headers: dict[str, str] | None = None, limits: Limits = Limits(),

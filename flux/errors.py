@@ -13,3 +13,7 @@ class UserError(ValueError):
 class SettingsError(UserError):
     """A setting (environment variable) has a value this container does not know, or one that cannot run on this
     machine; the message names the setting and what to set instead."""
+
+
+class WeightsError(UserError):
+    """The weights could not be found, fetched or read; the message says which setting to fix."""

@@ -1,6 +1,6 @@
 """What a weights source holds and what a boot would fetch of it, learned without downloading the data: a .tar's
-member headers by ranged reads, a Hugging Face repo's file list, a folder's files (script/weights-check). The same
-forms and layouts as flux/weights.py, which loads them."""
+member headers by ranged reads, a Hugging Face repo's file list, a folder's files, a single-file checkpoint's header
+(script/weights-check). The same forms and layouts as flux/weights.py, which loads them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import download as dl
-from . import netguard, progress, tarstream, weights
+from . import netguard, progress, singlefile, tarstream, weights
 from .errors import UserError
 
 
@@ -19,11 +19,12 @@ class Survey:
 
     source: str
     kind: str
-    form: str  # "tiny", "url", "hub", "folder" or "invalid"
+    form: str  # "tiny", "url", "hub", "folder", "file", "file-url" or "invalid"
     files: dict[str, int] = field(default_factory=dict)  # every file, by its path in the layout, and its bytes
     fetched: dict[str, int] = field(default_factory=dict)  # what a boot fetches of them (a folder: nothing)
     missing: list[str] = field(default_factory=list)  # what the layout needs and the source lacks
     problem: str | None = None  # why it cannot be used (or checked), in the words a boot's error would use
+    holds_what: str | None = None  # what it holds, where that is not a layout of folders (a single file)
 
     @property
     def holds(self) -> bool:
@@ -32,7 +33,7 @@ class Survey:
 
 def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
     """What `source` holds for `kind` and what would be fetched: a .tar's member headers by ranged reads, a Hugging
-    Face repo's file list, a folder's files; no data is downloaded. Never raises for a source that does not hold."""
+    Face repo's file list, a folder's files, a single file's header; no data is downloaded. Never raises for a source that does not hold."""
     form, _ = weights.form_of(source, kind)
     try:
         if form == "tiny":
@@ -54,6 +55,8 @@ def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
                 raise weights.WeightsError(f"{weights.what_of(kind)}: the folder {path} does not exist.")
             files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
             fetched = {}
+        elif form in (singlefile.FILE, singlefile.URL):
+            return _single_file(source, kind, form)
         else:
             raise weights.unknown_form(source, kind)
     except UserError as exc:
@@ -61,6 +64,16 @@ def survey(source: str, kind: str, endpoint: str | None = None) -> Survey:
     present = fetched if form != "folder" else files
     missing = [n for n in weights.LAYOUT[kind] if n not in present and not any(f.startswith(n + "/") for f in present)]
     return Survey(source, kind, form, files, fetched, missing)
+
+
+def _single_file(source: str, kind: str, form: str) -> Survey:
+    """A single-file checkpoint: its size and what its header says, read with ranged reads of the header only."""
+    size, arch = singlefile.survey(source, kind, weights.what_of(kind), weights.TAR_LIMITS)
+    files = {Path(dl.redact(source)).name: size}
+    blocks = f"{arch['double blocks']} double and {arch['single blocks']} single blocks, width {arch['width']}"
+    return Survey(source, kind, form, files, {} if form == singlefile.FILE else files, holds_what=(
+        f"one transformer checkpoint in BFL's layout ({blocks}, {arch['input channels']} input channels, "
+        f"{'a' if arch['guidance embedder'] else 'no'} guidance embedder)"))
 
 
 def _hub_files(repo_id: str, kind: str, endpoint: str | None) -> tuple[dict[str, int], dict[str, int]]:

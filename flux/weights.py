@@ -6,6 +6,8 @@ One setting per component names its source; the same forms work for each:
   - a local folder holding the component in diffusers format
   - a Hugging Face repo id (`owner/name`), downloaded in parallel with HF_TOKEN
   - an https URL of a .tar of that folder: only the members its layout needs are fetched, in parallel ranged parts
+  - for a variant loaded on first use, one transformer checkpoint in Black Forest Labs' layout: an https URL or a
+    local path of a .safetensors or .sft file (flux/singlefile.py)
 
 The public defaults need no token (a Replicate model has no secrets): each FLUX variant's .tar on Replicate's weights
 delivery (flux/variants.py: `public`, diffusers layout), and the safety checkers' public Hugging Face repos (both hold
@@ -46,10 +48,10 @@ from typing import Callable
 
 from . import download as dl
 from .download import shown
-from . import netguard, progress, tarstream, variants
+from . import netguard, progress, singlefile, tarstream, variants
 from .fakes import tiny
 from .folders import weights_dir
-from .errors import UserError
+from .errors import UserError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,6 @@ MAX_TAR_BYTES = 64 * 1024**3
 TAR_LIMITS = dl.Limits(max_bytes=MAX_TAR_BYTES, part_size=32 * dl.MiB, workers=16)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class WeightsError(UserError):
-    """The weights could not be found or fetched; the message says which setting to fix."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +140,8 @@ def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
         path = _tiny(weights_dir(), kind)
     elif form == "url":
         path = _from_tar_url(source, dest, kind)
+    elif form in (singlefile.FILE, singlefile.URL):
+        path = singlefile.locate(source, dest, kind, what_of(kind), TAR_LIMITS)
     elif form == "hub":
         path = _from_hub(source, dest, kind, endpoint)
     elif form == "folder":
@@ -157,14 +157,17 @@ def locate(source: str, kind: str, endpoint: str | None = None) -> Path:
 
 def unknown_form(source: str, kind: str) -> WeightsError:
     return WeightsError(f"{what_of(kind)}: {source!r} is not a folder, a Hugging Face repo id (owner/name), an https URL "
-                        "of a .tar, 'public' or 'tiny'.")
+                        "of a .tar, a .safetensors file (or its https URL), 'public' or 'tiny'.")
 
 
 def form_of(source: str, kind: str) -> tuple[str, Path | None]:
     """What a source is ("tiny", "url": an https .tar, "hub": a Hugging Face repo id that is not a local folder,
-    "folder", or "invalid"), and for the two that are fetched the folder under weights/ they land in."""
+    "folder", "file" or "file-url": a single-file checkpoint, or "invalid"), and for those fetched the folder under
+    weights/ they land in."""
     if source == TINY and kind != COMPILE_CACHE:
         return "tiny", None
+    if single := singlefile.form(source):
+        return single, (weights_dir() / "url" / _url_folder(source) if single == singlefile.URL else None)
     if source.startswith(("https://", "http://")):
         return "url", weights_dir() / "url" / _url_folder(source)
     if Path(source).expanduser().is_dir() or source.startswith(("/", "./", "../", "~")):
@@ -186,15 +189,9 @@ def needs_download(source: str, kind: str) -> bool:
 
 
 def check_disk(kind: str, need: int) -> None:
-    """A WeightsError when the disk under weights/ has less room than a download of `need` bytes takes (with 1 GiB
-    to spare), before anything is fetched."""
-    root = weights_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if free < need + 2**30:
-        raise WeightsError(f"{what_of(kind)}: not enough disk to fetch them: {progress.human_bytes(free)} free under "
-                           f"{root}, about {progress.human_bytes(need)} needed. Free disk space, or point "
-                           "FLUX_WEIGHTS_DIR at a larger disk.")
+    """A UserError when the disk under weights/ has less room than a download of `need` bytes takes (with 1 GiB to
+    spare), before anything is fetched."""
+    dl.check_room(weights_dir(), need, what_of(kind))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -264,6 +261,13 @@ class Prefetch:
         return result
 
 
+def read(located: Path, variant: variants.Variant, dtype):
+    """A variant's transformer (in dtype) and scheduler from where `locate` found its weights: a diffusers folder or
+    a single-file checkpoint (flux/singlefile.py); a failure to read them is a WeightsError."""
+    with loading(variant.name, located):
+        return singlefile.read(located, variant, dtype)
+
+
 @contextlib.contextmanager
 def loading(kind: str, path: Path):
     """Turn a failure to load weights from disk (corrupt, truncated, wrong format) into a WeightsError."""
@@ -273,10 +277,11 @@ def loading(kind: str, path: Path):
         raise
     except Exception as exc:  # safetensors, diffusers and transformers raise many types for a bad file
         detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        layout = "a FLUX.1 transformer in BFL's layout" if path.is_file() else "FLUX in diffusers format"
         raise WeightsError(
             f"{what_of(kind)} in {path} could not be loaded ({type(exc).__name__}: {detail}). The files are incomplete, "
-            f"corrupt or not FLUX in diffusers format: download them again (delete the folder if it is a download "
-            f"under {weights_dir()}) or fix the setting."
+            f"corrupt or not {layout}: download them again (delete the folder if it is a download under "
+            f"{weights_dir()}) or fix the setting."
         ) from exc
 
 
@@ -296,7 +301,7 @@ def _tiny(root: Path, kind: str) -> Path:
 
 
 def _check_layout(path: Path, kind: str, source: str) -> None:
-    missing = [n for n in LAYOUT[kind] if not (path / n).exists()]
+    missing = [n for n in LAYOUT[kind] if not path.is_file() and not (path / n).exists()]
     if missing:
         raise WeightsError(
             f"{what_of(kind)} at {shown(source)} are incomplete or not in diffusers format: missing {', '.join(missing)}."
@@ -304,7 +309,7 @@ def _check_layout(path: Path, kind: str, source: str) -> None:
 
 
 def _url_folder(url: str) -> str:
-    """The folder a .tar URL lands in: its file name, and a hash of the whole URL (query included: two URLs that
+    """The folder a URL (a .tar, a single file) lands in: its file name, and a hash of the whole URL (query included: two URLs that
     differ only there are two downloads; the hash keeps a signature out of the name)."""
     name = Path(dl.redact(url)).name.removesuffix(".tar") or "weights"
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"

@@ -1,6 +1,7 @@
 """What each weights source holds, what a boot would fetch of it and its size, and whether the layout the engine
 loads holds, without downloading the data: a .tar's member headers by ranged reads, a Hugging Face repo's file
-list, a folder's files (flux/survey.py). This is how a first GPU host checks the defaults in seconds.
+list, a folder's files, a single-file checkpoint's header (flux/survey.py). This is how a first GPU host checks the
+defaults in seconds.
 
   script/weights-check                        the sources a GPU would use: the public defaults, or the settings
   script/weights-check --host URL             the same with every default on URL (FLUX_WEIGHTS_HOST): a mirror
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
             print(f"  DOES NOT HOLD: {found.problem}")
         elif found.missing:
             print(f"  DOES NOT HOLD: the layout needs {', '.join(found.missing)}, which it lacks")
+        elif found.holds_what:
+            print(f"  holds {found.holds_what}")
         else:
             print("  layout holds" + (f" ({', '.join(weights.LAYOUT[kind])})" if weights.LAYOUT[kind] else ""))
         failed += not found.holds

@@ -11,6 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from flux import variants
+from flux.fakes import tiny
 from tests.helpers.http import HubServer
 from tests.helpers.weights_tar import serve_public
 
@@ -51,3 +53,16 @@ def test_a_source_without_its_layout_or_without_ranges_does_not_hold(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "DOES NOT HOLD: the layout needs transformer, vae, text_encoder, text_encoder_2" in done.stdout
     assert "does not take byte ranges" in done.stdout and "0 of 2 sources hold" in done.stdout
+
+
+def test_a_single_file_checkpoint_is_described_from_its_header(tmp_path):
+    krea = variants.get("krea-dev")
+    twin = tiny.ensure_single_file(tmp_path / "flux1-krea-dev.sft", krea)
+    with HubServer() as hub:
+        url = hub.add("/kontext/flux1-krea-dev.sft", twin.read_bytes())
+        done = check(f"krea-dev={url}", url)
+    assert done.returncode == 1, done.stdout + done.stderr  # dev's does not hold: one transformer is not a pipeline
+    assert "krea-dev: " in done.stdout and "(file-url)" in done.stdout
+    assert "holds one transformer checkpoint in BFL's layout (1 double and 2 single blocks, width 32" in done.stdout
+    assert "is one transformer checkpoint, but this setting needs every component" in done.stdout
+    assert "1 of 2 sources hold" in done.stdout

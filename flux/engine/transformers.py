@@ -282,27 +282,19 @@ class Transformers:
 
     def _read_transformer(self, variant: Variant):
         """A variant's bf16 transformer read from its weights (fetched once) into CPU memory, prepared like every bf16
-        transformer; and the folder it came from."""
-        from diffusers import FluxTransformer2DModel
-
-        folder = self.prefetch and self.prefetch.folder(variant.name)  # waits for a background fetch under way
-        folder = folder or weights.locate(self.sources[variant.name], variant.name)
-        with weights.loading(variant.name, folder):
-            transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype,
-                                                                 use_safetensors=True)
+        transformer; and its scheduler."""
+        located = self.prefetch and self.prefetch.folder(variant.name)  # waits for a background fetch under way
+        located = located or weights.locate(self.sources[variant.name], variant.name)
+        transformer, scheduler = weights.read(located, variant, self.dtype)
         prepare(transformer, self.settings)
-        return transformer, folder
+        return transformer, scheduler
 
     def _load(self, variant: Variant):
         """A variant's bf16 pipeline, sharing the base's text encoders and VAE; its transformer in CPU memory until a
         copy places it."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         started = time.monotonic()
         self._host_room(memory.module_bytes(self.base.transformer), keep=variant.name)  # read into CPU memory first
-        transformer, folder = self._read_transformer(variant)
-        with weights.loading(variant.name, folder):
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+        transformer, scheduler = self._read_transformer(variant)
         pipe = with_transformer(self.base, transformer, scheduler=scheduler)
         self.loras.register(variant.name, transformer, TRANSFORMER)
         log.info("%s: loaded on first use in %.2fs (shares text encoders and VAE)", variant.name,

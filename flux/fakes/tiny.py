@@ -39,6 +39,7 @@ _SENTENCES = [
     "TOK style, a cozy cabin in the snowy mountains",
 ]
 TEXT_DIM = 32
+LATENT_CHANNELS = 4
 CLIP_MAX_LENGTH = 77
 
 
@@ -93,25 +94,22 @@ def _scheduler(variant: Variant):
     return FlowMatchEulerDiscreteScheduler(**variant.scheduler)
 
 
+def transformer_config(variant: Variant, latent_channels: int = LATENT_CHANNELS) -> dict:
+    """The variant's tiny twin's FluxTransformer2DModel arguments: one architecture for every variant, a guidance
+    embedder where the variant is guidance-distilled, the masked image's and the mask's input channels where it
+    fills."""
+    return dict(patch_size=1, in_channels=variant.in_channels(latent_channels * 4), out_channels=latent_channels * 4,
+                num_layers=1, num_single_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+                guidance_embeds=variant.guidance, axes_dims_rope=(4, 6, 6))
+
+
 def _transformer(variant: Variant, latent_channels: int):
-    """The variant's tiny twin: one architecture for every variant, its own seed, a guidance embedder where the
-    variant is guidance-distilled, the masked image's and the mask's input channels where it fills."""
+    """The variant's tiny twin: its own seed."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(variant.tiny_seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=variant.in_channels(latent_channels * 4),
-        out_channels=latent_channels * 4,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=variant.guidance,
-        axes_dims_rope=(4, 6, 6),
-    )
+    return FluxTransformer2DModel(**transformer_config(variant, latent_channels))
 
 
 def _vae(latent_channels: int):
@@ -157,7 +155,7 @@ def build_pipeline(variant: Variant = variants.BASE):
     """A variant's tiny FluxPipeline in memory (fp32, CPU): the shared components are the same for every variant."""
     from diffusers import FluxPipeline
 
-    latent_channels = 4
+    latent_channels = LATENT_CHANNELS
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     clip, t5 = _text_encoders(len(tokenizer), len(tokenizer_2))
     return FluxPipeline(
@@ -237,6 +235,36 @@ def _save_atomically(dest: Path, write) -> Path:
 def ensure_pipeline(dest: Path, variant: Variant = variants.BASE) -> Path:
     """A variant's tiny pipeline saved in diffusers format at dest (built once)."""
     return _save_atomically(dest, lambda tmp: build_pipeline(variant).save_pretrained(tmp, safe_serialization=True))
+
+
+def ensure_single_file(dest: Path, variant: Variant) -> Path:
+    """A variant's tiny transformer as one safetensors file in Black Forest Labs' key layout (flux/bfl.py), as the
+    single-file checkpoints BFL and Replicate publish are (written once, atomically)."""
+    from safetensors.torch import save_file
+
+    from .. import bfl
+
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        state = bfl.from_diffusers(_transformer(variant, LATENT_CHANNELS).state_dict())
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        tmp.rename(dest)
+    return dest
+
+
+def ensure_config(dest: Path, variant: Variant) -> Path:
+    """The config folder of a variant's tiny twin (transformer/config.json, scheduler/scheduler_config.json), what a
+    single file of it is read with (flux/singlefile.py), saved at dest once."""
+    def write(tmp: Path) -> None:
+        for sub, name, config in (("transformer", "config.json", {"_class_name": "FluxTransformer2DModel",
+                                                                   **transformer_config(variant)}),
+                                  ("scheduler", "scheduler_config.json", {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                                          **variant.scheduler})):
+            (tmp / sub).mkdir()
+            (tmp / sub / name).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    return _save_atomically(dest, write)
 
 
 def ensure_safety_checker(dest: Path) -> Path:
