@@ -13,7 +13,9 @@ this environment's `python` first on PATH); nothing from requirements-dev.txt. B
 and several GB of disk; later runs reuse it while requirements.txt and cog.yaml are unchanged.
 
 The host serves each variant's tiny twin as the .tar at its public path (dev and krea-dev under one top folder,
-schnell's slim.tar with none), each after an unread member of 1 GiB that is a hole on disk, with byte ranges; and
+schnell's slim.tar with none), each after an unread member of 1 GiB that is a hole on disk, with byte ranges (a
+variant whose public default is a single-file checkpoint, kontext-dev and fill-dev, as that file in BFL's layout);
+and
 the safety checkers' tiny twins as their Hugging Face repos (FLUX_WEIGHTS_HOST is their endpoint too). The check
 prints the bytes served and fails if a byte of an unread member was fetched, if the server is not READY, or if a
 prediction fails. Standard library only: it runs before the environment exists.
@@ -125,7 +127,8 @@ def replicate_tar(path: Path, folder: Path, *, top: bool = True, unread: int = 2
 
 def twins(python: Path, src: Path, out: Path) -> dict:
     """Every component's tiny twin, built by the image's own code in the image's environment: {"variants": {name:
-    [public path, folder]}, "safety": {kind: [repo, folder]}}."""
+    [public path, folder or single file, whether it runs text-to-image]}, "safety": {kind: [repo, folder]},
+    "picture": an image and a mask as data: URIs, for a variant that only inpaints}."""
     code = """
 import json, pathlib, sys
 from flux import variants, weights
@@ -133,8 +136,20 @@ from flux.fakes import tiny
 out = pathlib.Path(sys.argv[1])
 found = {"variants": {}, "safety": {}}
 for v in variants.VARIANTS.values():
-    folder = tiny.ensure_pipeline(out / pathlib.PurePosixPath(v.public).parent.name, v)
-    found["variants"][v.name] = [v.public, str(folder)]
+    if v.public.endswith((".safetensors", ".sft")):  # a single-file BFL checkpoint (flux/singlefile.py)
+        twin = tiny.ensure_single_file(out / pathlib.PurePosixPath(v.public).name, v)
+    else:
+        twin = tiny.ensure_pipeline(out / pathlib.PurePosixPath(v.public).parent.name, v)
+    found["variants"][v.name] = [v.public, str(twin), "txt2img" in v.pipelines]
+import base64, io
+from PIL import Image
+def uri(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+mask = Image.new("L", (256, 256), 0)
+mask.paste(255, (64, 64, 192, 192))
+found["picture"] = {"image": uri(Image.new("RGB", (256, 256), (120, 80, 200))), "mask": uri(mask)}
 for kind, repo, build in ((weights.SAFETY, weights.SAFETY_REPO, tiny.ensure_safety_checker),
                           (weights.SAFETY_SECOND, weights.SAFETY_SECOND_REPO, tiny.ensure_nsfw_classifier)):
     found["safety"][kind] = [repo, str(build(out / kind))]
@@ -266,7 +281,7 @@ def call(base: str, method: str, path: str, body: dict | None = None, timeout: f
         return exc.code, {"error": exc.read().decode(errors="replace")[:500]}
 
 
-def boot_and_predict(python: Path, src: Path, host: Host, work: Path) -> list[str]:
+def boot_and_predict(python: Path, src: Path, host: Host, work: Path, found: dict) -> list[str]:
     """The image's CMD started in src on the public defaults; READY, then one prediction per model. Returns what
     failed."""
     import socket
@@ -300,9 +315,10 @@ def boot_and_predict(python: Path, src: Path, host: Host, work: Path) -> list[st
             print(f"deploy-check: server {status} after {time.monotonic() - started:.0f}s (log: {log_path})")
             if status != "READY":
                 return [f"the server is {status or 'not up'}"]
-            for model in ("dev", "schnell", "krea-dev"):
+            for model, (_, _, text) in found["variants"].items():  # every model; one that only inpaints, inpainting
                 code, body = call(base, "POST", "/predictions", {"input": {
-                    "prompt": PROMPT, "model": model, "seed": 1, "megapixels": "0.25", "num_inference_steps": 2}})
+                    "prompt": PROMPT, "model": model, "seed": 1, "megapixels": "0.25", "num_inference_steps": 2,
+                    **({} if text else found["picture"])}})
                 ok = code == 200 and body.get("status") == "succeeded" and body.get("output")
                 print(f"deploy-check: {model}: {'succeeded' if ok else f'FAILED ({code}: {str(body)[:300]})'}")
                 if not ok:
@@ -330,8 +346,11 @@ def main(argv: list[str]) -> int:
     found = twins(python, src, work / "twins")
     host = Host()
     unread = {}
-    for name, (public, folder) in found["variants"].items():
-        archive = replicate_tar(work / f"{name}.tar", Path(folder), top=not public.endswith("/slim.tar"))
+    for name, (public, twin, _) in found["variants"].items():
+        if Path(twin).is_file():  # a single-file checkpoint, served whole as it is
+            host.tars[public], unread[public] = Path(twin), []
+            continue
+        archive = replicate_tar(work / f"{name}.tar", Path(twin), top=not public.endswith("/slim.tar"))
         host.tars[public] = archive
         unread[public] = unread_ranges(archive)
     for repo, folder in found["safety"].values():
@@ -339,7 +358,7 @@ def main(argv: list[str]) -> int:
                             for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")}
     threading.Thread(target=host.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:
-        failed = boot_and_predict(python, src, host, work)
+        failed = boot_and_predict(python, src, host, work, found)
     finally:
         host.shutdown()
         host.server_close()

@@ -19,7 +19,11 @@ def test_a_gpu_with_no_setting_needs_no_token():
     assert srcs.variants == {
         "dev": "https://weights.replicate.delivery/default/black-forest-labs/FLUX.1-dev/files.tar",
         "schnell": "https://weights.replicate.delivery/default/black-forest-labs/FLUX.1-schnell/slim.tar",
-        "krea-dev": "https://weights.replicate.delivery/default/black-forest-labs/FLUX.1-krea-dev/files.tar"}
+        "krea-dev": "https://weights.replicate.delivery/default/black-forest-labs/FLUX.1-krea-dev/files.tar",
+        # single-file BFL checkpoints (flux/singlefile.py): gated on Hugging Face, public here
+        "kontext-dev": "https://weights.replicate.delivery/default/black-forest-labs/kontext/release-candidate/"
+                       "kontext-dev.sft",
+        "fill-dev": "https://weights.replicate.delivery/default/black-forest-labs/ctrl-n-fill/flux1-fill-dev.safetensors"}
     # not gated, model.safetensors: read with no token from huggingface.co
     assert (srcs.safety, srcs.safety_second, srcs.endpoints) == (weights.SAFETY_REPO, weights.SAFETY_SECOND_REPO, {})
     assert weights.sources(has_cuda=False, env={"FLUX_WEIGHTS": "public"}) == srcs  # any machine
@@ -51,7 +55,10 @@ def test_public_on_a_cpu_fetches_the_twins_from_replicate_layout_tars_and_only_w
     loaded = 0
     for kind, source in kinds.items():
         path = weights.locate(source, kind, srcs.endpoints.get(kind))
-        if kind in variants.VARIANTS:
+        if kind in variants.VARIANTS and twins[kind].is_file():  # a single-file checkpoint: that file, whole
+            assert path.read_bytes() == twins[kind].read_bytes(), kind
+            loaded += path.stat().st_size
+        elif kind in variants.VARIANTS:
             want = {n: d for n, d in digests(twins[kind]).items()
                     if n.split("/")[0] in ("model_index.json", *[f.split("/")[0] for f in variants.get(kind).files])}
             assert digests(path) == want, kind

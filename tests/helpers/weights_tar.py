@@ -39,13 +39,19 @@ def serve_public(hub, root: Path, unread: int = 2**30) -> dict[str, Path]:
     """Replicate's weights delivery and the safety checkers' Hugging Face repos as the public defaults find them,
     serving the tiny twins, on one HubServer (FLUX_WEIGHTS_HOST=hub.base): each variant's .tar at its `public` path,
     laid out as Replicate's are (dev's and krea-dev's under a top folder named like the tar's, schnell's slim.tar with
-    none), each after an unread sparse member of `unread` bytes. Returns each component's tiny folder, by kind."""
+    none), each after an unread sparse member of `unread` bytes; a variant whose `public` is a single-file checkpoint
+    (kontext-dev, fill-dev) as its tiny twin in BFL's layout. Returns each component's tiny folder (or file), by
+    kind."""
     from flux import variants, weights
     from flux.fakes import tiny
     from tests.helpers.http import OnDisk
 
     folders = {}
     for v in variants.VARIANTS.values():
+        if v.public.endswith((".safetensors", ".sft")):
+            folders[v.name] = tiny.ensure_single_file(root / "twins" / PurePosixPath(v.public).name, v)
+            hub.add(v.public, OnDisk(folders[v.name]))
+            continue
         top = PurePosixPath(v.public).parent.name  # FLUX.1-dev, FLUX.1-krea-dev, FLUX.1-schnell
         folders[v.name] = tiny.ensure_pipeline(root / "twins" / top, v)
         archive = replicate_tar(root / f"{v.name}.tar", folders[v.name], top=not v.public.endswith("/slim.tar"),
