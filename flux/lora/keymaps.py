@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from ..bfl import GLOBAL as BFL_GLOBAL, SWAPPED
 from .delta import FACTORS
 
 BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
@@ -65,17 +66,7 @@ _BFL_SINGLE = {
     "linear2": (("proj_out",), None),
     "modulation.lin": (("norm.linear",), None),
 }
-_BFL_GLOBAL = {
-    "img_in": "x_embedder", "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",  # BFL's halves are (scale, shift), diffusers' (shift, scale)
-}
+_BFL_GLOBAL = BFL_GLOBAL  # the embedders and the final layer (flux/bfl.py); SWAPPED's halves are swapped
 _DIFFUSERS_BLOCK = {m for table in (_BFL_DOUBLE, _BFL_SINGLE) for ms, _ in table.values() for m in ms}
 _DIFFUSERS_GLOBAL = set(_BFL_GLOBAL.values())
 _CLIP = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])")
@@ -114,6 +105,6 @@ def lycoris_targets(module: str) -> list[tuple[str, tuple[int, ...] | None, bool
         name = next((d for d in _DIFFUSERS_BLOCK if _flat(d) == m.group(3)), None)
         return [(f"transformer.{m.group(1)}.{m.group(2)}.{name}", None, False)] if name else None
     if bfl := next((b for b in _BFL_GLOBAL if _flat(b) == flat), None):
-        return [(f"transformer.{_BFL_GLOBAL[bfl]}", None, bfl == "final_layer.adaLN_modulation.1")]
+        return [(f"transformer.{_BFL_GLOBAL[bfl]}", None, bfl == SWAPPED)]
     name = next((d for d in _DIFFUSERS_GLOBAL if _flat(d) == flat), None)
     return [(f"transformer.{name}", None, False)] if name else None
