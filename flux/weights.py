@@ -18,7 +18,8 @@ Settings (environment):
   each FLUX variant's setting (flux/variants.py)  its weights   default: its public .tar on a GPU, tiny without one:
       FLUX_WEIGHTS (or cog's COG_WEIGHTS)          FLUX.1-dev, the base: every shared component; `public` selects
                                                    every default a GPU would use, on any machine
-      FLUX_SCHNELL_WEIGHTS, FLUX_KREA_DEV_WEIGHTS  the variants loaded on first use: transformer and scheduler
+      FLUX_SCHNELL_WEIGHTS, FLUX_KREA_DEV_WEIGHTS,  the variants loaded on first use: transformer and scheduler
+      FLUX_KONTEXT_DEV_WEIGHTS, FLUX_FILL_DEV_WEIGHTS  (kontext-dev's and fill-dev's defaults: single-file checkpoints)
       (any variant other than the base is tiny when the base is tiny)
   FLUX_SAFETY_CHECKER                  CompVis safety checker  default: its HF repo, or tiny when dev is tiny
   FLUX_SAFETY_SECOND                   second opinion on flagged images (or off)  default: Falconsai's HF repo,
