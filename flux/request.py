@@ -218,8 +218,10 @@ def _size(v: dict, reads: "variants.Reads", notes: list[str]) -> tuple[int, int]
     chosen = aspect_ratio != SPEC["aspect_ratio"].default
     if image is not None and reads.size == "kontext" and not chosen:
         out = sizes.kontext_size(*v["image"].size, megapixels)
-        notes.append(f"output {out[0]}x{out[1]}: the Kontext resolution nearest the image's aspect ratio"
-                     f"{' (set aspect_ratio for another size)' if width is None and height is None else ''}")
+        notes.append(f"output {out[0]}x{out[1]}: the Kontext resolution nearest the image's aspect ratio (set "
+                     "aspect_ratio for another size)")
+        if width is not None or height is not None:
+            notes.append("width/height ignored: they apply only when aspect_ratio is custom")
         return out
     if image is not None and reads.size == "image":
         out = sizes.size_for_image(*v["image"].size)

@@ -119,7 +119,9 @@ def planned(sizes, gb: float) -> memory.Plan:
 def test_full_size_components_as_the_plan_counts_them(sizes):
     got = {name: round(n / GiB, 2) for name, n in sizes.bytes.items()}
     assert got == {"dev": 22.17, "dev-fp8": 11.10, "schnell": 22.15, "schnell-fp8": 11.09, "krea-dev": 22.17,
-                   "krea-dev-fp8": 11.10, "text_encoder": 0.23, "text_encoder_2": 8.87, "vae": 0.16, "safety": 0.73}
+                   "krea-dev-fp8": 11.10, "kontext-dev": 22.17, "kontext-dev-fp8": 11.10, "fill-dev": 22.17,
+                   "fill-dev-fp8": 11.10, "text_encoder": 0.23, "text_encoder_2": 8.87, "vae": 0.16, "safety": 0.73}
+    assert sizes.bytes["fill-dev"] - sizes.bytes["dev"] == 2 * 3072 * (384 - 64)  # its wider input embedder
     assert round(sizes.block / GiB, 2) == 0.63  # a double-stream block in bf16: what building the fp8 copy adds
     assert round(sizes.streamed / GiB, 2) == 0.96  # T5 streamed: its embedding and final norm, and two blocks
     assert round(sizes.largest / GiB, 1) == 30.5  # 4 x 1440x1440, a speed mode, true CFG: FORA caches both passes
@@ -139,18 +141,23 @@ def test_the_plan_fits_every_common_gpu_size_and_never_holds_two_bf16_transforme
         + sizes.working <= plan.budget
 
 
-def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_the_variants_loaded_on_first_use_too(sizes):
+def test_80_gb_and_more_keep_bf16_dev_fp8_dev_and_t5_and_141_gb_the_first_variants_loaded_on_first_use_too(sizes):
     for gb in (80, CARDS["H100"], 141, CARDS["H200"]):
         plan = planned(sizes, gb)
         assert {"dev", "dev-fp8", "text_encoder_2"} <= set(plan.resident), gb
         assert plan.per_request_moves == 0
         # they stay even for the largest request: only what is "on demand" would move
         assert plan.shared_gpu + sizes.bytes["dev"] + sizes.bytes["dev-fp8"] + sizes.largest <= plan.budget
+    # 141 GB: the variants loaded on first use in table order, each while it fits beside the largest request
+    # (schnell and krea-dev, with their fp8 copies); the rest on demand
+    first, rest = variants.ON_FIRST_USE[:2], variants.ON_FIRST_USE[2:]
     for variant in variants.ON_FIRST_USE:
         assert [planned(sizes, gb).where(variant.name) for gb in (80, CARDS["H100"], 141, CARDS["H200"])] == \
-            [ON_DEMAND, ON_DEMAND, GPU, GPU], variant.name
-    assert planned(sizes, 141).resident == [*variants.transformer_names(), "text_encoder", "text_encoder_2", "vae",
-                                            "safety"]
+            ([ON_DEMAND, ON_DEMAND, GPU, GPU] if variant in first else [ON_DEMAND] * 4), variant.name
+    resident = [n for v in (variants.BASE, *first) for n in (v.name, v.fp8)]
+    assert planned(sizes, 141).resident == [*resident, "text_encoder", "text_encoder_2", "vae", "safety"]
+    plan = planned(sizes, 141)
+    assert sum(sizes.bytes[n] for n in plan.resident) + sizes.bytes[rest[0].name] + sizes.largest > plan.budget  # no room
 
 
 def test_40_and_48_gb_keep_bf16_dev_and_stream_t5_where_it_does_not_fit(sizes):

@@ -12,6 +12,7 @@ from PIL import Image
 from flux import variants
 from flux.errors import UserError
 from tests.helpers import images
+from tests.helpers.inputs import first_task, for_variant
 from tests.test_sizes import TABLE_1MP
 
 FAST = dict(num_inference_steps=1)
@@ -134,9 +135,11 @@ def test_mask_of_another_size_is_resized(predict, tmp_path):
 
 
 @pytest.mark.parametrize("variant", variants.ON_FIRST_USE, ids=lambda v: v.name)
-def test_a_variant_loads_on_first_use_and_shares_components(predict, engine, variant):
-    [path] = predict(model=variant.name, megapixels="0.25", seed=1)
-    dev, pipe = engine.pipeline("dev", "txt2img"), engine.pipeline(variant.name, "txt2img")
+def test_a_variant_loads_on_first_use_and_shares_components(predict, engine, variant, tmp_path):
+    picture = for_variant(variant, images.save(images.gradient(512, 512), tmp_path, "in.png"),
+                          images.save(images.box_mask(512, 512, (0, 0, 256, 256)), tmp_path, "mask.png"))
+    [path] = predict(model=variant.name, megapixels="0.25", seed=1, **picture)
+    dev, pipe = engine.pipeline("dev", "txt2img"), engine.pipeline(variant.name, first_task(variant))
     assert pipe.transformer is not dev.transformer
     assert pipe.vae is dev.vae and pipe.text_encoder_2 is dev.text_encoder_2
     assert pipe.scheduler.config.use_dynamic_shifting is variant.scheduler["use_dynamic_shifting"]  # its own

@@ -17,7 +17,9 @@ from flux.errors import UserError
 from flux.fakes import tiny
 from flux.request import Request
 from flux.settings import Settings
+from tests.helpers import images
 from tests.helpers.http import FileServer
+from tests.helpers.inputs import for_variant
 from tests.helpers.weights_tar import tar_of
 
 
@@ -64,8 +66,9 @@ def engine_with(base, **urls: str) -> Engine:
 
 
 def request(model: str = FIRST.name) -> Request:
+    picture = for_variant(variants.get(model), images.gradient(256, 256), images.box_mask(256, 256, (0, 0, 128, 128)))
     return Request.build(prompt="a knitted purple prune", model=model, seed=3, megapixels="0.25",
-                         num_inference_steps=2)
+                         num_inference_steps=2, **picture)
 
 
 def downloads(server, path: str) -> int:

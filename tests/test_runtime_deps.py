@@ -11,7 +11,7 @@ import sys
 
 from flux import variants
 from tests.helpers import images, loras
-from tests.helpers.inputs import defaults
+from tests.helpers.inputs import defaults, for_variant
 from tests.helpers.runtime_only import ROOT, build_context_filter, canonical, runtime_distributions
 
 MODES = ["Off", "Lightly Juiced 🍊 (more consistent)", "Juiced 🔥 (default)", "Extra Juiced 🔥 (more speed)",
@@ -64,7 +64,8 @@ def test_every_path_runs_with_only_the_runtime_packages(engine, weights_dir, tmp
              ("true cfg", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}),
              ("img2img", {"image": str(image), "output_format": "jpg"}),
              ("inpaint", {"image": str(image), "mask": str(mask), "output_format": "png"}),
-             *((f"{v.name}{fast}", {"model": v.name, "go_fast": bool(fast)}) for v in variants.ON_FIRST_USE
+             *((f"{v.name}{fast}", {"model": v.name, "go_fast": bool(fast),
+                                    **for_variant(v, str(image), str(mask))}) for v in variants.ON_FIRST_USE
                for fast in ("", " go_fast"))]
     spec = {"allowed": sorted(runtime_distributions()), "files": ["image", "mask"],
             "cases": [[name, {**base, **inputs}] for name, inputs in cases]}

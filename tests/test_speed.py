@@ -18,6 +18,7 @@ from flux.errors import SettingsError
 from flux.settings import Settings
 from flux.speed import fp8 as fp8_, projections
 from tests.helpers import images, loras
+from tests.helpers.inputs import for_variant
 
 STEPS = 6
 FIRST = variants.ON_FIRST_USE[0]  # a variant loaded on first use, from the table
@@ -89,17 +90,21 @@ def test_speed_modes_cache_more_steps_as_they_rise():
     assert steps[0] == 28 and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps), steps
 
 
-def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_and_for_every_variant():
+def test_fp8_is_chosen_by_go_fast_and_fastest_modes_at_every_size_and_for_every_variant(tmp_path):
+    image = images.save(images.gradient(256, 256), tmp_path, "in.png")
+    mask = images.save(images.box_mask(256, 256, (0, 0, 128, 128)), tmp_path, "mask.png")
     assert Request.build(prompt="x", go_fast=True).transformer == "dev-fp8"
     assert Request.build(prompt="x").transformer == "dev"
     assert Request.build(prompt="x", speed_mode="Blink of an eye 👁️").transformer == "dev-fp8"
     assert Request.build(prompt="x", speed_mode="Juiced 🔥 (default)").transformer == "dev"
     assert Request.build(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=768).transformer == "dev-fp8"
     for v in variants.ON_FIRST_USE:
-        fast = Request.build(prompt="x", go_fast=True, model=v.name)
+        picture = for_variant(v, image, mask)
+        fast = Request.build(prompt="x", go_fast=True, model=v.name, **picture)
         assert fast.transformer == v.fp8 and any(f"fp8 {v.name} transformer" in n for n in fast.notes)
-        assert Request.build(prompt="x", model=v.name, speed_mode="Extra Juiced 🔥 (more speed)").transformer == v.fp8
-        assert Request.build(prompt="x", model=v.name).transformer == v.name
+        assert Request.build(prompt="x", model=v.name, speed_mode="Extra Juiced 🔥 (more speed)",
+                             **picture).transformer == v.fp8
+        assert Request.build(prompt="x", model=v.name, **picture).transformer == v.name
 
 
 # ----- settings --------------------------------------------------------------------------------------------------
