@@ -316,9 +316,13 @@ def boot_and_predict(python: Path, src: Path, host: Host, work: Path, found: dic
             if status != "READY":
                 return [f"the server is {status or 'not up'}"]
             for model, (_, _, text) in found["variants"].items():  # every model; one that only inpaints, inpainting
-                code, body = call(base, "POST", "/predictions", {"input": {
-                    "prompt": PROMPT, "model": model, "seed": 1, "megapixels": "0.25", "num_inference_steps": 2,
-                    **({} if text else found["picture"])}})
+                inputs = {"prompt": PROMPT, "model": model, "seed": 1, "megapixels": "0.25", "num_inference_steps": 2,
+                          **({} if text else found["picture"])}
+                for _ in range(100):  # coglet answers 409 for a moment while it frees the last prediction's slot
+                    code, body = call(base, "POST", "/predictions", {"input": inputs})
+                    if code != 409:
+                        break
+                    time.sleep(0.05)
                 ok = code == 200 and body.get("status") == "succeeded" and body.get("output")
                 print(f"deploy-check: {model}: {'succeeded' if ok else f'FAILED ({code}: {str(body)[:300]})'}")
                 if not ok:
