@@ -38,7 +38,7 @@ class Reads:
     true_cfg: bool = True  # has true classifier-free guidance of its own; False: the engine's (flux/engine/guidance.py)
     size: str = "image"
     max_area: bool = False  # rescales the output to `max_area` pixels (Kontext's): given the output's own area
-    keep_size: bool = False  # resizes the image to a Kontext resolution unless told not to (`_auto_resize`): told
+    keep_size: bool = False  # the image keeps the size validation gave it (`_auto_resize=False`; else Kontext's own)
     image_tokens: bool = False  # the image's latents ride beside the noise as tokens (Kontext): twice the sequence
 
 
@@ -70,8 +70,8 @@ TRANSFORMER_LAYOUT = ("transformer",)
 
 VAE_SCALE_FACTOR = 8  # FLUX.1's VAE (and every tiny twin's): a latent pixel per 8x8 image pixels
 
-# Replicate's weights delivery: public .tars in diffusers layout, the sources Replicate's own FLUX containers boot
-# from (replicate/cog-flux), readable with no token. FLUX_WEIGHTS_HOST replaces this host (a mirror, a test server).
+# Replicate's weights delivery: public .tars in diffusers layout and single-file checkpoints in BFL's layout, the
+# sources Replicate's own FLUX containers boot from (replicate/cog-flux, cog-flux-kontext), readable with no token. FLUX_WEIGHTS_HOST replaces this host (a mirror, a test server).
 PUBLIC_HOST = "https://weights.replicate.delivery"
 
 
@@ -80,7 +80,8 @@ class Variant:
     name: str  # the `model` input's value, and the name of its bf16 transformer ("-fp8" names go_fast's copy)
     title: str  # as logs and messages name it
     public: str  # default weights: the path of a public .tar on PUBLIC_HOST (the diffusers folders, one top folder
-    #              or none, maybe beside files never read: only what `files` names is fetched)
+    #              or none, maybe beside files never read: only what `files` names is fetched), or of a single-file
+    #              checkpoint in BFL's layout (.safetensors/.sft: flux/singlefile.py, with flux/configs/<name>/)
     repo: str  # its Hugging Face repo in diffusers format (a setting may name it; gated ones need HF_TOKEN)
     setting: str  # the environment variable that names other weights (a folder, a repo id, an https .tar)
     max_sequence_length: int  # T5 tokens it reads: a longer prompt is refused, never cut
