@@ -40,7 +40,9 @@ class Predictor(BasePredictor):
         ),
         image: Optional[Path] = Input(
             description="Input image for image to image or inpainting mode. The output keeps its aspect ratio "
-            "(each side within 256..1440, a multiple of 16); aspect_ratio, width, height and megapixels are ignored.",
+            "(each side within 256..1440, a multiple of 16); aspect_ratio, width, height and megapixels are ignored. "
+            "With kontext-dev, the image to edit: the output is the Kontext resolution nearest its aspect ratio "
+            "unless aspect_ratio says otherwise.",
             default=None,
         ),
         mask: Optional[Path] = Input(
