@@ -28,11 +28,8 @@ def true_cfg(scale: float, negative: dict) -> Callable:
 
     class TrueCfg(ModelHook):
         def new_forward(self, module, *args, **kwargs):
-            forward = self.fn_ref.original_forward
-            positive = forward(*args, **kwargs)
-            guided = forward(*args, **{**kwargs, **negative})
-            first = lambda out: out[0] if isinstance(out, tuple) else out.sample  # noqa: E731
-            pos, neg = first(positive), first(guided)
+            forward = self.fn_ref.original_forward  # diffusers' Flux pipelines call it with return_dict=False
+            pos, neg = forward(*args, **kwargs)[0], forward(*args, **{**kwargs, **negative})[0]
             return (neg + scale * (pos - neg),)
 
     def run(transformer: torch.nn.Module, call: Callable):
